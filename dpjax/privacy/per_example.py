@@ -1,0 +1,205 @@
+"""Clipped sums of per-example gradients: the ``vmap`` reference backend.
+
+``clipped_grad(loss_fn, clip)`` turns a loss of ONE example into a function of a
+batch that returns
+
+    sum_i mask_i * c_i * grad loss_fn(params, example_i),   ||c_i g_i|| <= Δ,
+
+together with per-example statistics. The batch is processed in microbatches
+with ``lax.scan``: per-example gradients exist for one microbatch at a time, so
+memory is bounded by ``microbatch_size``, not by the (logical) batch size. This
+is also how gradient accumulation works: a logical batch of 1024 examples with
+``microbatch_size=32`` is 32 scan iterations whose clipped sums add up, and
+the result is privatized once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax.privacy import clipping
+
+PyTree = Any
+BACKENDS = ("vmap",)
+
+
+@flax.struct.dataclass
+class ClippedGradAux:
+  """Per-example statistics of one call of a clipped-gradient function.
+
+  Attributes:
+    losses: [B] per-example loss (0 for padding rows).
+    norms: [B] unclipped per-example gradient L2 norms (0 for padding rows).
+    clipped: [B] bool, True where the gradient was scaled down.
+    mask: [B] bool, the real (non-padding) rows.
+    num_examples: number of examples in the clipped sum.
+    clipped_fraction: fraction of counted examples that were scaled down.
+    nonfinite_count: real rows dropped because their loss or gradient was NaN/inf.
+    loss_aux: per-example auxiliary outputs of ``loss_fn`` when ``has_aux``.
+    sensitivity: L2 sensitivity Δ of the clipped sum (a static Python float).
+  """
+  losses: jax.Array
+  norms: jax.Array
+  clipped: jax.Array
+  mask: jax.Array
+  num_examples: jax.Array
+  clipped_fraction: jax.Array
+  nonfinite_count: jax.Array
+  loss_aux: Any = None
+  sensitivity: float = flax.struct.field(pytree_node=False, default=0.0)
+
+  @property
+  def mean_loss(self) -> jax.Array:
+    """Mean loss over the real rows."""
+    return jnp.sum(jnp.where(self.mask, self.losses, 0.0)) / jnp.maximum(self.num_examples, 1)
+
+
+def check_finite(aux: ClippedGradAux, step: int | None = None) -> None:
+  """Raises ``FloatingPointError`` if any real example had a NaN/inf loss or gradient.
+
+  Inside ``jit`` non-finite examples are dropped from the clipped sum (so the DP
+  bound still holds) and counted in ``aux.nonfinite_count``; call this on the
+  host after the step so a diverging run stops instead of training on.
+  """
+  count = int(aux.nonfinite_count)
+  if count:
+    where = "" if step is None else f" at step {step}"
+    raise FloatingPointError(
+        f"{count} example(s) had a non-finite loss or gradient{where}; they were left out of "
+        "the clipped sum. Lower the learning rate or check the inputs.")
+
+
+class ClippedGradFn:
+  """``(params, batch, mask) -> (clipped_sum, ClippedGradAux)``; knows its sensitivity.
+
+  Built by :func:`clipped_grad`. The clipped sum is float32 and has L2
+  sensitivity ``self.sensitivity`` under add/remove-one of an example; pass it
+  to :func:`dpjax.privacy.gaussian_privatizer` so noise matches clipping.
+  """
+
+  def __init__(self, loss_fn: Callable[..., Any], rule: clipping.ClipRule, backend: str,
+               microbatch_size: int | None, has_aux: bool):
+    self.loss_fn = loss_fn
+    self.clip_rule = rule
+    self.backend = backend
+    self.microbatch_size = microbatch_size
+    self.has_aux = has_aux
+
+  @property
+  def sensitivity(self) -> float:
+    return self.clip_rule.sensitivity
+
+  def _microbatch(self, params: PyTree, batch: PyTree, mask: jax.Array):
+    """Clipped sum and statistics of one microbatch (vmap over its examples)."""
+    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)
+
+    def one(example):
+      out, grads = grad_fn(params, example)
+      loss, loss_aux = out if self.has_aux else (out, None)
+      return loss, loss_aux, grads
+
+    losses, loss_aux, grads = jax.vmap(one)(batch)
+    result = clipping.clip_and_sum(grads, self.clip_rule, mask, losses)
+    losses = jnp.where(result.kept, losses, 0.0)
+    return result.grads, (losses, result.norms, result.clipped, result.kept,
+                          result.nonfinite, loss_aux)
+
+  def __call__(self, params: PyTree, batch: PyTree, mask: jax.Array | None = None
+               ) -> tuple[PyTree, ClippedGradAux]:
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+      raise ValueError("batch has no arrays")
+    size = leaves[0].shape[0]
+    for leaf in leaves:
+      if leaf.shape[:1] != (size,):
+        raise ValueError(f"every batch array needs the same leading batch size {size} "
+                         f"(got shape {leaf.shape})")
+    mask = jnp.ones([size], bool) if mask is None else jnp.asarray(mask).astype(bool)
+    if mask.shape != (size,):
+      raise ValueError(f"mask must have shape ({size},) (got {mask.shape})")
+    micro = self.microbatch_size or size
+    if size % micro:
+      raise ValueError(f"microbatch_size must divide the batch size {size} "
+                       f"(got microbatch_size={micro})")
+    if micro == size:
+      grads, stats = self._microbatch(params, batch, mask)
+    else:
+      grads, stats = self._scan(params, batch, mask, size // micro, micro)
+    losses, norms, clipped, kept, nonfinite, loss_aux = stats
+    num = jnp.sum(kept)
+    aux = ClippedGradAux(
+        losses=losses, norms=norms, clipped=clipped, mask=mask, num_examples=num,
+        clipped_fraction=jnp.sum(clipped) / jnp.maximum(num, 1),
+        nonfinite_count=jnp.sum(nonfinite), loss_aux=loss_aux,
+        sensitivity=self.sensitivity)
+    if not isinstance(aux.nonfinite_count, jax.core.Tracer):
+      check_finite(aux)  # Called eagerly: fail right here.
+    return grads, aux
+
+  def _scan(self, params, batch, mask, num_micro, micro):
+    """Accumulates clipped sums over microbatches; skips all-padding microbatches."""
+    split = lambda x: x.reshape((num_micro, micro) + x.shape[1:])
+    batch_mb = jax.tree_util.tree_map(split, batch)
+    mask_mb = split(mask)
+    stats_shape = jax.eval_shape(
+        lambda b, m: self._microbatch(params, b, m)[1],
+        jax.tree_util.tree_map(lambda x: x[0], batch_mb), mask_mb[0])
+    zeros_like = lambda s: jnp.zeros(s.shape, s.dtype)
+    init = jax.tree_util.tree_map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
+
+    def body(total, xs):
+      batch_i, mask_i = xs
+
+      def compute(_):
+        return self._microbatch(params, batch_i, mask_i)
+
+      def skip(_):
+        # A microbatch of padding only contributes zero; don't pay for its backward pass.
+        return (jax.tree_util.tree_map(jnp.zeros_like, total),
+                jax.tree_util.tree_map(zeros_like, stats_shape))
+
+      grads, stats = jax.lax.cond(jnp.any(mask_i), compute, skip, None)
+      return jax.tree_util.tree_map(jnp.add, total, grads), stats
+
+    total, stats = jax.lax.scan(body, init, (batch_mb, mask_mb))
+    merge = lambda x: x.reshape((num_micro * micro,) + x.shape[2:])
+    return total, jax.tree_util.tree_map(merge, stats)
+
+
+def clipped_grad(loss_fn: Callable[..., Any], clip: float | clipping.ClipRule,
+                 backend: str = "vmap", microbatch_size: int | None = None,
+                 has_aux: bool = False) -> ClippedGradFn:
+  """Builds the clipped-sum-of-per-example-gradients function for ``loss_fn``.
+
+  Args:
+    loss_fn: ``loss_fn(params, example) -> scalar`` for ONE example (or
+      ``(scalar, aux)`` with ``has_aux``); ``example`` is one row of the batch
+      pytree, without the batch axis. Parameters that must not be trained (and
+      so neither clipped nor noised) belong in the closure, not in ``params``.
+    clip: a :class:`~dpjax.privacy.clipping.ClipRule` or a float for flat clipping.
+    backend: ``"vmap"``: per-example gradients with ``jax.vmap(jax.grad)``.
+    microbatch_size: examples per scan iteration; must divide the batch size.
+      ``None`` processes the whole batch at once.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; the per-example aux
+      values come back stacked in ``ClippedGradAux.loss_aux``.
+
+  Returns:
+    A :class:`ClippedGradFn` ``f(params, batch, mask=None)`` returning the float32
+    clipped sum and a :class:`ClippedGradAux`; ``f.sensitivity`` is Δ.
+  """
+  if not callable(loss_fn):
+    raise ValueError(f"loss_fn must be callable (got {loss_fn!r})")
+  rule = clipping.as_clip_rule(clip)
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
+  if microbatch_size is not None and (
+      isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int)
+      or microbatch_size < 1):
+    raise ValueError(f"microbatch_size must be a positive integer or None (got {microbatch_size!r})")
+  return ClippedGradFn(loss_fn, rule, backend, microbatch_size, has_aux)
