@@ -1,0 +1,161 @@
+"""Task models on a pretrained backbone, and their per-example losses.
+
+Task models take a batch dict (``input_ids``, ``attention_mask``, optional
+``token_type_ids`` and ``mask_position``) and return logits. Every task has a
+loss of ONE example, ``loss(params, example) -> (scalar, aux)``, which is the
+contract of :func:`dpjax.privacy.clipped_grad`.
+
+* :class:`SequenceClassifier`: a linear head on the [CLS] state, the masked mean
+  of the states, or BERT's pooler.
+* :class:`LabelWordClassifier`: the prompt objective of Li et al. 2022 — the
+  pretrained MLM head predicts a label word at the [MASK] of a template, and the
+  logits are restricted to the label words.
+* GPT-2 language modelling: :func:`lm_loss` on :class:`~dpjax.models.gpt2.GPT2LMHeadModel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from dpjax.models import bert, gpt2, layers
+
+PyTree = Any
+POOLINGS = ("cls", "mean", "pooler")
+
+
+class SequenceClassifier(nn.Module):
+  """Backbone -> pooled state -> ``head`` Dense -> logits [B, num_labels]."""
+  backbone: bert.BertConfig
+  num_labels: int
+  pooling: str = "cls"
+  lora: layers.LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling must be one of {POOLINGS} (got {self.pooling!r})")
+    mask = batch["attention_mask"]
+    hidden = bert.BertModel(self.backbone, self.lora, name="backbone")(
+        batch["input_ids"], mask, batch.get("token_type_ids"), deterministic)
+    if self.pooling == "cls":
+      pooled = hidden[:, 0]
+    elif self.pooling == "mean":
+      weights = mask[..., None].astype(hidden.dtype)
+      pooled = jnp.sum(hidden * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+    else:
+      pooled = bert.BertPooler(self.backbone, name="pooler")(hidden)
+    return layers.Dense(self.num_labels, name="head")(pooled)
+
+
+class LabelWordClassifier(nn.Module):
+  """Logits over ``label_word_ids`` from the MLM head at ``batch["mask_position"]``."""
+  backbone: bert.BertConfig
+  label_word_ids: tuple[int, ...]
+  lora: layers.LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
+    encoder = bert.BertModel(self.backbone, self.lora, name="backbone")
+    hidden = encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                     deterministic)
+    position = batch["mask_position"].astype(jnp.int32)
+    at_mask = jnp.take_along_axis(hidden, position[:, None, None], axis=1)[:, 0]
+    table = encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    return bert.BertMaskedLMHead(self.backbone, name="lm_head")(
+        at_mask, table, jnp.asarray(self.label_word_ids, jnp.int32))
+
+
+def _add_batch_axis(example: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  return {k: jnp.asarray(v)[None] for k, v in example.items() if k != "dropout_key"}
+
+
+def _rngs(example: Mapping[str, Any]) -> tuple[dict[str, jax.Array], bool]:
+  """Per-example dropout: the example carries its own key (vmap-safe)."""
+  if "dropout_key" in example:
+    return {"dropout": example["dropout_key"]}, False
+  return {}, True
+
+
+def classification_loss(model: nn.Module, frozen: PyTree | None = None
+                        ) -> Callable[[PyTree, Mapping[str, jax.Array]], tuple[jax.Array, dict]]:
+  """``loss(trainable, example) -> (cross-entropy, {"correct": 0/1})`` for ONE example.
+
+  Args:
+    model: a task model taking a batch dict (SequenceClassifier, LabelWordClassifier).
+    frozen: parameters not trained (see :func:`dpjax.models.lora.partition`); the
+      loss closes over them, so they are never differentiated, clipped or noised.
+  """
+  from dpjax.models import lora  # Local import: lora imports layers only.
+
+  def loss_fn(params, example):
+    full = params if frozen is None else lora.combine(params, frozen)
+    rngs, deterministic = _rngs(example)
+    logits = model.apply({"params": full}, _add_batch_axis(example), deterministic, rngs=rngs)[0]
+    label = example["label"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
+    return loss, {"correct": (jnp.argmax(logits) == label).astype(jnp.float32)}
+
+  return loss_fn
+
+
+def lm_loss(model: gpt2.GPT2LMHeadModel, frozen: PyTree | None = None
+            ) -> Callable[[PyTree, Mapping[str, jax.Array]], tuple[jax.Array, dict]]:
+  """``loss(trainable, example) -> (mean next-token CE, {"tokens": count})`` for ONE sequence.
+
+  The example holds ``input_ids``, ``attention_mask`` and optionally ``loss_mask``
+  (the tokens to predict; defaults to the attention mask).
+  """
+  from dpjax.models import lora
+
+  def loss_fn(params, example):
+    full = params if frozen is None else lora.combine(params, frozen)
+    rngs, deterministic = _rngs(example)
+    batch = _add_batch_axis(example)
+    logits = model.apply({"params": full}, batch["input_ids"], batch["attention_mask"],
+                         deterministic=deterministic, rngs=rngs)[0]
+    loss_mask = example.get("loss_mask", example["attention_mask"])
+    loss_mask = loss_mask * example["attention_mask"]
+    loss = gpt2.causal_lm_loss(logits, example["input_ids"], loss_mask)
+    return loss, {"tokens": jnp.sum(loss_mask[1:]).astype(jnp.float32)}
+
+  return loss_fn
+
+
+def init_with_backbone(model: nn.Module, rng: jax.Array, example_batch: Mapping[str, jax.Array],
+                       backbone_params: PyTree, head_params: Mapping[str, PyTree] | None = None
+                       ) -> PyTree:
+  """Initializes a task model and puts the pretrained weights in place.
+
+  The backbone subtree comes from ``backbone_params`` (LoRA adapters, which no
+  checkpoint holds, keep their fresh initialization); heads named in
+  ``head_params`` (e.g. ``{"pooler": ..., "lm_head": ...}`` from
+  :func:`dpjax.models.pretrained.load_head_params`) replace their random init.
+
+  Raises:
+    ValueError: when a pretrained tensor has no place in the model or a shape differs.
+  """
+  params = jax.jit(lambda r: model.init(r, dict(example_batch))["params"])(rng)
+  params = dict(params)
+  pieces = {"backbone": backbone_params, **(head_params or {})}
+  for name, pretrained in pieces.items():
+    if name not in params:
+      continue  # A head the model does not use (e.g. the pooler for mean pooling).
+    fresh = traverse_util.flatten_dict(params[name], sep="/")
+    given = traverse_util.flatten_dict(pretrained, sep="/")
+    unknown = sorted(given.keys() - fresh.keys())
+    unset = sorted(k for k in fresh.keys() - given.keys()
+                   if k.rsplit("/", 1)[-1] not in ("lora_a", "lora_b"))
+    shapes = sorted(k for k in given.keys() & fresh.keys() if given[k].shape != fresh[k].shape)
+    if unknown or unset or shapes:
+      raise ValueError(f"pretrained {name!r} weights do not fit the model: unknown {unknown[:5]}, "
+                       f"missing {unset[:5]}, wrong shape {shapes[:5]}")
+    fresh.update({k: jnp.asarray(v, jnp.float32) for k, v in given.items()})
+    params[name] = traverse_util.unflatten_dict(fresh, sep="/")
+  return params

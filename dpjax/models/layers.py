@@ -1,0 +1,114 @@
+"""Shared layers: every trainable matrix of every model goes through these modules.
+
+``Dense`` and ``Embed`` are the only places where weights meet activations, so a
+gradient backend that needs per-layer inputs and output gradients (per-example
+norms without per-example gradients, see DESIGN §4) can observe all of them in
+one place:
+
+* the layer input is sown into the ``"taps"`` collection (``sow`` is a no-op
+  unless that collection is mutable), and
+* the layer output goes through ``perturb("out", y)``, whose gradient is ∂L/∂y
+  (a no-op unless a ``"perturbations"`` collection is passed).
+
+``Dense`` also carries optional LoRA adapters (Hu et al. 2021):
+y = x W + b + (α / r) · x A B, with A [d_in, r], B [r, d_out] and B = 0 at init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+TAPS = "taps"
+PERTURBATIONS = "perturbations"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the Dense layers whose module path matches ``targets``.
+
+  Attributes:
+    rank: r >= 1.
+    alpha: scale numerator; the adapter output is multiplied by alpha / rank.
+    targets: regular expressions searched in the Dense module path, e.g.
+      ``("attention/self/(query|value)",)`` for BERT or ``("attn/c_attn",)`` for GPT-2.
+  """
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("query", "value")
+
+  def __post_init__(self):
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"lora rank must be an integer >= 1 (got {self.rank!r})")
+    if not self.alpha > 0:
+      raise ValueError(f"lora alpha must be > 0 (got {self.alpha!r})")
+    object.__setattr__(self, "targets", tuple(self.targets))
+
+  def applies_to(self, path: Sequence[str]) -> bool:
+    joined = "/".join(path)
+    return any(re.search(t, joined) for t in self.targets)
+
+
+class Dense(nn.Module):
+  """y = x W + b (+ LoRA), with W stored [d_in, d_out] as ``kernel``."""
+  features: int
+  use_bias: bool = True
+  lora: LoraConfig | None = None
+  kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    self.sow(TAPS, "in", x)
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    dtype = self.dtype or x.dtype
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
+    if self.lora is not None and self.lora.applies_to(self.scope.path):
+      a = self.param("lora_a", nn.initializers.he_uniform(), (x.shape[-1], self.lora.rank),
+                     jnp.float32)
+      b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), jnp.float32)
+      y = y + (self.lora.alpha / self.lora.rank) * jnp.dot(jnp.dot(x.astype(dtype), a.astype(dtype)),
+                                                           b.astype(dtype))
+    return self.perturb("out", y)
+
+
+class Embed(nn.Module):
+  """A lookup table [num_embeddings, features] stored as ``embedding``."""
+  num_embeddings: int
+  features: int
+  embedding_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+
+  def setup(self):
+    self.embedding = self.param("embedding", self.embedding_init,
+                                (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    self.sow(TAPS, "ids", ids)
+    return self.perturb("out", jnp.take(self.embedding, ids, axis=0))
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """x · Eᵀ: logits over the vocabulary (tied output layer)."""
+    return jnp.dot(x, self.embedding.T.astype(x.dtype))
+
+
+def additive_attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """[B, T] 0/1 key mask -> [B, 1, 1, T] bias: 0 on kept keys, the dtype's min elsewhere."""
+  return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                          dropout: nn.Dropout | None = None, deterministic: bool = True
+                          ) -> jax.Array:
+  """Softmax attention over [B, T, heads, head_dim] inputs with an additive [B, 1|heads, T, T] bias."""
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  probs = jax.nn.softmax((scores + bias).astype(jnp.float32), axis=-1).astype(q.dtype)
+  if dropout is not None:
+    probs = dropout(probs, deterministic=deterministic)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
