@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dpjax import _validation
@@ -53,10 +54,16 @@ def as_raw_key(key: int | jax.Array) -> jax.Array:
 
 
 def noise_for_step(key: jax.Array, step: jax.Array, template: PyTree, stddev: float) -> PyTree:
-  """Float32 N(0, stddev²) noise shaped like ``template``, determined by (key, step)."""
+  """Float32 N(0, stddev²) noise shaped like ``template``, determined by (key, step).
+
+  One draw of all coordinates at once (one RNG kernel, whatever the number of
+  leaves), then split and reshaped per leaf.
+  """
   leaves, treedef = jax.tree_util.tree_flatten(template)
-  keys = jax.random.split(jax.random.fold_in(key, step), max(len(leaves), 1))
-  noise = [stddev * jax.random.normal(k, jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves)]
+  sizes = [int(np.prod(jnp.shape(x))) for x in leaves]
+  flat = jax.random.normal(jax.random.fold_in(key, step), (sum(sizes),), jnp.float32)
+  pieces = jnp.split(flat, np.cumsum(sizes)[:-1]) if leaves else []
+  noise = [stddev * z.reshape(jnp.shape(x)) for z, x in zip(pieces, leaves)]
   return jax.tree_util.tree_unflatten(treedef, noise)
 
 

@@ -64,13 +64,15 @@ class PoissonSampler:
     batch_size_multiple: every shape is a multiple of this (the microbatch size
       times the number of data-parallel devices).
     shapes: the allowed padded sizes; by default the quantiles 0.5, 0.9, 0.99
-      and 1 - 1e-9 of Binomial(N, q), rounded up to ``batch_size_multiple``.
+      and 1 - 1e-9 of Binomial(N, q), rounded up to ``batch_size_multiple``;
+      ``"single"`` keeps only the largest of these (one compilation; pair it
+      with a step that skips all-padding microbatches).
     max_batch_size: optional hard cap M: larger samples are truncated to M
       random examples, and accounted with the truncated-Poisson event.
   """
 
   def __init__(self, dataset_size: int, expected_batch_size: float, seed: int, *,
-               batch_size_multiple: int = 1, shapes: tuple[int, ...] | None = None,
+               batch_size_multiple: int = 1, shapes: tuple[int, ...] | str | None = None,
                max_batch_size: int | None = None):
     self.dataset_size = _validation.require_int_in("dataset_size", dataset_size, 1)
     b = _validation.require_positive("expected_batch_size", expected_batch_size)
@@ -89,11 +91,14 @@ class PoissonSampler:
                          f"{batch_size_multiple} (got {max_batch_size})")
     self.max_batch_size = max_batch_size
     binom = stats.binom(dataset_size, self.sampling_prob)
-    if shapes is None:
+    single = shapes == "single"
+    if single or shapes is None:
       shapes = tuple(_round_up(int(binom.ppf(p)), batch_size_multiple)
                      for p in _DEFAULT_SHAPE_QUANTILES)
       if max_batch_size is not None:
         shapes = tuple(min(s, max_batch_size) for s in shapes) + (max_batch_size,)
+      if single:
+        shapes = (max(shapes),)
     else:
       shapes = tuple(shapes)
       if not shapes:

@@ -93,3 +93,11 @@ def test_untruncated_overflow_gets_a_bigger_shape_not_a_truncation():
 def test_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):
     PoissonSampler(seed=0, **kwargs)
+
+
+def test_single_shape_keeps_only_the_largest_default_shape():
+  full = PoissonSampler(10_000, 64, seed=0, batch_size_multiple=8)
+  single = PoissonSampler(10_000, 64, seed=0, batch_size_multiple=8, shapes="single")
+  assert single.shapes == (full.shapes[-1],)
+  np.testing.assert_array_equal(single.sample(3).indices[single.sample(3).mask],
+                                full.sample(3).indices[full.sample(3).mask])

@@ -1,0 +1,20 @@
+"""The data layer: example sources, tokenization to fixed-shape arrays, and caching.
+
+Sources (``TextFileSource``, ``TfdsSource``, ``sst2``) give random access to ``Example`` records.
+``encode`` tokenizes a source once (optionally through a ``PromptTemplate``) into an
+``EncodedDataset`` whose ``batch(indices)`` returns padded int32 arrays of a few bucketed shapes.
+"""
+
+from __future__ import annotations
+
+from dpjax.data.base import DataError, Example, Source
+from dpjax.data.encoded import EncodedDataset, resolve_buckets
+from dpjax.data.features import encode
+from dpjax.data.sources import TextFileSource, TfdsSource, sst2, sst2_dir
+from dpjax.data.templates import PromptTemplate
+from dpjax.data.tokenizer_utils import mask_token, pad_id
+
+__all__ = [
+    "DataError", "EncodedDataset", "Example", "PromptTemplate", "Source", "TextFileSource",
+    "TfdsSource", "encode", "mask_token", "pad_id", "resolve_buckets", "sst2", "sst2_dir",
+]

@@ -1,0 +1,147 @@
+"""Tokenized examples held in memory, batched into padded arrays of a few bucketed lengths.
+
+A batch is padded to the smallest bucket length that holds its longest example, so a jitted
+training step compiles once per bucket rather than once per batch.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import numpy as np
+
+from dpjax.data.tokenization import TokenArrays
+
+_SMALLEST_DEFAULT_BUCKET = 32
+
+
+def resolve_buckets(buckets: Sequence[int] | None, max_length: int) -> tuple[int, ...]:
+  """Sorted bucket lengths, all ``<= max_length`` and always ending with ``max_length``.
+
+  Args:
+    buckets: lengths to pad to; those above ``max_length`` are dropped. None gives the powers
+      of two from 32 below ``max_length``.
+    max_length: the longest an example can be.
+  """
+  if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+    raise ValueError(f"max_length must be an integer >= 1 (got {max_length!r})")
+  if buckets is None:
+    chosen, length = [], _SMALLEST_DEFAULT_BUCKET
+    while length < max_length:
+      chosen.append(length)
+      length *= 2
+  else:
+    chosen = list(buckets)
+    for length in chosen:
+      if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        raise ValueError(f"buckets must be integers >= 1 (got {tuple(buckets)!r})")
+    chosen = sorted({int(b) for b in chosen if b < max_length})
+  return (*chosen, max_length)
+
+
+class EncodedDataset:
+  """Variable-length token ids of every example, with labels, user ids and mask positions.
+
+  Attributes:
+    name: the source's name.
+    max_length: the most tokens of any example.
+    buckets: the padded lengths batches can have, ascending, the last being ``max_length``.
+    pad_id: the id padding is filled with.
+    lengths: int32 [n], the token count of each example (special tokens included).
+    labels: int32 [n], or None for unlabeled data.
+    user_ids: str [n], or None.
+    mask_positions: int32 [n], the index of the mask token (templates only), else None.
+    label_word_ids: the token id of each class's label word (templates only), else None.
+  """
+
+  def __init__(self, arrays: TokenArrays, *, pad_id: int, max_length: int,
+               buckets: Sequence[int] | None = None,
+               label_word_ids: tuple[int, ...] | None = None, name: str = ""):
+    self.name = name
+    self.max_length = max_length
+    self.buckets = resolve_buckets(buckets, max_length)
+    self.pad_id = int(pad_id)
+    self.label_word_ids = label_word_ids
+    self._ids = np.asarray(arrays.ids, np.int32)
+    self._offsets = np.asarray(arrays.offsets, np.int64)
+    self.lengths = np.diff(self._offsets).astype(np.int32)
+    if len(self.lengths) and self.lengths.max() > max_length:
+      raise ValueError(f"an example has {self.lengths.max()} tokens, more than "
+                       f"max_length={max_length}")
+    self.labels = arrays.labels
+    self.user_ids = arrays.user_ids
+    self.mask_positions = arrays.mask_positions
+
+  @property
+  def arrays(self) -> TokenArrays:
+    """The stored arrays (what the cache saves)."""
+    return TokenArrays(self._ids, self._offsets, self.labels, self.user_ids, self.mask_positions)
+
+  def __len__(self) -> int:
+    return len(self.lengths)
+
+  def token_ids(self, index: int) -> np.ndarray:
+    """The token ids of one example, unpadded."""
+    i = operator.index(index)
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"index {i} out of range for {len(self)} examples")
+    i %= len(self)
+    return self._ids[self._offsets[i]:self._offsets[i + 1]]
+
+  def bucket_length(self, num_tokens: int) -> int:
+    """The smallest bucket length ``>= num_tokens``."""
+    if num_tokens > self.max_length:
+      raise ValueError(f"{num_tokens} tokens exceed max_length={self.max_length}")
+    return self.buckets[int(np.searchsorted(self.buckets, num_tokens))]
+
+  def bucket_histogram(self) -> dict[int, int]:
+    """How many examples fall in each bucket (the smallest one that holds them)."""
+    counts = np.bincount(np.searchsorted(self.buckets, self.lengths), minlength=len(self.buckets))
+    return {length: int(count) for length, count in zip(self.buckets, counts)}
+
+  def batch(self, indices: Sequence[int] | np.ndarray, length: int | None = None
+            ) -> dict[str, np.ndarray]:
+    """Padded arrays for the examples at ``indices`` (repeats allowed).
+
+    Args:
+      indices: example indices, shape [n].
+      length: the padded length L; by default the smallest bucket holding the longest example.
+
+    Returns:
+      ``input_ids``, ``attention_mask`` (1 on real tokens) and ``token_type_ids`` (zeros), all
+      int32 [n, L]; ``label`` int32 [n] if the examples have labels; ``mask_position`` int32 [n]
+      if they were encoded with a template.
+    """
+    idx = np.asarray(indices)
+    if idx.size == 0:
+      idx = idx.astype(np.int64)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+      raise ValueError(f"indices must be a 1-D array of integers (got shape {idx.shape}, "
+                       f"dtype {idx.dtype})")
+    n = len(self)
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+      raise IndexError(f"indices must lie in [-{n}, {n}) (got {idx.min()}..{idx.max()})")
+    idx = np.where(idx < 0, idx + n, idx)
+    lengths = self.lengths[idx]
+    longest = int(lengths.max()) if idx.size else 0
+    if length is None:
+      length = self.bucket_length(longest)
+    elif isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < longest:
+      raise ValueError(f"length must be an integer >= the longest example of the batch "
+                       f"({longest} tokens) (got {length!r})")
+    attention = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+    rows, cols = np.nonzero(attention)
+    input_ids = np.full((len(idx), length), self.pad_id, np.int32)
+    input_ids[rows, cols] = self._ids[self._offsets[idx][rows] + cols]
+    out = {"input_ids": input_ids, "attention_mask": attention,
+           "token_type_ids": np.zeros_like(input_ids)}
+    if self.labels is not None:
+      out["label"] = self.labels[idx].astype(np.int32)
+    if self.mask_positions is not None:
+      out["mask_position"] = self.mask_positions[idx].astype(np.int32)
+    return out
+
+  def __repr__(self) -> str:
+    return (f"EncodedDataset({self.name!r}, examples={len(self)}, max_length={self.max_length}, "
+            f"buckets={self.buckets})")

@@ -1,0 +1,65 @@
+"""Fine-tune with differential privacy from a config file.
+
+    python -m dpjax.main --config=experiments/sst2.py:quick --workdir=/tmp/sst2 \
+        [--config.dp.epsilon=3] [--config.train.epochs=2]
+
+User mistakes (bad config values, missing files, a workdir of another run, a
+spent budget) end with one line on stderr and exit code 2; nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dpjax.data import DataError
+from dpjax.models.pretrained import CheckpointError
+from dpjax.train.config import ConfigError
+from dpjax.train.loop import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, summary.")
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, TypeError, KeyError,
+               AttributeError, FileNotFoundError)
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors (unknown key, wrong type) are one line + exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, *USER_ERRORS) as err:
+    fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+  return []
+
+
+def main(argv: list[str]) -> None:
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Library INFO logs (checkpointing) off by default.
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    fail("--config=FILE.py[:variant] and --workdir=DIR are required")
+  try:
+    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, DataError, CheckpointError) as err:
+    fail(str(err))
+  accuracy = summary["eval"]["accuracy"]
+  eps = summary["epsilon"]
+  eps_text = f"{eps:.3f}" if isinstance(eps, float) else eps
+  print(json.dumps({"epsilon": eps, "delta": summary["delta"], "eval_accuracy": accuracy,
+                    "steps": summary["steps"]}))
+  print(f"done: epsilon={eps_text} delta={summary['delta']:.3g} dev accuracy={accuracy:.4f}; "
+        f"summary, checkpoints and metrics in {summary['workdir']} "
+        f"(plots: python -m dpjax.report --workdir {summary['workdir']})")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

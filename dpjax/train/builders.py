@@ -1,0 +1,246 @@
+"""Config -> the pieces of a run: data, task model and parameters, privacy plan, optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dpjax import data as data_lib
+from dpjax import privacy
+from dpjax.models import bert, heads, lora, pretrained
+from dpjax.train.config import ConfigError, lora_config
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class Split:
+  """An encoded dataset restricted to ``indices`` (the examples that make up the split)."""
+  encoded: data_lib.EncodedDataset
+  indices: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def batch(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Arrays of the examples at ``positions`` (indices into this split)."""
+    return self.encoded.batch(self.indices[positions])
+
+
+class GroupedBatches:
+  """Splits each Poisson sample into one padded group per token-length bucket.
+
+  Short examples are then padded to a short length instead of to the longest
+  example of the batch (SST-2 train rows average 13 tokens but a batch of 500
+  nearly always holds one of 40+). Each group has a fixed capacity: the
+  1 - 1e-9 quantile of its Binomial count, rounded up to the microbatch size
+  (one compilation per group; the scan skips microbatches of pure padding). A
+  larger group gets a larger shape, never a truncation. The groups' clipped sums
+  add up to the clipped sum of the whole sample, which is noised once.
+  """
+
+  def __init__(self, split: Split, sampling_prob: float, multiple: int):
+    self.split = split
+    self.multiple = multiple
+    lengths = split.encoded.lengths[split.indices]
+    self.lengths = split.encoded.buckets
+    self.group_of = np.searchsorted(self.lengths, lengths)
+    counts = np.bincount(self.group_of, minlength=len(self.lengths))
+    self.groups = [g for g in range(len(self.lengths)) if counts[g]]
+    self.capacity = {g: self._round(stats_quantile(counts[g], sampling_prob)) for g in self.groups}
+    # A real example of the group fills its padding rows (any example fits its own bucket).
+    self.filler = {g: int(np.flatnonzero(self.group_of == g)[0]) for g in self.groups}
+
+  def _round(self, n: int) -> int:
+    return max(self.multiple, -(-n // self.multiple) * self.multiple)
+
+  def __call__(self, sample: privacy.SampledBatch
+               ) -> tuple[tuple[dict[str, np.ndarray], ...], tuple[np.ndarray, ...]]:
+    positions = sample.indices[sample.mask]
+    batches, masks = [], []
+    for g in self.groups:
+      chosen = positions[self.group_of[positions] == g]
+      size = max(self.capacity[g], self._round(len(chosen)))
+      padded = np.full(size, self.filler[g], np.int64)
+      padded[:len(chosen)] = chosen
+      mask = np.zeros(size, bool)
+      mask[:len(chosen)] = True
+      batches.append(self.split.encoded.batch(self.split.indices[padded], length=self.lengths[g]))
+      masks.append(mask)
+    return tuple(batches), tuple(masks)
+
+
+def stats_quantile(count: int, prob: float, level: float = 1 - 1e-9) -> int:
+  """The ``level`` quantile of Binomial(count, prob)."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  return int(stats.binom(count, prob).ppf(level))
+
+
+def source_for(spec: str, c: ml_collections.ConfigDict) -> data_lib.Source:
+  """``sst2:<split>`` or a path to a .tsv/.csv/.jsonl file -> a random-access source."""
+  if spec.startswith("sst2:"):
+    return data_lib.sst2(spec.split(":", 1)[1])
+  if not Path(spec).is_file():
+    raise ConfigError(f"data file {spec!r} not found (config.data.train / config.data.eval take "
+                      "sst2:train, sst2:validation or a .tsv/.csv/.jsonl path)")
+  return data_lib.TextFileSource(spec, text_field=c.data.text_field,
+                                 label_field=c.data.label_field, num_labels=c.data.num_labels,
+                                 skip_bad_rows=c.data.skip_bad_rows)
+
+
+def template_for(c: ml_collections.ConfigDict) -> data_lib.PromptTemplate | None:
+  if c.model.task != "label_words":
+    return None
+  return data_lib.PromptTemplate(c.data.template, tuple(c.data.label_words))
+
+
+def load_split(spec: str, limit: int, seed: int, tokenizer, c: ml_collections.ConfigDict,
+               cache_dir: Path | None) -> Split:
+  """Encodes a source; ``limit`` > 0 keeps a fixed random subset (chosen from the seed only)."""
+  encoded = data_lib.encode(source_for(spec, c), tokenizer, c.data.max_length,
+                            buckets=tuple(c.data.buckets), template=template_for(c),
+                            cache_dir=cache_dir)
+  if encoded.labels is None:
+    raise ConfigError(f"{spec} has no labels (config.data.label_field={c.data.label_field!r})")
+  indices = np.arange(len(encoded))
+  if 0 < limit < len(encoded):
+    indices = np.sort(np.random.default_rng(seed).choice(len(encoded), limit, replace=False))
+  return Split(encoded, indices)
+
+
+def backbone_for(c: ml_collections.ConfigDict):
+  """(backbone config, pretrained backbone params or None, head params, tokenizer)."""
+  if c.model.name == "tiny":
+    _, _, tokenizer = pretrained.load("minilm")
+    hidden = c.model.tiny_hidden
+    config = bert.BertConfig(hidden_size=hidden, num_hidden_layers=c.model.tiny_layers,
+                             num_attention_heads=max(1, hidden // 16),
+                             intermediate_size=4 * hidden)
+    return config, None, {}, tokenizer
+  path = pretrained.resolve(c.model.name)
+  model, params, tokenizer = pretrained.load(path)
+  if not isinstance(model.config, bert.BertConfig):
+    raise ConfigError(f"config.model.name={c.model.name!r} is a {model.config.model_type} model; "
+                      "the classification tasks need a BERT-family encoder")
+  return model.config, params, pretrained.load_head_params(path), tokenizer
+
+
+def task_model(c: ml_collections.ConfigDict, backbone: bert.BertConfig,
+               label_word_ids: tuple[int, ...] | None):
+  lora_cfg = lora_config(c, backbone.model_type)
+  if c.model.task == "label_words":
+    return heads.LabelWordClassifier(backbone, tuple(label_word_ids), lora=lora_cfg)
+  return heads.SequenceClassifier(backbone, c.data.num_labels, c.model.pooling, lora=lora_cfg)
+
+
+def init_params(c: ml_collections.ConfigDict, model, example_batch, backbone_params,
+                head_params) -> tuple[PyTree, PyTree]:
+  """(trainable, frozen) parameters: pretrained where available, else seeded random."""
+  rng = jax.random.PRNGKey(c.seed)
+  batch = {k: jnp.asarray(v) for k, v in example_batch.items()}
+  if backbone_params is None:
+    params = jax.jit(lambda r: model.init(r, batch)["params"])(rng)
+  else:
+    params = heads.init_with_backbone(model, rng, batch, backbone_params, head_params)
+  return lora.partition(params, lora.trainable_mask(params, c.model.train))
+
+
+def clip_rule(c: ml_collections.ConfigDict) -> privacy.ClipRule:
+  if c.dp.clip == "automatic":
+    return privacy.AutomaticClip()
+  if c.dp.clip == "per_layer":
+    return privacy.PerLayerClip(c.dp.clip_norm)
+  return privacy.FlatClip(c.dp.clip_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+  """What the run promises: (ε, δ) for N, B, steps; σ calibrated or given."""
+  dataset_size: int
+  expected_batch_size: float
+  steps: int
+  delta: float
+  noise_multiplier: float
+  target_epsilon: float
+  accountant: str
+
+  @property
+  def sampling_prob(self) -> float:
+    return self.expected_batch_size / self.dataset_size
+
+
+def plan_privacy(c: ml_collections.ConfigDict, dataset_size: int) -> PrivacyPlan:
+  """Steps from epochs; δ = N^-1.1 by default; σ by calibration unless given."""
+  batch = float(c.train.batch_size)
+  if batch > dataset_size:
+    raise ConfigError(f"config.train.batch_size must be in (0, dataset_size={dataset_size}] "
+                      f"(got {batch:g})")
+  steps = c.train.steps or max(1, round(c.train.epochs * dataset_size / batch))
+  if not c.dp.enabled:
+    return PrivacyPlan(dataset_size, batch, steps, 0.0, 0.0, float("inf"), c.dp.accountant)
+  delta = c.dp.delta or privacy.default_delta(dataset_size)
+  if delta >= 1.0 / dataset_size:
+    raise ConfigError(f"config.dp.delta must be < 1/dataset_size = {1 / dataset_size:.3g} "
+                      f"(got {delta:g})")
+  q = batch / dataset_size
+  if c.dp.noise_multiplier >= 0:
+    sigma = float(c.dp.noise_multiplier)
+  else:
+    sigma = privacy.calibrate_noise(c.dp.epsilon, delta, q, steps, c.dp.accountant,
+                                    dataset_size=dataset_size)
+  return PrivacyPlan(dataset_size, batch, steps, delta, sigma, float(c.dp.epsilon),
+                     c.dp.accountant)
+
+
+def optimizer(c: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
+  """AdamW or SGD with linear warmup, then linear decay to 0 (or constant)."""
+  lr, warmup = c.train.learning_rate, c.train.warmup_steps
+  if c.train.schedule == "linear":
+    decay = optax.linear_schedule(lr, 0.0, max(1, steps - warmup))
+  else:
+    decay = optax.constant_schedule(lr)
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup]) \
+      if warmup else decay
+  if c.train.optimizer == "sgd":
+    return optax.sgd(schedule, momentum=c.train.momentum or None)
+  return optax.adamw(schedule, weight_decay=c.train.weight_decay)
+
+
+def transform(c: ml_collections.ConfigDict, plan: PrivacyPlan, sensitivity: float
+              ) -> optax.GradientTransformation:
+  """DP: privatizer (σ·Δ noise once, / B) then the optimizer; non-DP: the optimizer."""
+  if not c.dp.enabled:
+    return optimizer(c, plan.steps)
+  return optax.chain(privacy.gaussian_privatizer(plan.noise_multiplier, sensitivity,
+                                                 plan.expected_batch_size, key=c.seed),
+                     optimizer(c, plan.steps))
+
+
+def abstract_state(c: ml_collections.ConfigDict, trainable: PyTree):
+  """A TrainState with the structure of the run's (what a checkpoint restores into)."""
+  from dpjax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  dummy = PrivacyPlan(1, 1.0, 1, 0.0, 0.0, 0.0, "pld")
+  tx = transform(c, dummy, 1.0)
+  state = step_lib.TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable))
+  return jax.tree_util.tree_map(np.asarray, state)
+
+
+def steps_within_budget(ledger: privacy.PrivacyLedger, segment: privacy.Segment,
+                        target_epsilon: float, delta: float, wanted: int) -> int:
+  """The largest k <= wanted such that recording k more steps keeps ε(δ) <= target."""
+  fits = lambda k: ledger.record(
+      dataclasses.replace(segment, steps=k)).epsilon(delta) <= target_epsilon
+  if wanted <= 0 or fits(wanted):
+    return max(wanted, 0)
+  lo, hi = 0, wanted  # fits(lo) (ledger already within budget), not fits(hi)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo

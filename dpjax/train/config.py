@@ -1,0 +1,199 @@
+"""The experiment config: every key with its type and default, and one-line validation.
+
+Experiment files in ``experiments/`` start from :func:`default_config` and
+override fields; ``--config.a.b=value`` flags override them again. The config is
+locked, so a misspelled key is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from dpjax.models import lora as lora_lib
+
+CLIPS = ("flat", "per_layer", "automatic")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("linear", "constant")
+TASKS = ("classify", "label_words")
+TRAINS = ("all", "lora", "head")
+RESUME = ("same_config", "allow_changes")
+POOLINGS = ("cls", "mean", "pooler")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key and the valid range."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All keys, with defaults for DP fine-tuning of MiniLM on SST-2."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # same_config: resume only a workdir made with an identical config; allow_changes:
+  # continue it with this config (the ledger still counts every step taken).
+  c.resume = "same_config"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "minilm"          # "minilm", a checkpoint directory, or "tiny" (random init)
+  c.model.task = "classify"        # classify | label_words
+  c.model.pooling = "mean"         # cls | mean | pooler (classify only)
+  c.model.train = "all"            # all | lora | head: which parameters are trained
+  c.model.lora_rank = 8
+  c.model.lora_alpha = 16.0
+  c.model.tiny_hidden = 32         # architecture of name="tiny" (uses the MiniLM tokenizer)
+  c.model.tiny_layers = 2
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = "sst2:train"      # sst2:train, or a .tsv/.csv/.jsonl file
+  c.data.eval = "sst2:validation"
+  c.data.text_field = "sentence"
+  c.data.label_field = "label"
+  c.data.num_labels = 2
+  c.data.max_length = 64
+  c.data.buckets = (32, 64)
+  c.data.train_limit = 0           # >0: a fixed random subset of this size IS the dataset
+  c.data.eval_limit = 0
+  c.data.template = ""             # label_words: e.g. "{text} It was [MASK] ."
+  c.data.label_words = ("terrible", "great")
+  c.data.skip_bad_rows = False
+  c.data.cache_dir = ""            # tokenized-data cache; "" = <workdir>/token_cache
+
+  c.dp = ml_collections.ConfigDict()
+  c.dp.enabled = True
+  c.dp.epsilon = 8.0               # target ε; training never exceeds it
+  c.dp.delta = 0.0                 # 0: N^-1.1
+  c.dp.noise_multiplier = -1.0     # <0: calibrated from epsilon; >=0: given, ε is reported
+  c.dp.clip = "flat"               # flat | per_layer | automatic
+  c.dp.clip_norm = 1.0
+  c.dp.accountant = "pld"          # pld | rdp
+  c.dp.backend = "vmap"
+  c.dp.microbatch_size = 16
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256         # expected (Poisson) batch size B
+  c.train.epochs = 1.0
+  c.train.steps = 0                # >0 overrides epochs
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 1e-3
+  c.train.weight_decay = 0.0
+  c.train.momentum = 0.9           # sgd only
+  c.train.warmup_steps = 0
+  c.train.schedule = "linear"      # linear decay to 0 | constant
+  c.train.eval_every_steps = 0     # 0: evaluate at the end only
+  c.train.eval_batch_size = 64
+  c.train.log_every_steps = 10
+  c.train.checkpoint_every_steps = 50
+  c.train.keep_checkpoints = 3
+  return c
+
+
+def _fail(key: str, value: Any, valid: str) -> ConfigError:
+  return ConfigError(f"config.{key} must be {valid} (got {value!r})")
+
+
+def _one_of(c, key: str, options: tuple[str, ...]) -> None:
+  value = _get(c, key)
+  if value not in options:
+    raise _fail(key, value, f"one of {options}")
+
+
+def _positive(c, key: str, allow_zero: bool = False, integer: bool = False) -> None:
+  value = _get(c, key)
+  kind = "an integer" if integer else "a number"
+  ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+  ok = ok and not isinstance(value, bool) and math.isfinite(value)
+  ok = ok and (value >= 0 if allow_zero else value > 0)
+  if not ok:
+    raise _fail(key, value, f"{kind} {'>= 0' if allow_zero else '> 0'}")
+
+
+def _get(c, key: str) -> Any:
+  node = c
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid key and its valid range."""
+  _positive(c, "seed", allow_zero=True, integer=True)
+  _one_of(c, "resume", RESUME)
+  _one_of(c, "model.task", TASKS)
+  _one_of(c, "model.pooling", POOLINGS)
+  _one_of(c, "model.train", TRAINS)
+  _positive(c, "model.lora_rank", integer=True)
+  _positive(c, "model.lora_alpha")
+  _positive(c, "data.num_labels", integer=True)
+  if c.data.num_labels < 2:
+    raise _fail("data.num_labels", c.data.num_labels, "an integer >= 2")
+  _positive(c, "data.max_length", integer=True)
+  if c.data.max_length < 4:
+    raise _fail("data.max_length", c.data.max_length, "an integer >= 4")
+  buckets = tuple(c.data.buckets)
+  if not buckets or any(not isinstance(b, int) or b < 1 or b > c.data.max_length
+                        for b in buckets):
+    raise _fail("data.buckets", buckets, f"a non-empty tuple of lengths in [1, "
+                f"max_length={c.data.max_length}]")
+  _positive(c, "data.train_limit", allow_zero=True, integer=True)
+  _positive(c, "data.eval_limit", allow_zero=True, integer=True)
+  if c.model.task == "label_words":
+    if "[MASK]" not in c.data.template and "<mask>" not in c.data.template:
+      raise _fail("data.template", c.data.template,
+                  "a prompt with {text} and one [MASK] (or <mask>) when model.task=label_words")
+    if len(tuple(c.data.label_words)) != c.data.num_labels:
+      raise _fail("data.label_words", tuple(c.data.label_words),
+                  f"one word per label (data.num_labels={c.data.num_labels})")
+  if c.dp.enabled:
+    _positive(c, "dp.epsilon")
+    if c.dp.delta != 0 and not 0 < c.dp.delta < 1:
+      raise _fail("dp.delta", c.dp.delta, "in (0, 1), or 0 for dataset_size**-1.1")
+    _one_of(c, "dp.clip", CLIPS)
+    _positive(c, "dp.clip_norm")
+    _one_of(c, "dp.accountant", ("pld", "rdp"))
+    _one_of(c, "dp.backend", ("vmap",))
+    if c.dp.noise_multiplier < 0 and c.dp.noise_multiplier != -1.0:
+      raise _fail("dp.noise_multiplier", c.dp.noise_multiplier,
+                  ">= 0, or -1 to calibrate it from dp.epsilon")
+  _positive(c, "dp.microbatch_size", integer=True)
+  _positive(c, "train.batch_size")
+  _positive(c, "train.epochs", allow_zero=True)
+  _positive(c, "train.steps", allow_zero=True, integer=True)
+  if c.train.steps == 0 and c.train.epochs == 0:
+    raise _fail("train.epochs", 0, "> 0 when train.steps is 0")
+  _one_of(c, "train.optimizer", OPTIMIZERS)
+  _positive(c, "train.learning_rate")
+  _positive(c, "train.weight_decay", allow_zero=True)
+  _positive(c, "train.momentum", allow_zero=True)
+  _positive(c, "train.warmup_steps", allow_zero=True, integer=True)
+  _one_of(c, "train.schedule", SCHEDULES)
+  for key in ("eval_every_steps", "checkpoint_every_steps"):
+    _positive(c, f"train.{key}", allow_zero=True, integer=True)
+  for key in ("eval_batch_size", "log_every_steps", "keep_checkpoints"):
+    _positive(c, f"train.{key}", integer=True)
+
+
+def lora_config(c: ml_collections.ConfigDict, model_type: str) -> lora_lib.LoraConfig | None:
+  """The LoRA adapters of the config (only when model.train = lora)."""
+  if c.model.train != "lora":
+    return None
+  return lora_lib.LoraConfig(c.model.lora_rank, float(c.model.lora_alpha),
+                             lora_lib.LORA_TARGETS[model_type])
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+  """Keys (dotted) whose values differ between two config dicts; ``resume`` is ignored."""
+  keys = sorted(set(old) | set(new))
+  out = []
+  for key in keys:
+    name = f"{prefix}{key}"
+    if name == "resume":
+      continue
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += differences(a, b, f"{name}.")
+    elif (list(a) if isinstance(a, (list, tuple)) else a) != (
+        list(b) if isinstance(b, (list, tuple)) else b):
+      out.append(name)
+  return out

@@ -1,0 +1,75 @@
+"""SST-2 sentiment: DP fine-tuning of all-MiniLM-L6-v2 (or a tiny random encoder).
+
+    python -m dpjax.main --config=experiments/sst2.py:VARIANT --workdir=DIR
+
+Variants:
+  tiny        seconds on a CPU: a tiny random-init encoder on 512 SST-2 rows (tests, smoke runs).
+  quick       the CPU demo (`make run`): MiniLM, LoRA + head, 8,000 training rows, ε = 8.
+  nonprivate  `quick` without DP (the baseline it is compared to).
+  lora        LoRA (rank 8) + head on all of SST-2, ε = 8.
+  li2022      Li et al. 2022's recipe on all of SST-2: batch 1000, lr 5e-4 linear decay,
+              3 epochs, clip 0.1, full fine-tuning, label-word objective; ε from --config.dp.epsilon
+              (3 or 8).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dpjax.train.config import default_config
+
+
+def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
+  c = default_config()
+  if variant == "tiny":
+    c.model.name = "tiny"
+    c.data.train_limit = 512
+    c.data.eval_limit = 128
+    c.data.max_length = 32
+    c.data.buckets = (16, 32)
+    c.train.batch_size = 64
+    c.train.epochs = 2.0
+    c.train.learning_rate = 3e-3
+    c.dp.microbatch_size = 16
+    c.train.checkpoint_every_steps = 4
+    c.train.log_every_steps = 4
+    c.train.eval_batch_size = 64
+  elif variant in ("quick", "nonprivate"):
+    c.model.train = "lora"
+    c.data.train_limit = 20000
+    c.data.max_length = 64
+    c.data.buckets = (16, 32, 64)
+    c.train.batch_size = 500
+    c.train.epochs = 2.0
+    c.train.learning_rate = 2e-3
+    c.train.warmup_steps = 5
+    c.dp.clip_norm = 1.0
+    c.dp.microbatch_size = 25
+    c.train.eval_every_steps = 0
+    c.train.log_every_steps = 10
+    c.train.checkpoint_every_steps = 20
+    if variant == "nonprivate":
+      c.dp.enabled = False
+  elif variant == "lora":
+    c.model.train = "lora"
+    c.train.batch_size = 1000
+    c.train.epochs = 3.0
+    c.train.learning_rate = 5e-3
+    c.dp.microbatch_size = 25
+    c.train.eval_every_steps = 50
+  elif variant == "li2022":
+    c.model.task = "label_words"
+    c.data.template = "{text} It was [MASK] ."
+    c.data.label_words = ("terrible", "great")
+    c.model.train = "all"
+    c.train.batch_size = 1000
+    c.train.epochs = 3.0
+    c.train.learning_rate = 5e-4
+    c.train.schedule = "linear"
+    c.dp.clip_norm = 0.1
+    c.dp.epsilon = 8.0
+    c.dp.microbatch_size = 20
+    c.train.eval_every_steps = 20
+  else:
+    raise ValueError(f"unknown sst2 variant {variant!r}: tiny, quick, nonprivate, lora or li2022")
+  return c

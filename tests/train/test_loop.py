@@ -1,0 +1,201 @@
+"""The experiment runner end to end on a tiny model: summary, resume, budget, errors, eval CLI."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpjax import privacy, report
+from dpjax.train import loop
+from dpjax.train.config import ConfigError
+from experiments import sst2
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("token_cache"))
+
+
+def tiny(token_cache, **overrides):
+  c = sst2.get_config("tiny")
+  c.data.cache_dir = token_cache
+  c.data.eval_limit = 64
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+def run_main(workdir, *args, timeout=300):
+  return subprocess.run(
+      [sys.executable, "-m", "dpjax.main", "--config=experiments/sst2.py:tiny",
+       f"--workdir={workdir}", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
+  summary = loop.train_and_evaluate(tiny(token_cache), tmp_path)
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk == json.loads(json.dumps(summary))
+  n, b = 512, 64
+  assert summary["dataset_size"] == n and summary["sampling_prob"] == pytest.approx(b / n)
+  assert summary["delta"] == pytest.approx(n ** -1.1)
+  assert summary["steps"] == 16 and summary["accountant"] == "pld"
+  assert 0.99 * 8.0 <= summary["epsilon"] <= 8.0
+  # ε is the ledger's: recompute it from (q, σ, steps) with dp_accounting.
+  assert summary["epsilon"] == pytest.approx(privacy.compute_epsilon(
+      summary["noise_multiplier"], b / n, 16, summary["delta"]), rel=1e-9)
+  assert summary["eval"]["count"] == 64 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
+  assert len(summary["params_sha256"]) == 64 and summary["params_global_norm"] > 0
+  assert summary["examples_per_second"] > 0 and summary["wall_seconds"] > 0
+  assert not summary["stopped_by_budget"] and not summary["preempted"]
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if r["split"] == "train"] == [4, 8, 12, 16]
+  assert rows[-1]["split"] == "eval" and rows[-1]["epsilon"] == summary["epsilon"]
+  plots = report.write_plots(tmp_path)
+  assert {p.name for p in plots} == {"loss.png", "eval_accuracy.png", "epsilon.png"}
+  assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in plots)
+
+
+def test_sigkill_then_resume_gives_identical_params_and_epsilon(tmp_path, token_cache):
+  steps = "--config.train.steps=40"
+  cache = f"--config.data.cache_dir={token_cache}"
+  evals = "--config.data.eval_limit=64"
+  reference = run_main(tmp_path / "a", steps, cache, evals)
+  assert reference.returncode == 0, reference.stderr[-2000:]
+  want = json.loads((tmp_path / "a" / "summary.json").read_text())
+
+  killed_dir = tmp_path / "b"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "dpjax.main", "--config=experiments/sst2.py:tiny",
+       f"--workdir={killed_dir}", steps, cache, evals],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    ckpts = killed_dir / "checkpoints"
+    if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 8 for p in ckpts.iterdir()):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed_dir / "summary.json").exists(), "the run finished before it was killed"
+  resumed = run_main(killed_dir, steps, cache, evals)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from step" in resumed.stdout
+  got = json.loads((killed_dir / "summary.json").read_text())
+  assert got["params_sha256"] == want["params_sha256"]
+  assert got["epsilon"] == want["epsilon"] and got["steps"] == want["steps"] == 40
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, token_cache):
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "dpjax.main", "--config=experiments/sst2.py:tiny",
+       f"--workdir={tmp_path}", "--config.train.steps=400", "--config.train.checkpoint_every_steps=0",
+       f"--config.data.cache_dir={token_cache}", "--config.data.eval_limit=64"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "SIGTERM: saved checkpoint at step" in out
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["preempted"] and 4 <= summary["steps"] < 400
+  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert steps == [summary["steps"]]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous_never_to_a_fresh_ledger(
+    tmp_path, token_cache):
+  fixed = {"dp.noise_multiplier": 0.7, "dp.epsilon": 50.0}
+  loop.train_and_evaluate(tiny(token_cache, **fixed), tmp_path)
+  for f in (tmp_path / "checkpoints" / "16").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  c = tiny(token_cache, **fixed, **{"train.steps": 20, "resume": "allow_changes"})
+  summary = loop.train_and_evaluate(c, tmp_path)
+  # Restored from step 12 (not 16, not 0) and trained to 20: the ledger holds exactly 20 steps.
+  assert summary["steps"] == 20
+  assert summary["epsilon"] == pytest.approx(
+      privacy.compute_epsilon(0.7, 64 / 512, 20, summary["delta"]), rel=1e-9)
+  assert (tmp_path / "checkpoints_unreadable" / "16").is_dir()  # Kept aside, not deleted.
+  # Every checkpoint unreadable: refuse rather than start over with an empty ledger.
+  for f in (tmp_path / "checkpoints").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  again = tiny(token_cache, **fixed, **{"train.steps": 24, "resume": "allow_changes"})
+  with pytest.raises(ConfigError, match="refusing to restart with a fresh privacy ledger"):
+    loop.train_and_evaluate(again, tmp_path)
+  # Also on the next attempt, when the unreadable checkpoints have been moved aside.
+  with pytest.raises(ConfigError, match="refusing to restart with a fresh privacy ledger"):
+    loop.train_and_evaluate(again, tmp_path)
+
+
+def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_cache):
+  c = tiny(token_cache, **{"dp.noise_multiplier": 0.8, "dp.epsilon": 3.0, "train.steps": 60})
+  summary = loop.train_and_evaluate(c, tmp_path)
+  assert summary["stopped_by_budget"] and 0 < summary["steps"] < 60
+  assert summary["epsilon"] <= 3.0
+  one_more = privacy.compute_epsilon(0.8, 64 / 512, summary["steps"] + 1, summary["delta"])
+  assert one_more > 3.0  # It stopped at the last step that fits, not earlier.
+  with pytest.raises(ConfigError, match="target epsilon 3 is already spent"):
+    loop.train_and_evaluate(c, tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.dp.epsilonn=3"], "epsilonn"),
+    (["--config.train.batch_size=abc"], "batch_size"),
+    (["--config.dp.epsilon=-1"], "config.dp.epsilon must be a number > 0"),
+    (["--config.data.train=/nonexistent.tsv"], "data file '/nonexistent.tsv' not found"),
+    (["--config.train.batch_size=100000"], "config.train.batch_size must be in (0, dataset_size=512]"),
+])
+def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
+  result = run_main(tmp_path / "w", *args, timeout=120)
+  assert result.returncode == 2, result.stderr[-1000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:") or "Error" in l]
+  assert len(lines) == 1 and message in lines[0], result.stderr[-1000:]
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_workdir_of_another_config_and_unwritable_workdir_are_refused(tmp_path, token_cache):
+  loop.train_and_evaluate(tiny(token_cache, **{"train.steps": 4}), tmp_path)
+  before = (tmp_path / "summary.json").read_text()
+  with pytest.raises(ConfigError, match=r"holds a run with a different config \(dp.epsilon\)"):
+    loop.train_and_evaluate(tiny(token_cache, **{"train.steps": 4, "dp.epsilon": 3.0}), tmp_path)
+  assert (tmp_path / "summary.json").read_text() == before
+  if os.geteuid() != 0:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match="is not writable"):
+      loop.train_and_evaluate(tiny(token_cache), locked / "run")
+  with pytest.raises(ConfigError, match="is not writable"):
+    loop.train_and_evaluate(tiny(token_cache), "/proc/dpjax-run")
+
+
+def test_evaluate_cli_scores_a_labelled_file(tmp_path, token_cache):
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(tiny(token_cache, **{"train.steps": 4}), workdir)
+  data = tmp_path / "mine.tsv"
+  data.write_text("sentence\tlabel\na wonderful film\t1\na dull , lifeless mess\t0\nfine\t1\n")
+  result = subprocess.run([sys.executable, "-m", "dpjax.evaluate", f"--workdir={workdir}",
+                           f"--data={data}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  scores = json.loads(result.stdout.strip().splitlines()[-1])
+  assert scores["count"] == 3 and scores["step"] == 4 and 0 <= scores["accuracy"] <= 1
+  bad = subprocess.run([sys.executable, "-m", "dpjax.evaluate", f"--workdir={tmp_path / 'none'}",
+                        f"--data={data}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and bad.stderr.startswith("error:")
