@@ -21,8 +21,10 @@ setup: $(STAMP)
 test: setup
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=10 tests
 
+RUN_WORKDIR ?= workdirs/sst2_quick
+
 run: setup
-	$(PY) -m experiments.quickstart
+	$(PY) -m dpjax.main --config=experiments/sst2.py:quick --workdir=$(RUN_WORKDIR)
 
 bench: setup
 	$(PY) -m experiments.benchmarks.calibration

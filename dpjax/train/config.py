@@ -8,6 +8,7 @@ locked, so a misspelled key is an error, not a silently ignored setting.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -39,7 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.name = "minilm"          # "minilm", a checkpoint directory, or "tiny" (random init)
   c.model.task = "classify"        # classify | label_words
   c.model.pooling = "mean"         # cls | mean | pooler (classify only)
-  c.model.train = "all"            # all | lora | head: which parameters are trained
+  c.model.train = "all"            # all | lora | head | a regex over "a/b/kernel" paths
   c.model.lora_rank = 8
   c.model.lora_alpha = 16.0
   c.model.tiny_hidden = 32         # architecture of name="tiny" (uses the MiniLM tokenizer)
@@ -122,7 +123,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of(c, "resume", RESUME)
   _one_of(c, "model.task", TASKS)
   _one_of(c, "model.pooling", POOLINGS)
-  _one_of(c, "model.train", TRAINS)
+  if c.model.train not in TRAINS:
+    try:
+      re.compile(c.model.train)
+    except (re.error, TypeError):
+      raise _fail("model.train", c.model.train,
+                  f"one of {TRAINS} or a regular expression over parameter paths") from None
   _positive(c, "model.lora_rank", integer=True)
   _positive(c, "model.lora_alpha")
   _positive(c, "data.num_labels", integer=True)

@@ -224,6 +224,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
   result = evaluate(params, model, evals, c.train.eval_batch_size)
   epsilon = ledger.epsilon(plan.delta) if c.dp.enabled else float("inf")
   writer.write(final_step, "eval", {**result, "epsilon": epsilon})
+  writer.close()
   summary = {
       "epsilon": epsilon, "delta": plan.delta, "noise_multiplier": plan.noise_multiplier,
       "sampling_prob": plan.sampling_prob, "steps": final_step, "planned_steps": plan.steps,

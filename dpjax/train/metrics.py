@@ -1,4 +1,9 @@
-"""Metrics: one JSON object per line in ``workdir/metrics.jsonl`` (train and eval rows)."""
+"""Metrics: ``workdir/metrics.jsonl`` (one JSON row per log/eval) and TensorBoard events.
+
+Train rows are computed on the sampled private batch without noise: they are
+for the operator and are not covered by the run's (ε, δ). Eval rows come from
+the held-out split.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,16 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsWriter:
-  """Appends rows to ``metrics.jsonl``; on resume drops rows past the restored step."""
+  """Appends rows to ``metrics.jsonl`` and scalars to ``workdir/tensorboard``.
+
+  On resume, rows and events past the restored step (written after the last
+  checkpoint by the interrupted run) are dropped, so each step appears once.
+  """
 
   def __init__(self, workdir: str | Path, resume_step: int = 0):
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"),
+                                     purge_step=resume_step or None)
     self.path = Path(workdir) / "metrics.jsonl"
     if self.path.exists():
       rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -33,6 +45,13 @@ class MetricsWriter:
     row = {"step": int(step), "split": split, **{k: _plain(v) for k, v in values.items()}}
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
+    for key, value in row.items():
+      if key not in ("step", "split") and isinstance(value, float):
+        self.tensorboard.add_scalar(f"{split}/{key}", value, int(step))
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    self.tensorboard.close()
 
 
 def read(workdir: str | Path) -> list[dict[str, Any]]:

@@ -38,6 +38,22 @@ def tiny(token_cache, **overrides):
   return c
 
 
+def tensorboard_scalars(logdir):
+  """{tag: [(step, value)]} read back from the TFRecord event files."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
 def run_main(workdir, *args, timeout=300):
   return subprocess.run(
       [sys.executable, "-m", "dpjax.main", "--config=experiments/sst2.py:tiny",
@@ -64,6 +80,9 @@ def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["split"] == "train"] == [4, 8, 12, 16]
   assert rows[-1]["split"] == "eval" and rows[-1]["epsilon"] == summary["epsilon"]
+  events = tensorboard_scalars(tmp_path / "tensorboard")
+  assert [step for step, _ in events["train/loss"]] == [4, 8, 12, 16]
+  assert events["eval/epsilon"] == [(16, pytest.approx(summary["epsilon"], rel=1e-6))]
   plots = report.write_plots(tmp_path)
   assert {p.name for p in plots} == {"loss.png", "eval_accuracy.png", "epsilon.png"}
   assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in plots)
