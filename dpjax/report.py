@@ -27,7 +27,7 @@ def write_plots(workdir: str | Path) -> list[Path]:
   series = [
       ("loss", "train", "loss", "training loss (mean over the sampled batch)"),
       ("eval_accuracy", "eval", "accuracy", "eval accuracy"),
-      ("epsilon", "eval", "epsilon", "ε spent (privacy ledger)"),
+      ("epsilon", "train", "epsilon", "ε spent (privacy ledger)"),
   ]
   written = []
   for name, split, key, title in series:

@@ -134,6 +134,9 @@ def backbone_for(c: ml_collections.ConfigDict):
 
 def task_model(c: ml_collections.ConfigDict, backbone: bert.BertConfig,
                label_word_ids: tuple[int, ...] | None):
+  if c.model.dropout:
+    backbone = dataclasses.replace(backbone, hidden_dropout_prob=float(c.model.dropout),
+                                   attention_probs_dropout_prob=float(c.model.dropout))
   lora_cfg = lora_config(c, backbone.model_type)
   if c.model.task == "label_words":
     return heads.LabelWordClassifier(backbone, tuple(label_word_ids), lora=lora_cfg)

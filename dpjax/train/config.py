@@ -43,6 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.train = "all"            # all | lora | head | a regex over "a/b/kernel" paths
   c.model.lora_rank = 8
   c.model.lora_alpha = 16.0
+  c.model.dropout = 0.0            # >0: hidden and attention dropout, a key per example
   c.model.tiny_hidden = 32         # architecture of name="tiny" (uses the MiniLM tokenizer)
   c.model.tiny_layers = 2
 
@@ -131,6 +132,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                   f"one of {TRAINS} or a regular expression over parameter paths") from None
   _positive(c, "model.lora_rank", integer=True)
   _positive(c, "model.lora_alpha")
+  if not isinstance(c.model.dropout, (int, float)) or not 0 <= c.model.dropout < 1:
+    raise _fail("model.dropout", c.model.dropout, "in [0, 1)")
   _positive(c, "data.num_labels", integer=True)
   if c.data.num_labels < 2:
     raise _fail("data.num_labels", c.data.num_labels, "an integer >= 2")

@@ -168,8 +168,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
         f"target_eps={plan.target_epsilon:g} trainable={lora.count(trainable):,} params",
         flush=True)
 
-  jit_step = jax.jit(functools.partial(step_lib.train_step, grad_fn=grad_fn, tx=tx,
-                                       mean_of_sum=not c.dp.enabled), donate_argnums=0)
+  jit_step = jax.jit(functools.partial(
+      step_lib.train_step, grad_fn=grad_fn, tx=tx, mean_of_sum=not c.dp.enabled,
+      dropout_seed=c.seed + 1 if c.model.dropout else None), donate_argnums=0)
   writer = metrics_lib.MetricsWriter(workdir, start_step)
   full_params = lambda s: lora.combine(s.params, frozen)
 
@@ -200,6 +201,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
       if done % c.train.log_every_steps == 0 or done == end_step:
         row = {k: float(v) for k, v in row.items()}
         row["examples_per_second"] = window_examples / max(time.time() - window_start, 1e-9)
+        if c.dp.enabled:
+          row["epsilon"] = ledger.epsilon(plan.delta)
         window_examples, window_start = 0, time.time()
         writer.write(done, "train", row)
         _progress(done, end_step, row)

@@ -45,13 +45,19 @@ def nonprivate_grad(loss_fn: Callable, microbatch_size: int | None = None):
     micro = microbatch_size or size
     split = lambda x: x.reshape((size // micro, micro) + x.shape[1:])
 
+    batch_mb, mask_mb = jax.tree_util.tree_map(split, batch), split(mask)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    stats_shape = jax.eval_shape(lambda b, m: grad_total(params, b, m)[1],
+                                 jax.tree_util.tree_map(lambda x: x[0], batch_mb), mask_mb[0])
+
     def body(acc, xs):
-      grads, stats = grad_total(params, *xs)
+      # Like the DP backend: a microbatch of pure padding skips its backward pass.
+      skip = lambda _: (zeros, jax.tree_util.tree_map(
+          lambda s: jnp.zeros(s.shape, s.dtype), stats_shape))
+      grads, stats = jax.lax.cond(jnp.any(xs[1]), lambda _: grad_total(params, *xs), skip, None)
       return jax.tree_util.tree_map(jnp.add, acc, grads), stats
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    total, (losses, loss_aux) = jax.lax.scan(
-        body, zeros, (jax.tree_util.tree_map(split, batch), split(mask)))
+    total, (losses, loss_aux) = jax.lax.scan(body, zeros, (batch_mb, mask_mb))
     merge = lambda x: x.reshape((size,) + x.shape[2:])
     losses, loss_aux = merge(losses), jax.tree_util.tree_map(merge, loss_aux)
     nonfinite = jnp.sum(mask & ~jnp.isfinite(losses))
@@ -66,8 +72,8 @@ def nonprivate_grad(loss_fn: Callable, microbatch_size: int | None = None):
 
 def train_step(state: TrainState, batches: tuple[dict[str, jax.Array], ...],
                masks: tuple[jax.Array, ...], *, grad_fn: Callable,
-               tx: optax.GradientTransformation, mean_of_sum: bool = False
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, mean_of_sum: bool = False,
+               dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One logical step over a batch given as groups (e.g. one per token-length bucket).
 
   The gradient sums of the groups add up to the sum over the whole logical
@@ -82,7 +88,14 @@ def train_step(state: TrainState, batches: tuple[dict[str, jax.Array], ...],
     tx: the privatizer + optimizer chain (DP) or the optimizer.
     mean_of_sum: divide the summed gradient by the realized count (non-private
       baselines only; DP divides by the expected batch size inside ``tx``).
+    dropout_seed: if set, every example gets its own dropout key, a function of
+      (seed, step, group, row), so a resumed run draws the same masks.
   """
+  if dropout_seed is not None:
+    step_key = jax.random.fold_in(jax.random.PRNGKey(dropout_seed), state.step)
+    batches = tuple(
+        {**b, "dropout_key": jax.random.split(jax.random.fold_in(step_key, g), m.shape[0])}
+        for g, (b, m) in enumerate(zip(batches, masks)))
   results = [grad_fn(state.params, b, m) for b, m in zip(batches, masks)]
   grads = jax.tree_util.tree_map(lambda *g: sum(g), *[r[0] for r in results])
   auxes = [r[1] for r in results]

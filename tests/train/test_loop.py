@@ -83,6 +83,9 @@ def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
   events = tensorboard_scalars(tmp_path / "tensorboard")
   assert [step for step, _ in events["train/loss"]] == [4, 8, 12, 16]
   assert events["eval/epsilon"] == [(16, pytest.approx(summary["epsilon"], rel=1e-6))]
+  # ε spent grows with every logged step and ends at the summary's.
+  spent = [e for _, e in events["train/epsilon"]]
+  assert spent == sorted(spent) and spent[-1] == pytest.approx(summary["epsilon"], rel=1e-6)
   plots = report.write_plots(tmp_path)
   assert {p.name for p in plots} == {"loss.png", "eval_accuracy.png", "epsilon.png"}
   assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in plots)
