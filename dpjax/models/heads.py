@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from dpjax.models import bert, gpt2, layers
+from dpjax.models import bert, gpt2, layers, lora
 
 PyTree = Any
 POOLINGS = ("cls", "mean", "pooler")
@@ -92,8 +92,6 @@ def classification_loss(model: nn.Module, frozen: PyTree | None = None
     frozen: parameters not trained (see :func:`dpjax.models.lora.partition`); the
       loss closes over them, so they are never differentiated, clipped or noised.
   """
-  from dpjax.models import lora  # Local import: lora imports layers only.
-
   def loss_fn(params, example):
     full = params if frozen is None else lora.combine(params, frozen)
     rngs, deterministic = _rngs(example)
@@ -112,8 +110,6 @@ def lm_loss(model: gpt2.GPT2LMHeadModel, frozen: PyTree | None = None
   The example holds ``input_ids``, ``attention_mask`` and optionally ``loss_mask``
   (the tokens to predict; defaults to the attention mask).
   """
-  from dpjax.models import lora
-
   def loss_fn(params, example):
     full = params if frozen is None else lora.combine(params, frozen)
     rngs, deterministic = _rngs(example)

@@ -130,7 +130,9 @@ class ClippedGradFn:
     if micro == size:
       grads, stats = self._microbatch(params, batch, mask)
     else:
-      grads, stats = self._scan(params, batch, mask, size // micro, micro)
+      init = jax.tree_util.tree_map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
+      grads, stats = scan_microbatches(lambda b, m: self._microbatch(params, b, m), batch, mask,
+                                       micro, init)
     losses, norms, clipped, kept, nonfinite, loss_aux = stats
     num = jnp.sum(kept)
     aux = ClippedGradAux(
@@ -142,34 +144,41 @@ class ClippedGradFn:
       check_finite(aux)  # Called eagerly: fail right here.
     return grads, aux
 
-  def _scan(self, params, batch, mask, num_micro, micro):
-    """Accumulates clipped sums over microbatches; skips all-padding microbatches."""
-    split = lambda x: x.reshape((num_micro, micro) + x.shape[1:])
-    batch_mb = jax.tree_util.tree_map(split, batch)
-    mask_mb = split(mask)
-    stats_shape = jax.eval_shape(
-        lambda b, m: self._microbatch(params, b, m)[1],
-        jax.tree_util.tree_map(lambda x: x[0], batch_mb), mask_mb[0])
-    zeros_like = lambda s: jnp.zeros(s.shape, s.dtype)
-    init = jax.tree_util.tree_map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
 
-    def body(total, xs):
-      batch_i, mask_i = xs
+def scan_microbatches(fn: Callable[[PyTree, jax.Array], tuple[PyTree, PyTree]], batch: PyTree,
+                      mask: jax.Array, microbatch_size: int, init: PyTree
+                      ) -> tuple[PyTree, PyTree]:
+  """Sums ``fn(batch_i, mask_i)[0]`` over microbatches with ``lax.scan``.
 
-      def compute(_):
-        return self._microbatch(params, batch_i, mask_i)
+  ``fn`` returns (a tree to add up, per-example statistics with a leading
+  microbatch axis); the statistics come back concatenated to the full batch.
+  Microbatches of pure padding skip ``fn`` (``lax.cond``) and add zeros, so
+  padding a batch to a static shape costs almost nothing.
 
-      def skip(_):
-        # A microbatch of padding only contributes zero; don't pay for its backward pass.
-        return (jax.tree_util.tree_map(jnp.zeros_like, total),
-                jax.tree_util.tree_map(zeros_like, stats_shape))
+  Args:
+    fn: ``(microbatch, mask) -> (summand, per-example stats)``.
+    batch: pytree with leading batch axis B; ``microbatch_size`` must divide B.
+    mask: [B] bool, False on padding rows.
+    microbatch_size: rows per scan iteration.
+    init: zeros shaped like the summand.
+  """
+  size = mask.shape[0]
+  split = lambda x: x.reshape((size // microbatch_size, microbatch_size) + x.shape[1:])
+  batch_mb, mask_mb = jax.tree_util.tree_map(split, batch), split(mask)
+  stats_shape = jax.eval_shape(lambda b, m: fn(b, m)[1],
+                               jax.tree_util.tree_map(lambda x: x[0], batch_mb), mask_mb[0])
 
-      grads, stats = jax.lax.cond(jnp.any(mask_i), compute, skip, None)
-      return jax.tree_util.tree_map(jnp.add, total, grads), stats
+  def body(total, xs):
+    def skip(_):
+      return (jax.tree_util.tree_map(jnp.zeros_like, total),
+              jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape))
 
-    total, stats = jax.lax.scan(body, init, (batch_mb, mask_mb))
-    merge = lambda x: x.reshape((num_micro * micro,) + x.shape[2:])
-    return total, jax.tree_util.tree_map(merge, stats)
+    summand, stats = jax.lax.cond(jnp.any(xs[1]), lambda _: fn(*xs), skip, None)
+    return jax.tree_util.tree_map(jnp.add, total, summand), stats
+
+  total, stats = jax.lax.scan(body, init, (batch_mb, mask_mb))
+  merge = lambda x: x.reshape((size,) + x.shape[2:])
+  return total, jax.tree_util.tree_map(merge, stats)
 
 
 def clipped_grad(loss_fn: Callable[..., Any], clip: float | clipping.ClipRule,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from scipy import stats
 
 from dpjax import data as data_lib
 from dpjax import privacy
@@ -79,7 +80,6 @@ class GroupedBatches:
 
 def stats_quantile(count: int, prob: float, level: float = 1 - 1e-9) -> int:
   """The ``level`` quantile of Binomial(count, prob)."""
-  from scipy import stats  # pylint: disable=import-outside-toplevel
   return int(stats.binom(count, prob).ppf(level))
 
 

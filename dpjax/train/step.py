@@ -42,24 +42,9 @@ def nonprivate_grad(loss_fn: Callable, microbatch_size: int | None = None):
 
   def fn(params, batch, mask):
     size = mask.shape[0]
-    micro = microbatch_size or size
-    split = lambda x: x.reshape((size // micro, micro) + x.shape[1:])
-
-    batch_mb, mask_mb = jax.tree_util.tree_map(split, batch), split(mask)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    stats_shape = jax.eval_shape(lambda b, m: grad_total(params, b, m)[1],
-                                 jax.tree_util.tree_map(lambda x: x[0], batch_mb), mask_mb[0])
-
-    def body(acc, xs):
-      # Like the DP backend: a microbatch of pure padding skips its backward pass.
-      skip = lambda _: (zeros, jax.tree_util.tree_map(
-          lambda s: jnp.zeros(s.shape, s.dtype), stats_shape))
-      grads, stats = jax.lax.cond(jnp.any(xs[1]), lambda _: grad_total(params, *xs), skip, None)
-      return jax.tree_util.tree_map(jnp.add, acc, grads), stats
-
-    total, (losses, loss_aux) = jax.lax.scan(body, zeros, (batch_mb, mask_mb))
-    merge = lambda x: x.reshape((size,) + x.shape[2:])
-    losses, loss_aux = merge(losses), jax.tree_util.tree_map(merge, loss_aux)
+    total, (losses, loss_aux) = per_example.scan_microbatches(
+        lambda b, m: grad_total(params, b, m), batch, mask, microbatch_size or size, zeros)
     nonfinite = jnp.sum(mask & ~jnp.isfinite(losses))
     aux = per_example.ClippedGradAux(
         losses=losses, norms=jnp.zeros([size]), clipped=jnp.zeros([size], bool), mask=mask,
