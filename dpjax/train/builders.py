@@ -51,10 +51,10 @@ class GroupedBatches:
     self.split = split
     self.multiple = multiple
     lengths = split.encoded.lengths[split.indices]
-    self.lengths = split.encoded.buckets
-    self.group_of = np.searchsorted(self.lengths, lengths)
-    counts = np.bincount(self.group_of, minlength=len(self.lengths))
-    self.groups = [g for g in range(len(self.lengths)) if counts[g]]
+    self.bucket_lengths = split.encoded.buckets
+    self.group_of = np.searchsorted(self.bucket_lengths, lengths)
+    counts = np.bincount(self.group_of, minlength=len(self.bucket_lengths))
+    self.groups = [g for g in range(len(self.bucket_lengths)) if counts[g]]
     self.capacity = {g: self._round(stats_quantile(counts[g], sampling_prob)) for g in self.groups}
     # A real example of the group fills its padding rows (any example fits its own bucket).
     self.filler = {g: int(np.flatnonzero(self.group_of == g)[0]) for g in self.groups}
@@ -73,7 +73,8 @@ class GroupedBatches:
       padded[:len(chosen)] = chosen
       mask = np.zeros(size, bool)
       mask[:len(chosen)] = True
-      batches.append(self.split.encoded.batch(self.split.indices[padded], length=self.lengths[g]))
+      batches.append(self.split.encoded.batch(self.split.indices[padded],
+                                              length=self.bucket_lengths[g]))
       masks.append(mask)
     return tuple(batches), tuple(masks)
 
