@@ -78,9 +78,21 @@ def activation(name: str):
 
 
 class BertEmbeddings(nn.Module):
+  """Word + position + token-type embeddings -> LayerNorm -> dropout.
+
+  Defined with ``setup`` so a tied output layer can reach ``word_embeddings``
+  (see :meth:`BertModel.word_logits`).
+  """
   config: BertConfig
 
-  @nn.compact
+  def setup(self):
+    c = self.config
+    self.word_embeddings = layers.Embed(c.vocab_size, c.hidden_size)
+    self.position_embeddings = layers.Embed(c.max_position_embeddings, c.hidden_size)
+    self.token_type_embeddings = layers.Embed(c.type_vocab_size, c.hidden_size)
+    self.LayerNorm = layers.LayerNorm(c.layer_norm_eps)  # pylint: disable=invalid-name
+    self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
   def __call__(self, input_ids, token_type_ids, deterministic):
     c = self.config
     if c.position_offset:
@@ -88,13 +100,10 @@ class BertEmbeddings(nn.Module):
       positions = jnp.cumsum(not_pad, axis=-1) * not_pad + c.pad_token_id
     else:
       positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-    x = layers.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")(input_ids)
-    x = x + layers.Embed(c.max_position_embeddings, c.hidden_size,
-                         name="position_embeddings")(positions)
-    x = x + layers.Embed(c.type_vocab_size, c.hidden_size,
-                         name="token_type_embeddings")(token_type_ids)
-    x = nn.LayerNorm(c.layer_norm_eps, name="LayerNorm")(x)
-    return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = self.word_embeddings(input_ids)
+    x = x + self.position_embeddings(positions)
+    x = x + self.token_type_embeddings(token_type_ids)
+    return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -123,7 +132,7 @@ class BertResidualOutput(nn.Module):
     c = self.config
     x = layers.Dense(c.hidden_size, lora=self.lora, name="dense")(x)
     x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
-    return nn.LayerNorm(c.layer_norm_eps, name="LayerNorm")(x + residual)
+    return layers.LayerNorm(c.layer_norm_eps, name="LayerNorm")(x + residual)
 
 
 class BertAttention(nn.Module):
@@ -168,13 +177,20 @@ class BertModel(nn.Module):
   config: BertConfig
   lora: layers.LoraConfig | None = None
 
-  @nn.compact
+  def setup(self):
+    self.embeddings = BertEmbeddings(self.config)
+    self.encoder = BertEncoder(self.config, self.lora)
+
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    x = BertEmbeddings(self.config, name="embeddings")(input_ids, token_type_ids, deterministic)
+    x = self.embeddings(input_ids, token_type_ids, deterministic)
     bias = layers.additive_attention_bias(attention_mask, x.dtype)
-    return BertEncoder(self.config, self.lora, name="encoder")(x, bias, deterministic)
+    return self.encoder(x, bias, deterministic)
+
+  def word_logits(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """x · Wᵀ with the word-embedding table W (all rows, or ``rows`` only): a tied decoder."""
+    return self.embeddings.word_embeddings.attend(x, rows)
 
 
 class BertEncoder(nn.Module):
@@ -201,16 +217,18 @@ class BertMaskedLMHead(nn.Module):
   """The MLM head: transform (dense, activation, LayerNorm) then the tied decoder + bias.
 
   ``vocab_ids`` restricts the output to a few tokens (the label words of a prompt),
-  so the head costs O(k·H) instead of O(V·H).
+  so the head costs O(k·H) instead of O(V·H). ``decoder(h, rows)`` is the tied
+  output layer, :meth:`BertModel.word_logits` of the backbone.
   """
   config: BertConfig
 
   @nn.compact
-  def __call__(self, hidden, word_embeddings: jax.Array, vocab_ids=None):
+  def __call__(self, hidden, decoder, vocab_ids=None):
     c = self.config
     h = activation(c.hidden_act)(layers.Dense(c.hidden_size, name="dense")(hidden))
-    h = nn.LayerNorm(c.layer_norm_eps, name="LayerNorm")(h)
+    h = layers.LayerNorm(c.layer_norm_eps, name="LayerNorm")(h)
     bias = self.param("bias", nn.initializers.zeros, (c.vocab_size,), jnp.float32)
-    table = word_embeddings if vocab_ids is None else jnp.take(word_embeddings, vocab_ids, axis=0)
-    bias = bias if vocab_ids is None else jnp.take(bias, vocab_ids)
-    return jnp.dot(h, table.T.astype(h.dtype)) + bias
+    if vocab_ids is not None:
+      self.sow(layers.TAPS, "bias_rows", vocab_ids)
+      bias = jnp.take(bias, vocab_ids)
+    return layers.perturb_output(self, "logits", decoder(h, vocab_ids) + bias.astype(h.dtype))

@@ -79,9 +79,9 @@ class GPT2Block(nn.Module):
   def __call__(self, x, bias, deterministic):
     eps = self.config.layer_norm_epsilon
     x = x + GPT2Attention(self.config, self.lora, name="attn")(
-        nn.LayerNorm(eps, name="ln_1")(x), bias, deterministic)
+        layers.LayerNorm(eps, name="ln_1")(x), bias, deterministic)
     return x + GPT2MLP(self.config, self.lora, name="mlp")(
-        nn.LayerNorm(eps, name="ln_2")(x), deterministic)
+        layers.LayerNorm(eps, name="ln_2")(x), deterministic)
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -109,7 +109,7 @@ class GPT2LMHeadModel(nn.Module):
     bias = jnp.where(keep, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)
     for i in range(c.n_layer):
       x = GPT2Block(c, self.lora, name=f"h_{i}")(x, bias, deterministic)
-    x = nn.LayerNorm(c.layer_norm_epsilon, name="ln_f")(x)
+    x = layers.LayerNorm(c.layer_norm_epsilon, name="ln_f")(x)
     if return_hidden:
       return x
     return wte.attend(x)

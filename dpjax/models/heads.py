@@ -67,9 +67,8 @@ class LabelWordClassifier(nn.Module):
                      deterministic)
     position = batch["mask_position"].astype(jnp.int32)
     at_mask = jnp.take_along_axis(hidden, position[:, None, None], axis=1)[:, 0]
-    table = encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
     return bert.BertMaskedLMHead(self.backbone, name="lm_head")(
-        at_mask, table, jnp.asarray(self.label_word_ids, jnp.int32))
+        at_mask, encoder.word_logits, jnp.asarray(self.label_word_ids, jnp.int32))
 
 
 def _add_batch_axis(example: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -83,8 +82,72 @@ def _rngs(example: Mapping[str, Any]) -> tuple[dict[str, jax.Array], bool]:
   return {}, True
 
 
-def classification_loss(model: nn.Module, frozen: PyTree | None = None
-                        ) -> Callable[[PyTree, Mapping[str, jax.Array]], tuple[jax.Array, dict]]:
+class TaskLoss:
+  """The loss of a Flax task model, for both clipped-gradient backends.
+
+  * ``loss(trainable, example) -> (loss, aux)`` for ONE example (vmap backend);
+  * ``loss.batched(trainable, batch, perturbations)`` runs the model once on a
+    batch with output perturbations and returns (losses [B], aux, taps, full
+    params) (book-keeping backend, :class:`dpjax.privacy.bookkeeping.TappedLoss`).
+
+  Frozen parameters are closed over, so they are never differentiated,
+  clipped or noised.
+
+  Args:
+    model: the task model.
+    frozen: parameters that are not trained (see :func:`dpjax.models.lora.partition`).
+    inputs: ``batch -> (args, kwargs)`` of ``model.__call__`` (without ``deterministic``).
+    row_loss: ``(outputs of one example, example) -> (loss, aux)``.
+  """
+
+  def __init__(self, model: nn.Module, frozen: PyTree | None,
+               inputs: Callable[[Mapping[str, jax.Array]], tuple[tuple, dict]],
+               row_loss: Callable[[jax.Array, Mapping[str, jax.Array]], tuple[jax.Array, dict]]):
+    self.model = model
+    self.frozen = frozen
+    self.inputs = inputs
+    self.row_loss = row_loss
+
+  def full_params(self, params: PyTree) -> PyTree:
+    return params if self.frozen is None else lora.combine(params, self.frozen)
+
+  def __call__(self, params: PyTree, example: Mapping[str, jax.Array]):
+    rngs, deterministic = _rngs(example)
+    args, kwargs = self.inputs(_add_batch_axis(example))
+    outputs = self.model.apply({"params": self.full_params(params)}, *args,
+                               deterministic=deterministic, rngs=rngs, **kwargs)[0]
+    return self.row_loss(outputs, example)
+
+  def batched(self, params: PyTree, batch: Mapping[str, jax.Array], perturbations: PyTree):
+    """One forward pass over ``batch``; dropout (if keys are given) uses the first row's key."""
+    full = self.full_params(params)
+    keys = batch.get("dropout_key")
+    rngs = {} if keys is None else {"dropout": keys[0]}
+    args, kwargs = self.inputs({k: v for k, v in batch.items() if k != "dropout_key"})
+    outputs, state = self.model.apply(
+        {"params": full, layers.PERTURBATIONS: perturbations}, *args,
+        deterministic=keys is None, rngs=rngs, mutable=[layers.TAPS], **kwargs)
+    losses, aux = jax.vmap(self.row_loss)(outputs, batch)
+    return losses, aux, state.get(layers.TAPS, {}), full
+
+  def perturbation_shapes(self, params: PyTree, batch: Mapping[str, jax.Array]) -> PyTree:
+    args, kwargs = self.inputs({k: v for k, v in batch.items() if k != "dropout_key"})
+    shapes = jax.eval_shape(
+        lambda: self.model.init(jax.random.PRNGKey(0), *args, deterministic=True, **kwargs))
+    return shapes.get(layers.PERTURBATIONS, {})
+
+
+def _batch_dict(batch: Mapping[str, jax.Array]) -> tuple[tuple, dict]:
+  return (dict(batch),), {}
+
+
+def _classification_row(logits: jax.Array, example: Mapping[str, jax.Array]):
+  label = example["label"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
+  return loss, {"correct": (jnp.argmax(logits) == label).astype(jnp.float32)}
+
+
+def classification_loss(model: nn.Module, frozen: PyTree | None = None) -> TaskLoss:
   """``loss(trainable, example) -> (cross-entropy, {"correct": 0/1})`` for ONE example.
 
   Args:
@@ -92,36 +155,26 @@ def classification_loss(model: nn.Module, frozen: PyTree | None = None
     frozen: parameters not trained (see :func:`dpjax.models.lora.partition`); the
       loss closes over them, so they are never differentiated, clipped or noised.
   """
-  def loss_fn(params, example):
-    full = params if frozen is None else lora.combine(params, frozen)
-    rngs, deterministic = _rngs(example)
-    logits = model.apply({"params": full}, _add_batch_axis(example), deterministic, rngs=rngs)[0]
-    label = example["label"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
-    return loss, {"correct": (jnp.argmax(logits) == label).astype(jnp.float32)}
-
-  return loss_fn
+  return TaskLoss(model, frozen, _batch_dict, _classification_row)
 
 
-def lm_loss(model: gpt2.GPT2LMHeadModel, frozen: PyTree | None = None
-            ) -> Callable[[PyTree, Mapping[str, jax.Array]], tuple[jax.Array, dict]]:
+def _lm_inputs(batch: Mapping[str, jax.Array]) -> tuple[tuple, dict]:
+  return (batch["input_ids"], batch["attention_mask"]), {}
+
+
+def _lm_row(logits: jax.Array, example: Mapping[str, jax.Array]):
+  loss_mask = example.get("loss_mask", example["attention_mask"]) * example["attention_mask"]
+  loss = gpt2.causal_lm_loss(logits, example["input_ids"], loss_mask)
+  return loss, {"tokens": jnp.sum(loss_mask[1:]).astype(jnp.float32)}
+
+
+def lm_loss(model: gpt2.GPT2LMHeadModel, frozen: PyTree | None = None) -> TaskLoss:
   """``loss(trainable, example) -> (mean next-token CE, {"tokens": count})`` for ONE sequence.
 
   The example holds ``input_ids``, ``attention_mask`` and optionally ``loss_mask``
   (the tokens to predict; defaults to the attention mask).
   """
-  def loss_fn(params, example):
-    full = params if frozen is None else lora.combine(params, frozen)
-    rngs, deterministic = _rngs(example)
-    batch = _add_batch_axis(example)
-    logits = model.apply({"params": full}, batch["input_ids"], batch["attention_mask"],
-                         deterministic=deterministic, rngs=rngs)[0]
-    loss_mask = example.get("loss_mask", example["attention_mask"])
-    loss_mask = loss_mask * example["attention_mask"]
-    loss = gpt2.causal_lm_loss(logits, example["input_ids"], loss_mask)
-    return loss, {"tokens": jnp.sum(loss_mask[1:]).astype(jnp.float32)}
-
-  return loss_fn
+  return TaskLoss(model, frozen, _lm_inputs, _lm_row)
 
 
 def init_with_backbone(model: nn.Module, rng: jax.Array, example_batch: Mapping[str, jax.Array],

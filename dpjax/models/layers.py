@@ -1,14 +1,18 @@
 """Shared layers: every trainable matrix of every model goes through these modules.
 
-``Dense`` and ``Embed`` are the only places where weights meet activations, so a
-gradient backend that needs per-layer inputs and output gradients (per-example
-norms without per-example gradients, see DESIGN §4) can observe all of them in
-one place:
+``Dense``, ``Embed`` and ``LayerNorm`` are the only places where trainable
+weights meet activations, so a gradient backend that needs each layer's inputs
+and output gradients (per-example norms without per-example gradients, see
+:mod:`dpjax.privacy.bookkeeping`) can observe all of them in one place:
 
-* the layer input is sown into the ``"taps"`` collection (``sow`` is a no-op
-  unless that collection is mutable), and
-* the layer output goes through ``perturb("out", y)``, whose gradient is ∂L/∂y
-  (a no-op unless a ``"perturbations"`` collection is passed).
+* what the weight gradient needs from the forward pass is sown into the
+  ``"taps"`` collection (``sow`` is a no-op unless that collection is mutable):
+  ``Dense`` ``in`` (its input; ``lora_scale`` α/r with adapters), ``Embed`` ``ids`` (looked-up rows) and, for a
+  tied output layer, ``attend_in``/``attend_rows``, ``LayerNorm`` ``normalized``;
+* the layer output goes through :func:`perturb_output`, whose gradient is ∂L/∂y
+  (a no-op unless a ``"perturbations"`` collection holding that entry is
+  passed, so a backend can ask for the output gradients of trained layers only
+  and backpropagation stops below them).
 
 ``Dense`` also carries optional LoRA adapters (Hu et al. 2021):
 y = x W + b + (α / r) · x A B, with A [d_in, r], B [r, d_out] and B = 0 at init.
@@ -54,6 +58,20 @@ class LoraConfig:
     return any(re.search(t, joined) for t in self.targets)
 
 
+def perturb_output(module: nn.Module, name: str, value: jax.Array) -> jax.Array:
+  """``value + perturbations[name]`` when that entry is given, else ``value``.
+
+  Unlike ``nn.Module.perturb`` a perturbation collection may hold entries for
+  some layers only; the others are untouched. At ``init`` a zero entry is
+  created, so ``model.init(...)[PERTURBATIONS]`` lists every tapped output.
+  """
+  if module.is_mutable_collection(PERTURBATIONS) and not module.has_variable(PERTURBATIONS, name):
+    module.put_variable(PERTURBATIONS, name, jnp.zeros_like(value))
+  if module.has_variable(PERTURBATIONS, name):
+    value = value + module.get_variable(PERTURBATIONS, name).astype(value.dtype)
+  return value
+
+
 class Dense(nn.Module):
   """y = x W + b (+ LoRA), with W stored [d_in, d_out] as ``kernel``."""
   features: int
@@ -74,9 +92,10 @@ class Dense(nn.Module):
       a = self.param("lora_a", nn.initializers.he_uniform(), (x.shape[-1], self.lora.rank),
                      jnp.float32)
       b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), jnp.float32)
+      self.sow(TAPS, "lora_scale", jnp.float32(self.lora.alpha / self.lora.rank))
       y = y + (self.lora.alpha / self.lora.rank) * jnp.dot(jnp.dot(x.astype(dtype), a.astype(dtype)),
                                                            b.astype(dtype))
-    return self.perturb("out", y)
+    return perturb_output(self, "out", y)
 
 
 class Embed(nn.Module):
@@ -91,11 +110,46 @@ class Embed(nn.Module):
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     self.sow(TAPS, "ids", ids)
-    return self.perturb("out", jnp.take(self.embedding, ids, axis=0))
+    return perturb_output(self, "out", jnp.take(self.embedding, ids, axis=0))
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    """x · Eᵀ: logits over the vocabulary (tied output layer)."""
-    return jnp.dot(x, self.embedding.T.astype(x.dtype))
+  def attend(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """x · Eᵀ: logits over the vocabulary (a tied output layer).
+
+    Args:
+      x: [..., features].
+      rows: optional [k] row ids; the logits are then over those rows only,
+        x · E[rows]ᵀ (e.g. the label words of a prompt), at O(k·features).
+    """
+    self.sow(TAPS, "attend_in", x)
+    table = self.embedding
+    if rows is not None:
+      self.sow(TAPS, "attend_rows", rows)
+      table = jnp.take(table, rows, axis=0)
+    return perturb_output(self, "attend_out", jnp.dot(x, table.T.astype(x.dtype)))
+
+
+class LayerNorm(nn.Module):
+  """y = (x - mean) / sqrt(var + eps) * scale + bias over the last axis (params ``scale``, ``bias``).
+
+  Taps the normalized input x̂, so the per-example gradients Σ_t ∂L/∂y_t ⊙ x̂_t
+  (scale) and Σ_t ∂L/∂y_t (bias) need no per-example backward pass. Statistics
+  are computed in float32.
+  """
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, -1, keepdims=True)
+    centered = x32 - mean
+    var = jnp.mean(jnp.square(centered), -1, keepdims=True)
+    normalized = (centered * jax.lax.rsqrt(var + self.epsilon)).astype(x.dtype)
+    self.sow(TAPS, "normalized", normalized)
+    y = normalized * scale.astype(x.dtype) + bias.astype(x.dtype)
+    return perturb_output(self, "out", y)
 
 
 def additive_attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:

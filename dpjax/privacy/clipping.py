@@ -272,6 +272,48 @@ def per_example_sq_norms(per_example_grads: PyTree) -> PyTree:
   return jax.tree_util.tree_map(sq, per_example_grads)
 
 
+class SafeFactors(NamedTuple):
+  """Clip factors with padding and non-finite rows forced to zero.
+
+  Attributes:
+    per_leaf: pytree of [B] factors; exactly 0 on rows that are not ``kept``.
+    norms: [B] unclipped norms (0 on rows that are not kept).
+    clipped: [B] bool, kept rows that were scaled down.
+    kept: [B] bool, real rows with a finite loss and gradient.
+    nonfinite: [B] bool, real rows with a NaN/inf loss or gradient.
+  """
+  per_leaf: PyTree
+  norms: jax.Array
+  clipped: jax.Array
+  kept: jax.Array
+  nonfinite: jax.Array
+
+
+def safe_clip_factors(sq_norms: PyTree, rule: ClipRule, mask: jax.Array | None = None,
+                      losses: jax.Array | None = None) -> SafeFactors:
+  """``rule.factors`` on per-leaf squared norms ([B] leaves), after dropping bad rows.
+
+  A row counts (``kept``) when it is real (mask True) and its loss and squared
+  norms are finite. Its norms are zeroed before the rule sees them, so a NaN row
+  cannot poison terms shared across rows, and its factors are exactly 0. Every
+  backend computes its clip factors here.
+  """
+  leaves = jax.tree_util.tree_leaves(sq_norms)
+  if not leaves:
+    raise ValueError("sq_norms has no leaves")
+  batch = leaves[0].shape[0]
+  real = jnp.ones([batch], bool) if mask is None else jnp.asarray(mask).astype(bool)
+  finite = jnp.isfinite(sum(leaves))
+  if losses is not None:
+    finite = finite & jnp.isfinite(losses)
+  kept = real & finite
+  sq_norms = jax.tree_util.tree_map(lambda s: jnp.where(kept, s, 0.0), sq_norms)
+  factors = rule.factors(sq_norms)
+  per_leaf = jax.tree_util.tree_map(lambda f: jnp.where(kept, f, 0.0), factors.per_leaf)
+  return SafeFactors(per_leaf, jnp.where(kept, factors.norms, 0.0), factors.clipped & kept, kept,
+                     real & ~finite)
+
+
 def clip_and_sum(per_example_grads: PyTree, rule: ClipRule, mask: jax.Array | None = None,
                  losses: jax.Array | None = None) -> ClippedSum:
   """Clips each example's gradient with ``rule`` and sums over the batch.
@@ -293,22 +335,14 @@ def clip_and_sum(per_example_grads: PyTree, rule: ClipRule, mask: jax.Array | No
   if not leaves:
     raise ValueError("per_example_grads has no leaves")
   batch = leaves[0].shape[0]
-  real = jnp.ones([batch], bool) if mask is None else jnp.asarray(mask).astype(bool)
-  sq_norms = per_example_sq_norms(per_example_grads)
-  finite = jnp.isfinite(sum(jax.tree_util.tree_leaves(sq_norms)))
-  if losses is not None:
-    finite = finite & jnp.isfinite(losses)
-  kept = real & finite
-  # Sanitize before the rule sees the norms, so a NaN row cannot poison shared terms.
-  sq_norms = jax.tree_util.tree_map(lambda s: jnp.where(kept, s, 0.0), sq_norms)
-  factors = rule.factors(sq_norms)
+  safe = safe_clip_factors(per_example_sq_norms(per_example_grads), rule, mask, losses)
 
   def weighted_sum(g, f):
-    g = jnp.where(kept.reshape((batch,) + (1,) * (g.ndim - 1)), g.astype(jnp.float32), 0.0)
-    return jnp.tensordot(jnp.where(kept, f, 0.0), g, axes=1)
+    g = jnp.where(safe.kept.reshape((batch,) + (1,) * (g.ndim - 1)), g.astype(jnp.float32), 0.0)
+    return jnp.tensordot(f, g, axes=1)
 
-  grads = jax.tree_util.tree_map(weighted_sum, per_example_grads, factors.per_leaf)
-  return ClippedSum(grads, factors.norms, factors.clipped & kept, kept, real & ~finite)
+  grads = jax.tree_util.tree_map(weighted_sum, per_example_grads, safe.per_leaf)
+  return ClippedSum(grads, safe.norms, safe.clipped, safe.kept, safe.nonfinite)
 
 
 class ClipPerExampleState(NamedTuple):

@@ -53,17 +53,78 @@ def as_raw_key(key: int | jax.Array) -> jax.Array:
   return key
 
 
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _rotate_left(x: jax.Array, d: int) -> jax.Array:
+  return (x << np.uint32(d)) | (x >> np.uint32(32 - d))
+
+
+def threefry2x32(key: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The Threefry-2x32 block cipher (20 rounds; Salmon et al. 2011), fully unrolled.
+
+  Bit-identical to JAX's ``threefry2x32`` primitive, which on CPU is lowered as
+  a 5-iteration loop whose state is materialized (two arrays the size of the
+  output per iteration). Written out as plain elementwise operations it fuses
+  into its consumer: noise is generated, transformed and added to the gradient
+  in one pass, with no temporary array.
+
+  Args:
+    key: uint32[2] key.
+    x1, x2: uint32 counter arrays of one shape.
+
+  Returns:
+    Two uint32 arrays shaped like the counters.
+  """
+  k1, k2 = key[0], key[1]
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x = [x1 + ks[0], x2 + ks[1]]
+  for block in range(5):
+    for r in _ROTATIONS[block % 2]:
+      x[0] = x[0] + x[1]
+      x[1] = x[0] ^ _rotate_left(x[1], r)
+    x[0] = x[0] + ks[(block + 1) % 3]
+    x[1] = x[1] + ks[(block + 2) % 3] + np.uint32(block + 1)
+  return x[0], x[1]
+
+
+def _standard_normal_from_bits(bits: jax.Array) -> jax.Array:
+  """uint32 -> float32 N(0, 1) by the inverse CDF (as ``jax.random.normal``).
+
+  The top 23 bits give u uniform on [0, 1) in steps of 2^-23, mapped to
+  (-1, 1); z = √2 · erfinv(u).
+  """
+  mantissa = (bits >> np.uint32(9)) | np.uint32(0x3F800000)
+  unit = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+  lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+  u = jnp.maximum(lo, unit * (np.float32(1.0) - lo) + lo)
+  return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)
+
+
 def noise_for_step(key: jax.Array, step: jax.Array, template: PyTree, stddev: float) -> PyTree:
   """Float32 N(0, stddev²) noise shaped like ``template``, determined by (key, step).
 
-  One draw of all coordinates at once (one RNG kernel, whatever the number of
-  leaves), then split and reshaped per leaf.
+  Coordinates are numbered across the leaves in tree order (each leaf padded
+  to an even count); leaf coordinates [o, o + 2m) are the counters of m
+  Threefry-2x32 blocks under the key ``fold_in(key, step)``, laid out as
+  ``jax.extend.random.threefry_2x32`` lays them out. The draw is thus one
+  stream of independent blocks, but it is computed leaf by leaf from counters,
+  so each leaf's noise fuses into the addition that consumes it.
   """
   leaves, treedef = jax.tree_util.tree_flatten(template)
-  sizes = [int(np.prod(jnp.shape(x))) for x in leaves]
-  flat = jax.random.normal(jax.random.fold_in(key, step), (sum(sizes),), jnp.float32)
-  pieces = jnp.split(flat, np.cumsum(sizes)[:-1]) if leaves else []
-  noise = [stddev * z.reshape(jnp.shape(x)) for z, x in zip(pieces, leaves)]
+  step_key = jax.random.fold_in(key, step)
+  noise, offset = [], 0
+  for leaf in leaves:
+    shape = jnp.shape(leaf)
+    size = int(np.prod(shape))
+    half = (size + 1) // 2
+    counters = jax.lax.iota(jnp.uint32, 2 * half) + np.uint32(offset)
+    y1, y2 = threefry2x32(step_key, counters[:half], counters[half:])
+    bits = jnp.concatenate([y1, y2])[:size]
+    noise.append(np.float32(stddev) * _standard_normal_from_bits(bits).reshape(shape))
+    offset += 2 * half
+  if offset >= 2**32:
+    raise ValueError(f"noise for {offset} coordinates exceeds the 2^32 counters of one key")
   return jax.tree_util.tree_unflatten(treedef, noise)
 
 

@@ -1,4 +1,4 @@
-"""Clipped sums of per-example gradients: the ``vmap`` reference backend.
+"""Clipped sums of per-example gradients, by the ``vmap`` or ``bookkeeping`` backend.
 
 ``clipped_grad(loss_fn, clip)`` turns a loss of ONE example into a function of a
 batch that returns
@@ -11,6 +11,12 @@ memory is bounded by ``microbatch_size``, not by the (logical) batch size. This
 is also how gradient accumulation works: a logical batch of 1024 examples with
 ``microbatch_size=32`` is 32 scan iterations whose clipped sums add up, and
 the result is privatized once.
+
+Backends: ``"vmap"`` forms per-example gradients with ``jax.vmap(jax.grad)``
+(the reference; any loss); ``"bookkeeping"`` never forms them (one batched
+forward + backward, see :mod:`dpjax.privacy.bookkeeping`; models built from
+:mod:`dpjax.models.layers`); ``"auto"`` picks book-keeping when the loss
+supports it and vmap otherwise.
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.privacy import clipping
+from dpjax.privacy import bookkeeping, clipping
 
 PyTree = Any
-BACKENDS = ("vmap",)
+BACKENDS = ("auto", "vmap", "bookkeeping")
 
 
 @flax.struct.dataclass
@@ -95,8 +101,28 @@ class ClippedGradFn:
   def sensitivity(self) -> float:
     return self.clip_rule.sensitivity
 
-  def _microbatch(self, params: PyTree, batch: PyTree, mask: jax.Array):
-    """Clipped sum and statistics of one microbatch (vmap over its examples)."""
+  def resolved_backend(self, params: PyTree, batch: PyTree) -> str:
+    """The backend that runs for these shapes ("auto" resolved).
+
+    Raises:
+      ValueError: backend="bookkeeping" with a loss or model it cannot handle.
+    """
+    if self.backend == "vmap":
+      return "vmap"
+    micro = self.microbatch_size or jax.tree_util.tree_leaves(batch)[0].shape[0]
+    sample = jax.tree_util.tree_map(lambda x: x[:micro], batch)
+    reason = bookkeeping.unsupported_reason(self.loss_fn, params, sample)
+    if reason is None:
+      return "bookkeeping"
+    if self.backend == "bookkeeping":
+      raise ValueError(f"backend='bookkeeping' cannot run this loss: {reason}")
+    return "vmap"
+
+  def _microbatch(self, params: PyTree, batch: PyTree, mask: jax.Array, backend: str):
+    """Clipped sum and statistics of one microbatch."""
+    if backend == "bookkeeping":
+      return bookkeeping.clipped_sum(self.loss_fn, params, batch, mask, self.clip_rule,
+                                     self.has_aux)
     grad_fn = jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)
 
     def one(example):
@@ -127,12 +153,13 @@ class ClippedGradFn:
     if size % micro:
       raise ValueError(f"microbatch_size must divide the batch size {size} "
                        f"(got microbatch_size={micro})")
+    backend = self.resolved_backend(params, batch)
     if micro == size:
-      grads, stats = self._microbatch(params, batch, mask)
+      grads, stats = self._microbatch(params, batch, mask, backend)
     else:
       init = jax.tree_util.tree_map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
-      grads, stats = scan_microbatches(lambda b, m: self._microbatch(params, b, m), batch, mask,
-                                       micro, init)
+      grads, stats = scan_microbatches(lambda b, m: self._microbatch(params, b, m, backend),
+                                       batch, mask, micro, init)
     losses, norms, clipped, kept, nonfinite, loss_aux = stats
     num = jnp.sum(kept)
     aux = ClippedGradAux(
@@ -182,7 +209,7 @@ def scan_microbatches(fn: Callable[[PyTree, jax.Array], tuple[PyTree, PyTree]], 
 
 
 def clipped_grad(loss_fn: Callable[..., Any], clip: float | clipping.ClipRule,
-                 backend: str = "vmap", microbatch_size: int | None = None,
+                 backend: str = "auto", microbatch_size: int | None = None,
                  has_aux: bool = False) -> ClippedGradFn:
   """Builds the clipped-sum-of-per-example-gradients function for ``loss_fn``.
 
@@ -192,7 +219,12 @@ def clipped_grad(loss_fn: Callable[..., Any], clip: float | clipping.ClipRule,
       pytree, without the batch axis. Parameters that must not be trained (and
       so neither clipped nor noised) belong in the closure, not in ``params``.
     clip: a :class:`~dpjax.privacy.clipping.ClipRule` or a float for flat clipping.
-    backend: ``"vmap"``: per-example gradients with ``jax.vmap(jax.grad)``.
+    backend: ``"vmap"``: per-example gradients with ``jax.vmap(jax.grad)``;
+      ``"bookkeeping"``: per-example norms and the clipped sum from one batched
+      forward/backward (``loss_fn`` must be a
+      :class:`~dpjax.privacy.bookkeeping.TappedLoss`); ``"auto"`` (default):
+      book-keeping when possible, else vmap. All give the same result up to
+      float32 rounding.
     microbatch_size: examples per scan iteration; must divide the batch size.
       ``None`` processes the whole batch at once.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; the per-example aux

@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp.clip = "flat"               # flat | per_layer | automatic
   c.dp.clip_norm = 1.0
   c.dp.accountant = "pld"          # pld | rdp
-  c.dp.backend = "vmap"
+  c.dp.backend = "auto"            # auto (bookkeeping when the model allows) | bookkeeping | vmap
   c.dp.microbatch_size = 16
 
   c.train = ml_collections.ConfigDict()
@@ -161,7 +161,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _one_of(c, "dp.clip", CLIPS)
     _positive(c, "dp.clip_norm")
     _one_of(c, "dp.accountant", ("pld", "rdp"))
-    _one_of(c, "dp.backend", ("vmap",))
+    _one_of(c, "dp.backend", ("auto", "bookkeeping", "vmap"))
     if c.dp.noise_multiplier < 0 and c.dp.noise_multiplier != -1.0:
       raise _fail("dp.noise_multiplier", c.dp.noise_multiplier,
                   ">= 0, or -1 to calibrate it from dp.epsilon")

@@ -65,10 +65,14 @@ def test_bert_mlm_head_matches_transformers():
   assert max_err(hidden, want["last_hidden_state"]) < ATOL
   head = pretrained.load_head_params(FIXTURES / "bert_tiny_mlm")["lm_head"]
   table = params["embeddings"]["word_embeddings"]["embedding"]
-  logits = bert.BertMaskedLMHead(model.config).apply({"params": head}, hidden, table)
+
+  def decoder(h, rows):  # The tied decoder as BertModel.word_logits computes it.
+    return h @ (table if rows is None else table[rows]).T
+
+  logits = bert.BertMaskedLMHead(model.config).apply({"params": head}, hidden, decoder)
   assert max_err(logits, want["logits"]) < ATOL
   # Restricting to a few vocabulary ids (label words) gives the same numbers.
-  few = bert.BertMaskedLMHead(model.config).apply({"params": head}, hidden, table,
+  few = bert.BertMaskedLMHead(model.config).apply({"params": head}, hidden, decoder,
                                                   jnp.array([5, 40]))
   np.testing.assert_allclose(few, np.asarray(logits)[..., [5, 40]], atol=1e-5)
 

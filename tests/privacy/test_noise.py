@@ -77,3 +77,18 @@ def test_noise_is_drawn_in_float32_for_bfloat16_gradients():
 def test_bad_arguments(args, message):
   with pytest.raises(ValueError, match=message):
     gaussian_privatizer(*args)
+
+
+def test_unrolled_threefry_is_bit_identical_to_jax_and_leaves_are_independent():
+  import jax.extend.random as jax_random  # pylint: disable=import-outside-toplevel
+
+  from dpjax.privacy import noise  # pylint: disable=import-outside-toplevel
+  key = jnp.array([2024, 11], jnp.uint32)
+  counters = jnp.arange(4001 * 2, dtype=jnp.uint32) + 12345
+  y1, y2 = noise.threefry2x32(key, counters[:4001], counters[4001:])
+  np.testing.assert_array_equal(jnp.concatenate([y1, y2]), jax_random.threefry_2x32(key, counters))
+  # Two leaves of the same shape get different (uncorrelated) noise: counters never repeat.
+  out = noise.noise_for_step(key, jnp.int32(0), {"a": jnp.zeros(20001), "b": jnp.zeros(20001)},
+                             1.0)
+  assert abs(np.corrcoef(out["a"], out["b"])[0, 1]) < 0.03
+  assert stats.kstest(np.asarray(out["a"]), "norm").pvalue > 1e-3

@@ -1,0 +1,341 @@
+"""Clipped sums of per-example gradients without per-example gradients (book-keeping).
+
+One forward and one backward pass over the whole batch give, for every trained
+layer, its input and the gradient of the summed loss w.r.t. its output. Rows of
+those arrays belong to single examples, so every per-example quantity is a
+function of them:
+
+* Linear use, G_i = P_iᵀ Q_i with P_i [T, m], Q_i [T, n] (a Dense kernel:
+  P = input, Q = output gradient; a tied output layer E [V, H]: P = logit
+  gradient, Q = its input). The squared norm is either the *ghost norm*
+  ||G_i||² = Σ_{t,s} (P_t·P_s)(Q_t·Q_s) at O(T²(m+n)) (Li et al. 2022,
+  Goodfellow 2015) or the norm of the materialized [m, n] per-example gradient
+  at O(T·m·n), whichever is cheaper for that layer.
+* Row use, G_i = Σ_u onehot(r_u)ᵀ v_u (an embedding lookup; label-word rows of
+  a tied decoder): rows are merged per example (sort + segment sum, so repeated
+  tokens add up before squaring) and the norm is that of the merged rows.
+  A table used both ways (tied embeddings) gets the norm of the SUM of its uses:
+  ||R + L||² = ||R||² + ||L||² + 2⟨R, L⟩, the cross term from the same arrays.
+* Direct use: LayerNorm scale/bias and Dense biases have small per-example
+  gradients (Σ_t ∂L/∂y_t ⊙ x̂_t, Σ_t ∂L/∂y_t) that are formed outright.
+
+The clip rule maps the squared norms to factors c_i (any rule, per-layer
+included), and each clipped sum Σ_i c_i G_i is ONE contraction per use with c
+folded into P (Bu et al. 2022, "book-keeping"): there is no second backward pass
+and no [B, m, n] tensor for layers where the ghost norm is cheaper.
+
+Norms and sums are computed in float32 whatever the compute dtype. A model
+supports this backend when it exposes its layers through the taps of
+:mod:`dpjax.models.layers` and its loss implements :class:`TappedLoss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from dpjax.privacy import clipping
+
+PyTree = Any
+TAPS = "taps"
+PERTURBATIONS = "perturbations"
+
+
+@runtime_checkable
+class TappedLoss(Protocol):
+  """A per-example loss whose model can run a whole batch and report its layers.
+
+  ``__call__(params, example)`` is the loss of ONE example (the contract of the
+  vmap backend). ``batched(params, batch, perturbations)`` runs the model once on
+  the batch with the given output perturbations and returns ``(losses [B],
+  aux or None, taps, full_params)``: ``taps`` is the model's ``"taps"``
+  collection and ``full_params`` the parameters including frozen ones.
+  ``perturbation_shapes(params, batch)`` is the tree of every tapped output
+  (``model.init(...)["perturbations"]`` under ``jax.eval_shape``).
+  """
+
+  def __call__(self, params: PyTree, example: Mapping[str, jax.Array]) -> Any: ...
+
+  def batched(self, params: PyTree, batch: Mapping[str, jax.Array], perturbations: PyTree
+              ) -> tuple[jax.Array, Any, PyTree, PyTree]: ...
+
+  def perturbation_shapes(self, params: PyTree, batch: Mapping[str, jax.Array]) -> PyTree: ...
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
+def _rows_2d(x: jax.Array) -> jax.Array:
+  """[B, ..., d] -> [B, T, d] (T = product of the middle axes; 1 if none)."""
+  return x.reshape((x.shape[0], -1, x.shape[-1]))
+
+
+def _zero_rows(x: jax.Array, kept: jax.Array) -> jax.Array:
+  return jnp.where(kept.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
+
+
+def ghost_is_cheaper(tokens: int, m: int, n: int) -> bool:
+  """Ghost norm O(T²(m+n)) vs materialized per-example gradient O(T·m·n)."""
+  return tokens * (m + n) < m * n
+
+
+class LinearGrad:
+  """Per-example G_i = P_iᵀ Q_i for P [B, T, m], Q [B, T, n]."""
+
+  def __init__(self, p: jax.Array, q: jax.Array):
+    self.p, self.q = _f32(_rows_2d(p)), _f32(_rows_2d(q))
+    tokens, m = self.p.shape[1:]
+    self.ghost = ghost_is_cheaper(tokens, m, self.q.shape[-1])
+    self._per_example = None
+
+  def per_example(self) -> jax.Array:
+    if self._per_example is None:
+      self._per_example = jnp.einsum("btm,btn->bmn", self.p, self.q)
+    return self._per_example
+
+  def sq_norm(self) -> jax.Array:
+    if self.ghost:
+      if self.p.shape[1] == 1:
+        return jnp.sum(jnp.square(self.p), (1, 2)) * jnp.sum(jnp.square(self.q), (1, 2))
+      pp = jnp.einsum("btm,bsm->bts", self.p, self.p)
+      qq = jnp.einsum("btn,bsn->bts", self.q, self.q)
+      return jnp.sum(pp * qq, (1, 2))
+    return jnp.sum(jnp.square(self.per_example()), (1, 2))
+
+  def weighted_sum(self, c: jax.Array, kept: jax.Array) -> jax.Array:
+    if self.ghost:
+      return jnp.einsum("btm,btn->mn", _zero_rows(self.p, kept) * c[:, None, None],
+                        _zero_rows(self.q, kept))
+    return jnp.einsum("b,bmn->mn", c, _zero_rows(self.per_example(), kept))
+
+
+class DirectGrad:
+  """A materialized per-example gradient [B, *shape] (small parameters)."""
+
+  def __init__(self, g: jax.Array):
+    self.g = _f32(g)
+
+  def sq_norm(self) -> jax.Array:
+    return jnp.sum(jnp.square(self.g.reshape(self.g.shape[0], -1)), 1)
+
+  def weighted_sum(self, c: jax.Array, kept: jax.Array) -> jax.Array:
+    return jnp.tensordot(c, _zero_rows(self.g, kept), axes=1)
+
+
+class TableGrad:
+  """Per-example gradient of a table [V, H]: Σ_u onehot(r_u)ᵀ v_u (+ Pᵀ Q when tied).
+
+  Args:
+    rows: [B, U] int row ids.
+    values: [B, U, H] the row gradients.
+    dense: optional :class:`LinearGrad` of a full-vocabulary tied use, P [B, S, V].
+    num_rows: V.
+  """
+
+  def __init__(self, rows: jax.Array | None, values: jax.Array | None,
+               dense: LinearGrad | None, num_rows: int):
+    self.rows = rows
+    self.values = None if values is None else _f32(values)
+    self.dense = dense
+    self.num_rows = num_rows
+
+  def _merged(self) -> tuple[jax.Array, jax.Array]:
+    """Per example: the distinct rows [B, U] (padded with row 0) and their summed values."""
+    size = self.rows.shape[1]
+
+    def one(rows, values):
+      ids, inverse = jnp.unique(rows, size=size, fill_value=0, return_inverse=True)
+      merged = jax.ops.segment_sum(values, inverse.reshape(-1), num_segments=size)
+      return ids, merged
+
+    return jax.vmap(one)(self.rows, self.values)
+
+  def sq_norm(self) -> jax.Array:
+    total = 0.0
+    if self.rows is not None:
+      ids, merged = self._merged()
+      total = jnp.sum(jnp.square(merged), (1, 2))
+      if self.dense is not None:
+        # ⟨Σ_u onehot(id_u)ᵀ m_u, PᵀQ⟩ = Σ_{u,s} P[s, id_u] (Q_s · m_u)
+        p_at = jnp.take_along_axis(self.dense.p, ids[:, None, :], axis=2)   # [B, S, U]
+        qm = jnp.einsum("bsh,buh->bsu", self.dense.q, merged)
+        total = total + 2.0 * jnp.sum(p_at * qm, (1, 2))
+    if self.dense is not None:
+      total = total + self.dense.sq_norm()
+    return total
+
+  def weighted_sum(self, c: jax.Array, kept: jax.Array) -> jax.Array:
+    hidden = (self.values if self.values is not None else self.dense.q).shape[-1]
+    out = jnp.zeros((self.num_rows, hidden), jnp.float32)
+    if self.rows is not None:
+      scaled = _zero_rows(self.values, kept) * c[:, None, None]
+      out = out.at[self.rows.reshape(-1)].add(scaled.reshape(-1, hidden))
+    if self.dense is not None:
+      out = out + self.dense.weighted_sum(c, kept)
+    return out
+
+
+class BookkeepingError(ValueError):
+  """The model cannot run under the book-keeping backend (use ``backend="vmap"``)."""
+
+
+def _one_use(taps: Mapping[str, Any], name: str, where: str):
+  value = taps.get(name)
+  if value is None:
+    return None
+  if len(value) != 1:
+    raise BookkeepingError(f"layer {where!r} is applied {len(value)} times in one forward pass; "
+                           "the book-keeping backend needs one use per layer")
+  return value[0]
+
+
+def _layer_grads(where: str, params: Mapping[str, jax.Array], taps: Mapping[str, Any],
+                 douts: Mapping[str, jax.Array], trained: set[str]) -> dict[str, Any]:
+  """The per-example gradient objects of the trained leaves of one layer."""
+  out: dict[str, Any] = {}
+  x = _one_use(taps, "in", where)
+  if x is not None:  # Dense
+    dy = douts["out"]
+    if "kernel" in trained:
+      out["kernel"] = LinearGrad(x, dy)
+    if "bias" in trained:
+      out["bias"] = DirectGrad(jnp.sum(_f32(_rows_2d(dy)), 1))
+    if "lora_a" in trained or "lora_b" in trained:
+      scale = _one_use(taps, "lora_scale", where)
+      a, b = _f32(params["lora_a"]), _f32(params["lora_b"])
+      xf, dyf = _f32(x), _f32(dy)
+      if "lora_a" in trained:   # ∂/∂A = s · xᵀ (dy Bᵀ)
+        out["lora_a"] = LinearGrad(xf, scale * jnp.einsum("...o,ro->...r", dyf, b))
+      if "lora_b" in trained:   # ∂/∂B = s · (x A)ᵀ dy
+        out["lora_b"] = LinearGrad(scale * jnp.einsum("...i,ir->...r", xf, a), dyf)
+    return out
+  normalized = _one_use(taps, "normalized", where)
+  if normalized is not None:  # LayerNorm
+    dy = _f32(_rows_2d(douts["out"]))
+    if "scale" in trained:
+      out["scale"] = DirectGrad(jnp.sum(dy * _f32(_rows_2d(normalized)), 1))
+    if "bias" in trained:
+      out["bias"] = DirectGrad(jnp.sum(dy, 1))
+    return out
+  ids = _one_use(taps, "ids", where)
+  attend_in = _one_use(taps, "attend_in", where)
+  if ids is not None or attend_in is not None:  # Embed: lookup and/or tied output layer
+    table = params["embedding"]
+    rows, values, dense = [], [], None
+    if ids is not None:
+      dy = douts["out"]
+      rows.append(ids.reshape(ids.shape[0], -1))
+      values.append(_rows_2d(_f32(dy)))
+    if attend_in is not None:
+      dlogits = _f32(_rows_2d(douts["attend_out"]))
+      x = _f32(_rows_2d(attend_in))
+      chosen = _one_use(taps, "attend_rows", where)
+      if chosen is None:
+        dense = LinearGrad(dlogits, x)
+      else:  # Row j of the restricted table gets Σ_s dlogits[s, j] x_s.
+        rows.append(jnp.broadcast_to(chosen, (x.shape[0], chosen.shape[0])))
+        values.append(jnp.einsum("bsk,bsh->bkh", dlogits, x))
+    if "embedding" in trained:
+      out["embedding"] = TableGrad(
+          jnp.concatenate(rows, 1) if rows else None,
+          jnp.concatenate(values, 1) if values else None, dense, table.shape[0])
+    return out
+  if "logits" in douts and "bias" in params:  # Output bias of an MLM head, maybe gathered.
+    if "bias" in trained:
+      dlogits = jnp.sum(_f32(_rows_2d(douts["logits"])), 1)      # [B, k or V]
+      chosen = _one_use(taps, "bias_rows", where)
+      if chosen is not None:
+        dlogits = jnp.zeros((dlogits.shape[0], params["bias"].shape[0]),
+                            jnp.float32).at[:, chosen].add(dlogits)
+      out["bias"] = DirectGrad(dlogits)
+    return out
+  return out
+
+
+def _leaves_by_layer(tree: PyTree) -> dict[str, dict[str, Any]]:
+  """{"a/b": {leaf name: value}} for the non-dict entries of a nested dict."""
+  layers: dict[str, dict[str, Any]] = {}
+  for path, value in traverse_util.flatten_dict(tree, sep="/").items():
+    where, _, name = path.rpartition("/")
+    layers.setdefault(where, {})[name] = value
+  return layers
+
+
+def trained_perturbations(shapes: PyTree, params: PyTree) -> PyTree:
+  """Zero perturbations for the layers that own a trained parameter (and no others).
+
+  Backpropagation then stops below the lowest trained layer (e.g. at the head
+  when only the head trains).
+  """
+  owners = set(_leaves_by_layer(params))
+  flat = traverse_util.flatten_dict(shapes, sep="/")
+  keep = {k: jnp.zeros(v.shape, v.dtype) for k, v in flat.items() if k.rpartition("/")[0] in owners}
+  return traverse_util.unflatten_dict(keep, sep="/")
+
+
+def clipped_sum(loss_fn: TappedLoss, params: PyTree, batch: Mapping[str, jax.Array],
+                mask: jax.Array, rule: clipping.ClipRule, has_aux: bool
+                ) -> tuple[PyTree, tuple[Any, ...]]:
+  """The clipped sum over one (micro)batch, as ``ClippedGradFn`` expects it.
+
+  Returns:
+    (clipped sum shaped like ``params`` in float32, (losses, norms, clipped,
+    kept, nonfinite, loss_aux)) with [B] statistics.
+
+  Raises:
+    BookkeepingError: when a trained parameter has no tapped use, or a layer is
+      applied more than once.
+  """
+  perturbations = trained_perturbations(loss_fn.perturbation_shapes(params, batch), params)
+
+  def summed_loss(perturbations):
+    losses, aux, taps, full = loss_fn.batched(params, batch, perturbations)
+    return jnp.sum(jnp.where(mask, losses, 0.0)), (losses, aux, taps, full)
+
+  douts, (losses, loss_aux, taps, full) = jax.grad(summed_loss, has_aux=True)(perturbations)
+  if not has_aux:
+    loss_aux = None
+  trained = _leaves_by_layer(params)
+  full_layers = _leaves_by_layer(full)
+  tap_layers = _leaves_by_layer(taps)
+  dout_layers = _leaves_by_layer(douts)
+  grads: dict[str, Any] = {}
+  for where, leaves in trained.items():
+    found = _layer_grads(where, full_layers.get(where, {}), tap_layers.get(where, {}),
+                         dout_layers.get(where, {}), set(leaves))
+    for name in leaves:
+      if name not in found:
+        raise BookkeepingError(
+            f"parameter {where + '/' + name!r} is not used through a tapped layer (Dense, Embed, "
+            "LayerNorm of dpjax.models.layers); use backend='vmap' for this model")
+      grads[f"{where}/{name}" if where else name] = found[name]
+  sq_norms = {k: g.sq_norm() for k, g in grads.items()}
+  # The clip rule sees the same tree structure (and paths) as the parameters.
+  sq_tree = traverse_util.unflatten_dict(sq_norms, sep="/")
+  safe = clipping.safe_clip_factors(sq_tree, rule, mask, losses)
+  factors = traverse_util.flatten_dict(safe.per_leaf, sep="/")
+  sums = {k: g.weighted_sum(factors[k], safe.kept) for k, g in grads.items()}
+  summed = traverse_util.unflatten_dict(sums, sep="/")
+  summed = jax.tree_util.tree_map(lambda p, g: g.reshape(p.shape), params, summed)
+  losses = jnp.where(safe.kept, losses, 0.0)
+  return summed, (losses, safe.norms, safe.clipped, safe.kept, safe.nonfinite, loss_aux)
+
+
+def unsupported_reason(loss_fn: Callable[..., Any], params: PyTree,
+                       batch: Mapping[str, jax.Array]) -> str | None:
+  """Why ``loss_fn`` cannot use the book-keeping backend on this batch, or None if it can."""
+  if not isinstance(loss_fn, TappedLoss):
+    return ("the loss does not expose its model's layers (a TappedLoss such as "
+            "dpjax.models.heads.classification_loss)")
+  mask = jnp.ones(jax.tree_util.tree_leaves(batch)[0].shape[:1], bool)
+  try:
+    jax.eval_shape(lambda p, b, m: clipped_sum(loss_fn, p, b, m, clipping.FlatClip(1.0), False),
+                   params, batch, mask)
+  except BookkeepingError as err:
+    return str(err)
+  return None
