@@ -2,6 +2,7 @@
 
     python -m dpjax.main --config=experiments/sst2.py:quick --workdir=/tmp/sst2 \
         [--config.dp.epsilon=3] [--config.train.epochs=2]
+    [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
 
 User mistakes (bad config values, missing files, a workdir of another run, a
 spent budget) end with one line on stderr and exit code 2; nothing is overwritten.
@@ -15,6 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dpjax import parallel
 from dpjax.data import DataError
 from dpjax.models.pretrained import CheckpointError
 from dpjax.train.config import ConfigError
@@ -22,6 +24,11 @@ from dpjax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, summary.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0, for a multi-process run (with "
+    "--num_processes and --process_id). Not needed on SLURM or TPU pods: detected there.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in [0, num_processes).")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, TypeError, KeyError,
                AttributeError, FileNotFoundError)
 
@@ -48,9 +55,12 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     fail("--config=FILE.py[:variant] and --workdir=DIR are required")
   try:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, CheckpointError) as err:
+  except (ConfigError, DataError, CheckpointError, parallel.ParallelError) as err:
     fail(str(err))
+  if not parallel.is_main_process():
+    return
   accuracy = summary["eval"]["accuracy"]
   eps = summary["epsilon"]
   eps_text = f"{eps:.3f}" if isinstance(eps, float) else eps

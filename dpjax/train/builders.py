@@ -14,7 +14,7 @@ import optax
 from scipy import stats
 
 from dpjax import data as data_lib
-from dpjax import privacy
+from dpjax import parallel, privacy
 from dpjax.models import bert, heads, lora, pretrained
 from dpjax.train.config import ConfigError, lora_config
 
@@ -41,15 +41,22 @@ class GroupedBatches:
   Short examples are then padded to a short length instead of to the longest
   example of the batch (SST-2 train rows average 13 tokens but a batch of 500
   nearly always holds one of 40+). Each group has a fixed capacity: the
-  1 - 1e-9 quantile of its Binomial count, rounded up to the microbatch size
-  (one compilation per group; the scan skips microbatches of pure padding). A
-  larger group gets a larger shape, never a truncation. The groups' clipped sums
-  add up to the clipped sum of the whole sample, which is noised once.
+  1 - 1e-9 quantile of its Binomial count, rounded up to a multiple of
+  ``microbatch_size * num_shards`` (one compilation per group; the scan skips
+  microbatches of pure padding). A larger group gets a larger shape, never a
+  truncation. The groups' clipped sums add up to the clipped sum of the whole
+  sample, which is noised once.
+
+  With ``num_shards`` devices, each group's rows are laid out so every device's
+  block holds the same number of real examples (±1), padding last
+  (:func:`dpjax.parallel.balanced_order`).
   """
 
-  def __init__(self, split: Split, sampling_prob: float, multiple: int):
+  def __init__(self, split: Split, sampling_prob: float, microbatch_size: int,
+               num_shards: int = 1):
     self.split = split
-    self.multiple = multiple
+    self.multiple = microbatch_size * num_shards
+    self.num_shards = num_shards
     lengths = split.encoded.lengths[split.indices]
     self.bucket_lengths = split.encoded.buckets
     self.group_of = np.searchsorted(self.bucket_lengths, lengths)
@@ -62,10 +69,10 @@ class GroupedBatches:
   def _round(self, n: int) -> int:
     return max(self.multiple, -(-n // self.multiple) * self.multiple)
 
-  def __call__(self, sample: privacy.SampledBatch
-               ) -> tuple[tuple[dict[str, np.ndarray], ...], tuple[np.ndarray, ...]]:
+  def plan(self, sample: privacy.SampledBatch) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """(positions into the split, mask, token length) of each group, without loading rows."""
     positions = sample.indices[sample.mask]
-    batches, masks = [], []
+    groups = []
     for g in self.groups:
       chosen = positions[self.group_of[positions] == g]
       size = max(self.capacity[g], self._round(len(chosen)))
@@ -73,10 +80,21 @@ class GroupedBatches:
       padded[:len(chosen)] = chosen
       mask = np.zeros(size, bool)
       mask[:len(chosen)] = True
-      batches.append(self.split.encoded.batch(self.split.indices[padded],
-                                              length=self.bucket_lengths[g]))
-      masks.append(mask)
-    return tuple(batches), tuple(masks)
+      if self.num_shards > 1:
+        order = parallel.balanced_order(size, self.num_shards)
+        padded, mask = padded[order], mask[order]
+      groups.append((padded, mask, int(self.bucket_lengths[g])))
+    return groups
+
+  def load(self, positions: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    """The arrays of the examples at ``positions``, padded to ``length`` tokens."""
+    return self.split.encoded.batch(self.split.indices[positions], length=length)
+
+  def __call__(self, sample: privacy.SampledBatch
+               ) -> tuple[tuple[dict[str, np.ndarray], ...], tuple[np.ndarray, ...]]:
+    groups = self.plan(sample)
+    return (tuple(self.load(p, length) for p, _, length in groups),
+            tuple(m for _, m, _ in groups))
 
 
 def stats_quantile(count: int, prob: float, level: float = 1 - 1e-9) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from dpjax import parallel
 from dpjax.models import lora as lora_lib
 
 CLIPS = ("flat", "per_layer", "automatic")
@@ -88,6 +89,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 50
   c.train.keep_checkpoints = 3
+
+  # Devices: a ("data", "fsdp") mesh over all devices of all processes (dpjax.parallel).
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.data = -1             # examples split this many ways; -1 = devices / fsdp
+  c.parallel.fsdp = 1              # params + optimizer state split this many ways (ZeRO-3)
+  c.parallel.fsdp_min_size = 2**14  # smaller arrays stay replicated
+  c.parallel.rules = ()            # "REGEX=SPEC" overrides, e.g. "word_embeddings=fsdp,None"
   return c
 
 
@@ -181,6 +189,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive(c, f"train.{key}", allow_zero=True, integer=True)
   for key in ("eval_batch_size", "log_every_steps", "keep_checkpoints"):
     _positive(c, f"train.{key}", integer=True)
+  for key in ("data", "fsdp"):
+    value = c.parallel[key]
+    if not isinstance(value, int) or isinstance(value, bool) or not (value == -1 or value >= 1):
+      raise _fail(f"parallel.{key}", value, "-1 (the remaining devices) or an integer >= 1")
+  if c.parallel.data == -1 and c.parallel.fsdp == -1:
+    raise _fail("parallel.fsdp", -1, "an integer >= 1 when parallel.data is -1")
+  _positive(c, "parallel.fsdp_min_size", allow_zero=True, integer=True)
+  try:
+    parallel.parse_rules(tuple(c.parallel.rules))
+  except parallel.ParallelError as err:
+    raise ConfigError(str(err)) from None
 
 
 def lora_config(c: ml_collections.ConfigDict, model_type: str) -> lora_lib.LoraConfig | None:

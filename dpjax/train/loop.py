@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from dpjax import privacy
+from dpjax import parallel, privacy
 from dpjax.models import heads, lora
 from dpjax.train import builders, checkpoint, config as config_lib, metrics as metrics_lib, step as step_lib
 
@@ -45,10 +44,13 @@ def params_sha256(params: PyTree) -> str:
 
 
 def _prepare_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
-  """Checks the workdir is writable and holds no run of a different config."""
+  """Checks the workdir is writable and holds no run of a different config.
+
+  Every process checks; only process 0 writes ``config.json``.
+  """
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write_test"
+    probe = workdir / f".write_test_{jax.process_index()}"
     probe.write_text("")
     probe.unlink()
   except OSError as err:
@@ -61,6 +63,8 @@ def _prepare_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
       raise config_lib.ConfigError(
           f"workdir {workdir} holds a run with a different config ({', '.join(changed[:6])}); "
           "use a new workdir, or --config.resume=allow_changes to continue it with this config")
+  if not parallel.is_main_process():
+    return
   tmp = saved.with_suffix(".tmp")
   tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
   tmp.replace(saved)
@@ -109,9 +113,22 @@ def _progress(step: int, total: int, row: dict[str, Any]) -> None:
 
 
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-  """Trains, evaluates and checkpoints; returns (and writes) the run summary."""
+  """Trains, evaluates and checkpoints; returns (and writes) the run summary.
+
+  Runs on every device of every process (``jax.distributed`` already
+  initialized for several processes); the mesh comes from ``config.parallel``.
+  Only process 0 writes metrics, ``summary.json`` and progress lines.
+  """
   start_time = time.time()
   config_lib.validate(c)
+  try:
+    mesh = parallel.make_mesh(c.parallel.data, c.parallel.fsdp)
+  except parallel.ParallelError as err:
+    raise config_lib.ConfigError(str(err)) from None
+  rules = parallel.parse_rules(tuple(c.parallel.rules))
+  shardings_of = lambda tree: parallel.shardings(tree, mesh, rules, c.parallel.fsdp_min_size)
+  main = parallel.is_main_process()
+  say = (lambda text: print(text, flush=True)) if main else (lambda text: None)
   workdir = Path(workdir).resolve()
   _prepare_workdir(workdir, c)
 
@@ -121,8 +138,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
   train = builders.load_split(c.data.train, c.data.train_limit, c.seed, tokenizer, c, cache)
   evals = builders.load_split(c.data.eval, c.data.eval_limit, c.seed + 1, tokenizer, c, cache)
   model = builders.task_model(c, backbone, train.encoded.label_word_ids)
-  trainable, frozen = builders.init_params(c, model, train.batch(np.arange(1)), backbone_params,
-                                           head_params)
+  trainable, frozen_host = builders.init_params(c, model, train.batch(np.arange(1)),
+                                                backbone_params, head_params)
+  frozen_host = jax.tree_util.tree_map(np.asarray, frozen_host)
+  trainable = jax.tree_util.tree_map(np.asarray, trainable)
+  frozen = parallel.put(frozen_host, shardings_of(frozen_host))  # FSDP rules apply to it too
 
   # The privacy plan and the DP pieces, all from one clip rule.
   plan = builders.plan_privacy(c, len(train))
@@ -135,20 +155,30 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
   else:
     grad_fn = step_lib.nonprivate_grad(loss_fn, microbatch)
     tx = builders.transform(c, plan, 1.0)
+  # Clipping where the examples live, one psum; the privatizer in tx then noises the global sum.
+  grad_fn = parallel.sharded_grad_fn(grad_fn, mesh)
   sampler = privacy.PoissonSampler(len(train), plan.expected_batch_size, seed=c.seed)
-  grouped = builders.GroupedBatches(train, plan.sampling_prob, microbatch)
+  grouped = builders.GroupedBatches(train, plan.sampling_prob, microbatch,
+                                    parallel.batch_size_multiple(mesh))
+  rows_sharding = parallel.batch_sharding(mesh)
 
   # Restore (state + ledger together) or start.
-  state = step_lib.TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable))
+  state = step_lib.TrainState(np.zeros([], np.int32), trainable,
+                              jax.tree_util.tree_map(np.asarray, tx.init(trainable)))
+  state_shardings = shardings_of(state)
   ledger = privacy.PrivacyLedger(accountant=plan.accountant)
   ckpt = checkpoint.Checkpoints(workdir, c.train.keep_checkpoints)
-  restored = ckpt.restore_latest(jax.tree_util.tree_map(np.asarray, state))
+  restored = ckpt.restore_latest(jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s),
+      state, state_shardings))
   examples_seen, trained_seconds = 0, 0.0
   if restored is not None:
     state, meta = restored
     ledger = privacy.PrivacyLedger.from_dict(meta["ledger"])
     examples_seen, trained_seconds = meta["examples_seen"], meta["train_seconds"]
-    print(f"resumed from step {meta['step']} (ledger: {ledger.steps} steps)", flush=True)
+    say(f"resumed from step {meta['step']} (ledger: {ledger.steps} steps)")
+  else:
+    state = parallel.put(state, state_shardings)
   start_step = int(state.step)
   segment = sampler.segment(plan.noise_multiplier)
   end_step = plan.steps
@@ -162,16 +192,26 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
           f"(ledger epsilon {ledger.epsilon(plan.delta):.4f} after {ledger.steps} steps)")
     stopped_by_budget = start_step + allowed < plan.steps
     end_step = start_step + allowed
-  print(f"plan: N={plan.dataset_size} B={plan.expected_batch_size:g} q={plan.sampling_prob:.5f} "
-        f"steps={plan.steps} sigma={plan.noise_multiplier:.4f} delta={plan.delta:.3g} "
-        f"target_eps={plan.target_epsilon:g} trainable={lora.count(trainable):,} params",
-        flush=True)
+  say(f"plan: N={plan.dataset_size} B={plan.expected_batch_size:g} q={plan.sampling_prob:.5f} "
+      f"steps={plan.steps} sigma={plan.noise_multiplier:.4f} delta={plan.delta:.3g} "
+      f"target_eps={plan.target_epsilon:g} trainable={lora.count(trainable):,} params "
+      f"devices={mesh.size} (data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}) "
+      f"processes={jax.process_count()}")
 
   jit_step = jax.jit(functools.partial(
       step_lib.train_step, grad_fn=grad_fn, tx=tx, mean_of_sum=not c.dp.enabled,
-      dropout_seed=c.seed + 1 if c.model.dropout else None), donate_argnums=0)
-  writer = metrics_lib.MetricsWriter(workdir, start_step)
-  full_params = lambda s: lora.combine(s.params, frozen)
+      dropout_seed=c.seed + 1 if c.model.dropout else None), donate_argnums=0,
+      out_shardings=(state_shardings, parallel.replicated(mesh)))
+  writer = metrics_lib.MetricsWriter(workdir, start_step) if main else None
+  write = writer.write if main else (lambda *args: None)
+  # Evaluation runs on each process's first device from host copies of the parameters.
+  full_params = lambda s: lora.combine(parallel.to_host(s.params), frozen_host)
+
+  def place(sample: privacy.SampledBatch):
+    placed = [parallel.global_rows(functools.partial(grouped.load, length=length), positions,
+                                   mask, rows_sharding)
+              for positions, mask, length in grouped.plan(sample)]
+    return tuple(b for b, _ in placed), tuple(m for _, m in placed)
 
   def save(step: int) -> None:
     ckpt.save(step, state, {
@@ -184,7 +224,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
   with _StopFlag() as stop:
     for step in range(start_step, end_step):
       sample = sampler.sample(step)
-      batches, masks = grouped(sample)
+      batches, masks = place(sample)
       tick = time.time()
       state, row = jit_step(state, batches, masks)
       row = jax.device_get(row)
@@ -203,19 +243,22 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
         if c.dp.enabled:
           row["epsilon"] = ledger.epsilon(plan.delta)
         window_examples, window_start = 0, time.time()
-        writer.write(done, "train", row)
-        _progress(done, end_step, row)
+        write(done, "train", row)
+        if main:
+          _progress(done, end_step, row)
       if c.train.eval_every_steps and done % c.train.eval_every_steps == 0 and done < end_step:
         result = evaluate(full_params(state), model, evals, c.train.eval_batch_size)
         result["epsilon"] = ledger.epsilon(plan.delta) if c.dp.enabled else float("inf")
-        writer.write(done, "eval", result)
-        print(f"eval step {done}: {json.dumps(result)}", flush=True)
-      if stop.event.is_set() or (c.train.checkpoint_every_steps
-                                 and done % c.train.checkpoint_every_steps == 0):
+        write(done, "eval", result)
+        say(f"eval step {done}: {json.dumps(result)}")
+      # Every process must stop at the same step (the save is collective).
+      stopping = parallel.any_process(stop.event.is_set())
+      if stopping or (c.train.checkpoint_every_steps
+                      and done % c.train.checkpoint_every_steps == 0):
         save(done)
-      if stop.event.is_set():
+      if stopping:
         preempted = True
-        print(f"SIGTERM: saved checkpoint at step {done}; exiting", flush=True)
+        say(f"SIGTERM: saved checkpoint at step {done}; exiting")
         break
 
   final_step = int(state.step)
@@ -225,8 +268,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
   params = full_params(state)
   result = evaluate(params, model, evals, c.train.eval_batch_size)
   epsilon = ledger.epsilon(plan.delta) if c.dp.enabled else float("inf")
-  writer.write(final_step, "eval", {**result, "epsilon": epsilon})
-  writer.close()
+  write(final_step, "eval", {**result, "epsilon": epsilon})
+  if writer is not None:
+    writer.close()
   summary = {
       "epsilon": epsilon, "delta": plan.delta, "noise_multiplier": plan.noise_multiplier,
       "sampling_prob": plan.sampling_prob, "steps": final_step, "planned_steps": plan.steps,
@@ -241,10 +285,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
       "params_global_norm": float(optax.tree.norm(params)),
       "stopped_by_budget": stopped_by_budget, "preempted": preempted,
       "model": c.model.name, "workdir": str(workdir),
+      "devices": mesh.size, "mesh": dict(mesh.shape), "processes": jax.process_count(),
   }
   summary = {k: (v if not isinstance(v, float) or np.isfinite(v) else str(v))
              for k, v in summary.items()}
-  tmp = workdir / "summary.json.tmp"
-  tmp.write_text(json.dumps(summary, indent=2))
-  tmp.replace(workdir / "summary.json")
+  if main:
+    tmp = workdir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(workdir / "summary.json")
+  parallel.sync("summary written")
   return summary

@@ -1,0 +1,345 @@
+"""Devices, meshes and shardings: data-parallel and FSDP DP training with ``jax.jit``.
+
+The mesh has two axes, ``("data", "fsdp")``. Examples are split over BOTH axes
+(every device holds different examples); parameters and optimizer state are
+split along ``"fsdp"`` (ZeRO-3 / DP-ZeRO style: each device stores 1/fsdp of
+them and they are gathered for the forward/backward), or replicated.
+
+What keeps the privacy guarantee independent of the device count:
+
+* per-example clipping runs in ``shard_map`` on each device's own examples, so
+  every example is clipped exactly as on one device;
+* the per-device clipped sums are added by ONE ``psum``: the global sum is the
+  same function of the batch as on one device, with the same sensitivity Δ;
+* the privatizer runs once, outside ``shard_map``, on the global sum; its noise
+  is a function of (key, step, coordinate) only (see
+  :func:`dpjax.privacy.noise.noise_for_step`), so it is identical for 1 or 1000
+  devices and is never drawn per device;
+* the Poisson sample is decided from the shared seed on every process; each
+  process then loads only the rows of its own devices (:func:`global_rows`).
+
+Multi-host: :func:`initialize_distributed` wraps ``jax.distributed.initialize``
+(explicit coordinator flags, or auto-detection on SLURM and TPU pods).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the example axis is split over the whole mesh
+DEFAULT_FSDP_MIN_SIZE = 2**14
+Rule = tuple[str, P]
+
+
+class ParallelError(ValueError):
+  """A mesh or sharding setting does not fit the devices or the parameters."""
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> bool:
+  """Starts ``jax.distributed`` when the run spans several processes.
+
+  Explicit flags win (all three are needed). Without them, a SLURM job with more
+  than one task, or a TPU pod slice with more than one worker, is detected from
+  its environment and ``jax.distributed.initialize()`` reads the rest. A single
+  process needs nothing.
+
+  Returns:
+    True when ``jax.distributed`` was initialized.
+  """
+  given = [bool(coordinator_address), num_processes > 0, process_id >= 0]
+  if any(given):
+    if not all(given):
+      raise ParallelError("--coordinator_address, --num_processes and --process_id must be given "
+                          "together")
+    if not 0 <= process_id < num_processes:
+      raise ParallelError(f"--process_id must be in [0, {num_processes - 1}] (got {process_id})")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and os.environ.get("SLURM_JOB_ID"):
+    jax.distributed.initialize()
+    return True
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def is_main_process() -> bool:
+  """Process 0 writes metrics, summaries and config files; the others only compute."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (a no-op for one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is True on any (e.g. one process got SIGTERM)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, int]:
+  """Resolves (data, fsdp) for ``num_devices``; at most one of them may be -1 (= the rest)."""
+  for name, value in (("data", data), ("fsdp", fsdp)):
+    if not isinstance(value, int) or isinstance(value, bool) or not (value == -1 or value >= 1):
+      raise ParallelError(f"config.parallel.{name} must be -1 or an integer >= 1 (got {value!r})")
+  if data == -1 and fsdp == -1:
+    raise ParallelError("config.parallel.data and config.parallel.fsdp cannot both be -1")
+  if data == -1 or fsdp == -1:
+    known = fsdp if data == -1 else data
+    if num_devices % known:
+      raise ParallelError(f"config.parallel.{'fsdp' if data == -1 else 'data'} must divide the "
+                          f"{num_devices} devices (got {known})")
+    rest = num_devices // known
+    return (rest, fsdp) if data == -1 else (data, rest)
+  if data * fsdp != num_devices:
+    raise ParallelError(f"config.parallel.data * config.parallel.fsdp must equal the {num_devices} "
+                        f"devices (got {data} * {fsdp})")
+  return data, fsdp
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ``("data", "fsdp")`` mesh over ``devices`` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(len(devices), data, fsdp)
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+  """Rows per logical batch group must be a multiple of this (one block per device)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+# ----------------------------------------------------------------------------- sharding rules
+
+
+def parse_spec(text: str) -> P:
+  """``"fsdp,None"`` -> ``P("fsdp", None)``; entries are mesh axis names or None/empty."""
+  entries = []
+  for part in text.split(","):
+    part = part.strip()
+    if part in ("", "None", "none"):
+      entries.append(None)
+    elif part in AXES:
+      entries.append(part)
+    else:
+      raise ParallelError(f"sharding spec {text!r}: {part!r} is not a mesh axis {AXES} or None")
+  return P(*entries)
+
+
+def parse_rules(rules: Sequence[str | Rule]) -> list[Rule]:
+  """Rules as ``(regex, PartitionSpec)`` pairs, or strings ``"regex=spec"`` (config form)."""
+  parsed = []
+  for rule in rules:
+    if isinstance(rule, str):
+      if "=" not in rule:
+        raise ParallelError(f"config.parallel.rules entry {rule!r} must look like 'REGEX=SPEC', "
+                            "e.g. 'word_embeddings=fsdp,None'")
+      regex, spec = rule.rsplit("=", 1)
+      rule = (regex, parse_spec(spec))
+    regex, spec = rule
+    try:
+      re.compile(regex)
+    except re.error as err:
+      raise ParallelError(f"config.parallel.rules: bad regex {regex!r} ({err})") from None
+    parsed.append((regex, spec))
+  return parsed
+
+
+def path_name(path: tuple) -> str:
+  """A pytree key path as ``a/b/kernel`` (what sharding rules are matched against)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[Rule] = (),
+             min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:
+  """The PartitionSpec of one array.
+
+  The first rule whose regex matches ``name`` (``re.search``) decides. Without a
+  match, arrays of at least ``min_size`` elements are split along ``"fsdp"`` on
+  their largest dimension that the fsdp size divides; everything else is
+  replicated. Optimizer moments have their parameter's path as a suffix and
+  its shape, so they follow their parameter.
+  """
+  for regex, spec in rules:
+    if re.search(regex, name):
+      if len(spec) > len(shape):
+        raise ParallelError(f"sharding rule {regex!r} gives {spec} to {name} of shape {shape}")
+      for dim, axis in zip(shape, spec):
+        size = 1 if axis is None else math.prod(
+            mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
+        if dim % size:
+          raise ParallelError(f"sharding rule {regex!r}: {name} of shape {shape} cannot be split "
+                              f"{size} ways as {spec}")
+      return spec
+  fsdp = mesh.shape["fsdp"]
+  if fsdp == 1 or math.prod(shape) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      return P(*([None] * dim + ["fsdp"]))
+  return P()
+
+
+def shardings(tree: PyTree, mesh: Mesh, rules: Sequence[Rule] = (),
+              min_size: int = DEFAULT_FSDP_MIN_SIZE) -> PyTree:
+  """A NamedSharding for every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+  def one(path, leaf):
+    return NamedSharding(mesh, spec_for(path_name(path), tuple(np.shape(leaf)), mesh, rules,
+                                        min_size))
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (example) axis split over every device of the mesh."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+# ----------------------------------------------------------------------------- placing data
+
+
+def put(tree: PyTree, sharding_tree: PyTree) -> PyTree:
+  """Host values (the same on every process) -> global arrays with the given shardings.
+
+  Each process copies only the pieces its own devices hold.
+  """
+  def one(x, sharding):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree_util.tree_map(one, tree, sharding_tree)
+
+
+def to_host(tree: PyTree) -> PyTree:
+  """Global arrays -> full numpy arrays on every process (gathers across processes)."""
+  if jax.process_count() == 1:
+    return jax.tree_util.tree_map(np.asarray, tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def balanced_order(size: int, num_shards: int) -> np.ndarray:
+  """Positions that spread the first rows of a batch evenly over ``num_shards`` blocks.
+
+  A group of ``size`` rows has its real examples first and padding last. Row p
+  goes to block ``p % num_shards`` (slot ``p // num_shards``): every device gets
+  the same number of real examples (±1) with its padding at the end of its own
+  block, where its microbatch scan skips it.
+
+  Returns:
+    ``order`` with ``new[order] = old`` semantics: ``new = old[inverse]`` where
+    ``inverse`` is the returned array.
+  """
+  if size % num_shards:
+    raise ValueError(f"group size {size} is not a multiple of the {num_shards} devices")
+  per = size // num_shards
+  new_position = (np.arange(size) % num_shards) * per + np.arange(size) // num_shards
+  source = np.empty(size, np.int64)
+  source[new_position] = np.arange(size)
+  return source
+
+
+def global_rows(load: Callable[[np.ndarray], Mapping[str, np.ndarray]], positions: np.ndarray,
+                mask: np.ndarray, sharding: NamedSharding
+                ) -> tuple[dict[str, jax.Array], jax.Array]:
+  """A batch of ``positions`` as global arrays split along examples.
+
+  Every process knows the whole sample (``positions``, ``mask``: cheap, from the
+  shared seed) but ``load`` is called only for the row blocks of this process's
+  devices: each host reads and tokenizes only its own slice of the data.
+  """
+  size = len(positions)
+  blocks: dict[tuple[int, int], Mapping[str, np.ndarray]] = {}
+
+  def rows(index) -> Mapping[str, np.ndarray]:
+    start, stop, _ = index[0].indices(size)
+    if (start, stop) not in blocks:
+      blocks[(start, stop)] = load(positions[start:stop])
+    return blocks[(start, stop)]
+
+  local = sharding.addressable_devices_indices_map((size,))
+  first = rows(next(iter(local.values())))
+  batch = {}
+  for name, value in first.items():
+    shape = (size,) + value.shape[1:]
+    batch[name] = jax.make_array_from_callback(
+        shape, sharding, lambda index, name=name: rows(index)[name])
+  mask_array = jax.make_array_from_callback((size,), sharding, lambda index: mask[index])
+  return batch, mask_array
+
+
+# ----------------------------------------------------------------------------- the gradient
+
+
+def _aux_specs(aux_type: Any, sensitivity: float) -> Any:
+  """out_specs for a ClippedGradAux: per-example fields split, totals replicated."""
+  split = P(BATCH_AXES)
+  return aux_type(losses=split, norms=split, clipped=split, mask=split, num_examples=P(),
+                  clipped_fraction=P(), nonfinite_count=P(), loss_aux=split,
+                  sensitivity=sensitivity)
+
+
+def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:
+  """Runs a clipped- (or plain) gradient-sum function where the examples live.
+
+  ``grad_fn(params, batch, mask) -> (sum over the rows, ClippedGradAux)`` runs in
+  ``shard_map`` on each device's block of rows (parameters gathered whole), and
+  the per-device sums are added with one ``psum`` over the mesh. The result is
+  the sum over the whole batch, replicated, exactly what ``grad_fn`` returns on
+  one device (up to float reassociation), with the same sensitivity: noise is
+  added once to it afterwards, by the privatizer.
+  """
+  from dpjax.privacy import per_example  # pylint: disable=import-outside-toplevel
+  sensitivity = float(getattr(grad_fn, "sensitivity", 0.0))
+  aux_specs = _aux_specs(per_example.ClippedGradAux, sensitivity)
+
+  def local(params, batch, mask):
+    grads, aux = grad_fn(params, batch, mask)
+    grads = jax.lax.psum(grads, BATCH_AXES)
+    num = jax.lax.psum(aux.num_examples, BATCH_AXES)
+    clipped = jax.lax.psum(aux.clipped_fraction * aux.num_examples, BATCH_AXES)
+    aux = aux.replace(num_examples=num, clipped_fraction=clipped / jnp.maximum(num, 1),
+                      nonfinite_count=jax.lax.psum(aux.nonfinite_count, BATCH_AXES))
+    return grads, aux
+
+  def fn(params, batch, mask):
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(BATCH_AXES), P(BATCH_AXES)),
+                           out_specs=(P(), aux_specs), check_vma=False)
+    return mapped(params, batch, mask)
+
+  fn.sensitivity = sensitivity
+  return fn
