@@ -1,0 +1,89 @@
+"""Run as a script under XLA_FLAGS=--xla_force_host_platform_device_count=8 (see
+test_parallel.py): one DP train step on several meshes, saved to an .npz for comparison."""
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpjax import parallel, privacy
+from dpjax.models import bert, heads
+from dpjax.privacy import clipping, noise
+from dpjax.train import step as step_lib
+
+CONFIG = bert.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+MICRO = 2
+MESHES = {"one": (1, 1, 1), "data8": (8, 1, 8), "data2_fsdp4": (2, 4, 8)}
+
+
+def rows(n, length, seed):
+  rng = np.random.default_rng(seed)
+  return {"input_ids": rng.integers(1, 40, (n, length)).astype(np.int32),
+          "attention_mask": np.ones((n, length), np.int32),
+          "token_type_ids": np.zeros((n, length), np.int32),
+          "label": rng.integers(0, 2, n).astype(np.int32)}
+
+
+def one_step(backend, data, fsdp, devices):
+  """Two groups (11 and 5 real rows, padded) -> one DP step (σ = 1) on the mesh."""
+  mesh = parallel.make_mesh(data, fsdp, jax.devices()[:devices])
+  model = heads.SequenceClassifier(CONFIG, 2, "mean")
+  params = model.init(jax.random.PRNGKey(0), rows(1, 4, 0))["params"]
+  grad_fn = privacy.clipped_grad(heads.classification_loss(model), 0.5, backend, MICRO,
+                                 has_aux=True)
+  tx = optax.chain(privacy.gaussian_privatizer(1.0, grad_fn.sensitivity, 12.0, key=3),
+                   optax.sgd(1.0))
+  state = step_lib.TrainState(np.zeros([], np.int32), params, tx.init(params))
+  shardings = parallel.shardings(state, mesh, min_size=0)
+  state = parallel.put(state, shardings)
+  multiple = MICRO * parallel.batch_size_multiple(mesh)
+  batches, masks = [], []
+  for real, length, seed in ((11, 4, 1), (5, 8, 2)):
+    size = -(-real // multiple) * multiple
+    host = {k: v[:size] for k, v in rows(32, length, seed).items()}  # same rows on every mesh
+    mask = np.arange(size) < real
+    order = parallel.balanced_order(size, parallel.batch_size_multiple(mesh))
+    b, m = parallel.global_rows(lambda p, host=host: {k: v[p] for k, v in host.items()},
+                                order, mask[order], parallel.batch_sharding(mesh))
+    batches.append(b)
+    masks.append(m)
+  step = jax.jit(functools.partial(step_lib.train_step, grad_fn=parallel.sharded_grad_fn(
+      grad_fn, mesh), tx=tx), out_shardings=(shardings, parallel.replicated(mesh)))
+  new_state, metrics = step(state, tuple(batches), tuple(masks))
+  out = {f"param/{clipping.path_to_str(p)}": np.asarray(v)
+         for p, v in jax.tree_util.tree_leaves_with_path(new_state.params)}
+  out["examples"] = np.asarray(metrics["examples"])
+  out["privatizer_step"] = np.asarray(new_state.opt_state[0].step)
+  return out
+
+
+def sharded_noise(fsdp):
+  """The privatizer's noise for a [64, 32] leaf, computed with the output split fsdp ways."""
+  mesh = parallel.make_mesh(8 // fsdp, fsdp)
+  template = {"w": jnp.zeros([64, 32]), "b": jnp.zeros([7])}
+  spec = parallel.shardings(template, mesh, min_size=0)
+  fn = jax.jit(lambda: noise.noise_for_step(noise.as_raw_key(3), jnp.asarray(5), template, 1.0),
+               out_shardings=spec)
+  result = fn()
+  return {f"noise{fsdp}/{k}": np.asarray(v) for k, v in result.items()} | {
+      f"noise{fsdp}/w_shards": np.asarray(len(result["w"].sharding.device_set))}
+
+
+def main(path):
+  assert len(jax.devices()) == 8, jax.devices()
+  out = {}
+  for backend in ("vmap", "bookkeeping"):
+    for name, (data, fsdp, devices) in MESHES.items():
+      out.update({f"{backend}/{name}/{k}": v
+                  for k, v in one_step(backend, data, fsdp, devices).items()})
+  for fsdp in (1, 8):
+    out.update(sharded_noise(fsdp))
+  np.savez(path, **out)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])

@@ -1,0 +1,94 @@
+"""dpjax.parallel: mesh shapes, sharding rules, balanced layout, and on 8 virtual CPU devices
+(a subprocess): one DP step equals the 1-device step and the noise is the same."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from dpjax import parallel
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_mesh_shape_resolves_minus_one_and_names_the_bad_field():
+  assert parallel.mesh_shape(8, -1, 2) == (4, 2)
+  assert parallel.mesh_shape(8, 2, -1) == (2, 4)
+  for data, fsdp, field in ((3, 1, "data"), (-1, 3, "fsdp"), (0, 1, "data"), (-1, -1, "fsdp")):
+    with pytest.raises(parallel.ParallelError, match=f"config.parallel.{field}"):
+      parallel.mesh_shape(8, data, fsdp)
+
+
+def test_fsdp_splits_large_arrays_on_their_largest_divisible_dim_and_rules_win():
+  mesh = AbstractMesh((2, 4), parallel.AXES)
+  assert parallel.spec_for("enc/kernel", (384, 1536), mesh, min_size=0) == P(None, "fsdp")
+  assert parallel.spec_for("enc/kernel", (6, 384), mesh, min_size=0) == P(None, "fsdp")
+  assert parallel.spec_for("enc/bias", (3, 5), mesh, min_size=0) == P()  # nothing divisible
+  assert parallel.spec_for("enc/kernel", (384, 1536), mesh) == P(None, "fsdp")
+  assert parallel.spec_for("enc/bias", (384,), mesh) == P()  # below fsdp_min_size
+  rules = parallel.parse_rules(["word_embeddings=fsdp,None"])
+  name = "opt_state/0/mu/embeddings/word_embeddings/embedding"  # moments follow their param
+  assert parallel.spec_for(name, (32, 8), mesh, rules, min_size=0) == P("fsdp", None)
+  with pytest.raises(parallel.ParallelError, match="cannot be split 4 ways"):
+    parallel.spec_for(name, (30, 8), mesh, rules)
+  with pytest.raises(parallel.ParallelError, match="REGEX=SPEC"):
+    parallel.parse_rules(["no equals sign"])
+  with pytest.raises(parallel.ParallelError, match="not a mesh axis"):
+    parallel.parse_rules(["x=model"])
+
+
+@pytest.mark.parametrize("real", [0, 1, 5, 13, 16])
+def test_balanced_order_gives_every_device_its_share_of_real_rows_padding_last(real):
+  size, shards = 16, 4
+  mask = np.arange(size) < real
+  order = parallel.balanced_order(size, shards)
+  assert sorted(order) == list(range(size))  # a permutation: no row lost or repeated
+  blocks = mask[order].reshape(shards, size // shards)
+  counts = blocks.sum(1)
+  assert counts.max() - counts.min() <= 1 and counts.sum() == real
+  for block, count in zip(blocks, counts):
+    assert block[:count].all() and not block[count:].any()  # padding at the end of each block
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  out = tmp_path_factory.mktemp("eight") / "results.npz"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  subprocess.run([sys.executable, "-m", "tests.parallel.eight_devices", str(out)], cwd=ROOT,
+                 env=env, check=True, timeout=900)
+  return dict(np.load(out))
+
+
+@pytest.mark.parametrize("backend", ["vmap", "bookkeeping"])
+@pytest.mark.parametrize("mesh", ["data8", "data2_fsdp4"])
+def test_dp_step_on_eight_devices_equals_the_one_device_step(eight_devices, backend, mesh):
+  one = {k.split("/", 2)[2]: v for k, v in eight_devices.items()
+         if k.startswith(f"{backend}/one/")}
+  many = {k.split("/", 2)[2]: v for k, v in eight_devices.items()
+          if k.startswith(f"{backend}/{mesh}/")}
+  assert one.keys() == many.keys() and len(one) > 5
+  assert int(many["examples"]) == int(one["examples"]) == 16  # padding rows not counted
+  assert int(many["privatizer_step"]) == 1  # noise drawn once for both groups
+  for key in one:
+    np.testing.assert_allclose(many[key], one[key], atol=2e-5, rtol=1e-5, err_msg=key)
+
+
+def test_vmap_and_bookkeeping_steps_agree_on_eight_devices(eight_devices):
+  for key, value in eight_devices.items():
+    if key.startswith("vmap/data2_fsdp4/param/"):
+      other = eight_devices[key.replace("vmap/", "bookkeeping/", 1)]
+      np.testing.assert_allclose(other, value, atol=2e-5, rtol=1e-5, err_msg=key)
+
+
+def test_noise_is_identical_whatever_the_sharding(eight_devices):
+  assert int(eight_devices["noise8/w_shards"]) == 8 and int(eight_devices["noise1/w_shards"]) == 8
+  for leaf in ("w", "b"):
+    np.testing.assert_array_equal(eight_devices[f"noise8/{leaf}"],
+                                  eight_devices[f"noise1/{leaf}"])
+  assert 0.9 < np.std(eight_devices["noise8/w"]) < 1.1
