@@ -36,6 +36,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dpjax.privacy import clipping, per_example
+
 PyTree = Any
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the example axis is split over the whole mesh
@@ -170,19 +172,6 @@ def parse_rules(rules: Sequence[str | Rule]) -> list[Rule]:
   return parsed
 
 
-def path_name(path: tuple) -> str:
-  """A pytree key path as ``a/b/kernel`` (what sharding rules are matched against)."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[Rule] = (),
              min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:
   """The PartitionSpec of one array.
@@ -217,7 +206,7 @@ def shardings(tree: PyTree, mesh: Mesh, rules: Sequence[Rule] = (),
               min_size: int = DEFAULT_FSDP_MIN_SIZE) -> PyTree:
   """A NamedSharding for every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
   def one(path, leaf):
-    return NamedSharding(mesh, spec_for(path_name(path), tuple(np.shape(leaf)), mesh, rules,
+    return NamedSharding(mesh, spec_for(clipping.path_to_str(path), tuple(np.shape(leaf)), mesh, rules,
                                         min_size))
   return jax.tree_util.tree_map_with_path(one, tree)
 
@@ -305,10 +294,10 @@ def global_rows(load: Callable[[np.ndarray], Mapping[str, np.ndarray]], position
 # ----------------------------------------------------------------------------- the gradient
 
 
-def _aux_specs(aux_type: Any, sensitivity: float) -> Any:
+def _aux_specs(sensitivity: float) -> per_example.ClippedGradAux:
   """out_specs for a ClippedGradAux: per-example fields split, totals replicated."""
   split = P(BATCH_AXES)
-  return aux_type(losses=split, norms=split, clipped=split, mask=split, num_examples=P(),
+  return per_example.ClippedGradAux(losses=split, norms=split, clipped=split, mask=split, num_examples=P(),
                   clipped_fraction=P(), nonfinite_count=P(), loss_aux=split,
                   sensitivity=sensitivity)
 
@@ -318,14 +307,15 @@ def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:
 
   ``grad_fn(params, batch, mask) -> (sum over the rows, ClippedGradAux)`` runs in
   ``shard_map`` on each device's block of rows (parameters gathered whole), and
-  the per-device sums are added with one ``psum`` over the mesh. The result is
+  the per-device sums are added with one ``psum`` over the mesh. (``check_vma`` is
+  off: the microbatch scan's padding skip is a ``lax.cond`` whose skip branch
+  returns device-invariant zeros.) The result is
   the sum over the whole batch, replicated, exactly what ``grad_fn`` returns on
   one device (up to float reassociation), with the same sensitivity: noise is
   added once to it afterwards, by the privatizer.
   """
-  from dpjax.privacy import per_example  # pylint: disable=import-outside-toplevel
   sensitivity = float(getattr(grad_fn, "sensitivity", 0.0))
-  aux_specs = _aux_specs(per_example.ClippedGradAux, sensitivity)
+  aux_specs = _aux_specs(sensitivity)
 
   def local(params, batch, mask):
     grads, aux = grad_fn(params, batch, mask)

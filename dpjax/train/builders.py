@@ -90,12 +90,6 @@ class GroupedBatches:
     """The arrays of the examples at ``positions``, padded to ``length`` tokens."""
     return self.split.encoded.batch(self.split.indices[positions], length=length)
 
-  def __call__(self, sample: privacy.SampledBatch
-               ) -> tuple[tuple[dict[str, np.ndarray], ...], tuple[np.ndarray, ...]]:
-    groups = self.plan(sample)
-    return (tuple(self.load(p, length) for p, _, length in groups),
-            tuple(m for _, m, _ in groups))
-
 
 def stats_quantile(count: int, prob: float, level: float = 1 - 1e-9) -> int:
   """The ``level`` quantile of Binomial(count, prob)."""
