@@ -6,7 +6,8 @@ writes to a temporary directory and commits it at the end, so a killed save
 leaves no half-written checkpoint. Restore takes the latest checkpoint that
 reads back; one that does not is moved to ``checkpoints_unreadable/`` with a
 warning — but the run never falls back to a fresh ledger while any checkpoint
-exists.
+exists. With several processes they agree on each checkpoint (unreadable on any
+process = unreadable) and process 0 moves it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from absl import logging
 
+from dpjax import parallel
 from dpjax.train.config import ConfigError
 
 
@@ -42,23 +44,30 @@ class Checkpoints:
     """(state, meta) of the newest readable checkpoint; None if there is none at all."""
     steps = self.steps()
     for step in reversed(steps):
+      error = None
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         meta = dict(restored["meta"])
         if meta.get("step") != step or "ledger" not in meta:
           raise ValueError("metadata is incomplete")
-        return restored["state"], meta
       except Exception as err:  # pylint: disable=broad-except
-        quarantine = self.directory.parent / "checkpoints_unreadable" / str(step)
-        logging.warning("checkpoint %d in %s is unreadable (%s: %s); moved to %s, trying the "
-                        "previous one", step, self.directory, type(err).__name__,
-                        (str(err).splitlines() or [""])[0][:200], quarantine)
+        error = err
+      # Every process must take the same branch: the next save is collective.
+      if not parallel.any_process(error is not None):
+        return restored["state"], meta
+      quarantine = self.directory.parent / "checkpoints_unreadable" / str(step)
+      reason = (f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+                if error is not None else "unreadable on another process")
+      logging.warning("checkpoint %d in %s is unreadable (%s); moved to %s, trying the "
+                      "previous one", step, self.directory, reason, quarantine)
+      if parallel.is_main_process():
         # Kept for inspection, but out of the way: the run will write this step again.
         quarantine.parent.mkdir(exist_ok=True)
         shutil.rmtree(quarantine, ignore_errors=True)
         (self.directory / str(step)).rename(quarantine)
-        self.manager.reload()
+      parallel.sync(f"quarantined checkpoint {step}")
+      self.manager.reload()
     unreadable = self.directory.parent / "checkpoints_unreadable"
     if steps or (unreadable.is_dir() and any(unreadable.iterdir())):
       raise ConfigError(f"no checkpoint in {self.directory} can be read (see {unreadable}); "

@@ -129,6 +129,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
   shardings_of = lambda tree: parallel.shardings(tree, mesh, rules, c.parallel.fsdp_min_size)
   main = parallel.is_main_process()
   say = (lambda text: print(text, flush=True)) if main else (lambda text: None)
+  if "://" in str(workdir):
+    raise config_lib.ConfigError(
+        f"workdir must be a directory path, not a URL (got {str(workdir)!r}); mount the "
+        "bucket (e.g. with GCS FUSE) and pass the mount point")
   workdir = Path(workdir).resolve()
   _prepare_workdir(workdir, c)
 

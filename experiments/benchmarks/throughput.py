@@ -25,14 +25,14 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
-import numpy as np
 import psutil
 from absl import app, flags
+
+from experiments.benchmarks import common
 
 MODELS = ("minilm", "bert-base", "gpt2-small")
 _MODEL = flags.DEFINE_enum("model", "minilm", MODELS, "Model shape (random weights).")
@@ -48,21 +48,8 @@ _PEERS = flags.DEFINE_bool("peers", False, "Also run Opacus and jax_privacy if i
 _JSON = flags.DEFINE_string("json", None, "Write the rows to this JSON file.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one row and print it as JSON.")
 
-CLIP_NORM = 1.0
-NOISE_MULTIPLIER = 0.6
-MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-              intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2,
-              layer_norm_eps=1e-12, hidden_act="gelu")
-BERT_BASE = dict(MINILM, hidden_size=768, num_hidden_layers=12, intermediate_size=3072)
-
-
-def make_batch(batch: int, seq: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """The benchmark's data: random token ids, every position real, binary labels."""
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(1000, vocab_size, (batch, seq)).astype(np.int32)
-  ids[:, 0] = 101  # [CLS]
-  return {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int32),
-          "label": rng.integers(0, 2, batch).astype(np.int32)}
+CLIP_NORM, NOISE_MULTIPLIER = common.CLIP_NORM, common.NOISE_MULTIPLIER
+MINILM, BERT_BASE, make_batch = common.MINILM, common.BERT_BASE, common.make_batch
 
 
 def _release_free_heap() -> None:
@@ -171,16 +158,9 @@ def _dpjax_row(mode: str) -> dict:
   step = jax.jit(lambda s, b, m: step_lib.train_step(s, b, m, grad_fn=grad_fn, tx=tx,
                                                      mean_of_sum=mean_of_sum),
                  donate_argnums=0)
-  for _ in range(_WARMUP.value):
-    state, metrics = step(state, batches, masks)
-  jax.block_until_ready((state, metrics))
+  state, metrics, _ = common.time_steps(step, state, (batches, masks), _WARMUP.value, 0)
   WATCH.start()
-  times = []
-  for _ in range(_STEPS.value):
-    start = time.perf_counter()
-    state, metrics = step(state, batches, masks)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
+  state, metrics, times = common.time_steps(step, state, (batches, masks), 0, _STEPS.value)
   median = statistics.median(times)
   return {"system": "dpjax", "mode": mode, "median_step_seconds": median,
           "examples_per_second": batch_size / median, "step_seconds": times,
@@ -207,15 +187,11 @@ def _worker(mode: str) -> None:
 def _run_isolated(mode: str) -> dict:
   """Runs one row in a fresh Python process and parses its result."""
   argv = [a for a in sys.argv[1:] if not a.startswith(("--worker", "--json", "--peers"))]
-  command = [sys.executable, "-m", "experiments.benchmarks.throughput", f"--worker={mode}", *argv]
-  done = subprocess.run(command, capture_output=True, text=True, check=False,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-  for line in done.stdout.splitlines():
-    if line.startswith("ROW "):
-      return json.loads(line[4:])
-  tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+  row = common.run_worker("experiments.benchmarks.throughput", f"--worker={mode}", argv)
+  if isinstance(row, dict):
+    return row
   system, _, rest = mode.partition("/") if "/" in mode else ("dpjax", "", mode)
-  return {"system": system, "mode": rest, "error": tail[0][:200]}
+  return {"system": system, "mode": rest, "error": row}
 
 
 def _print_table(rows: list[dict]) -> None:

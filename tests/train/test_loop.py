@@ -203,6 +203,9 @@ def test_workdir_of_another_config_and_unwritable_workdir_are_refused(tmp_path, 
       loop.train_and_evaluate(tiny(token_cache), locked / "run")
   with pytest.raises(ConfigError, match="is not writable"):
     loop.train_and_evaluate(tiny(token_cache), "/proc/dpjax-run")
+  with pytest.raises(ConfigError, match="workdir must be a directory path, not a URL"):
+    loop.train_and_evaluate(tiny(token_cache), "gs://bucket/run")
+  assert not Path("gs:").exists()
 
 
 def test_evaluate_cli_scores_a_labelled_file(tmp_path, token_cache):
