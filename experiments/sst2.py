@@ -7,8 +7,9 @@ Variants:
   quick       the CPU demo (`make run`): MiniLM, LoRA (q, v; rank 8) + head, a fixed random
               20,000-row subset of SST-2 train, B = 500, 2 epochs (80 steps), lr 1e-2, ε = 8.
               Measured on a 2-core x86 CPU: dev accuracy 0.810, ε = 7.996 (δ = 1.86e-5,
-              σ = 0.5405), 16 min 53 s on a day this shared machine ran ~2x slow (~48 ex/s;
-              the same computation took 6 min 44 s, ~110 ex/s, when first measured).
+              σ = 0.5405); `make run` on a fresh clone 16 min 0 s on a day this shared machine
+              ran ~2x slow (~50 ex/s); the same computation took 6 min 44 s (~110 ex/s) on an
+              earlier day.
               Learning rate on the same machine: 2e-3 -> 0.776, 5e-3 -> 0.789, 1e-2 -> 0.810.
               Other variants: --config.model.train=head (lr 5e-3): 0.778 in 3 min 27 s;
               --config.dp.clip=per_layer (lr 2e-3): 0.778; all of SST-2 (lr 2e-3): 0.774;
