@@ -79,3 +79,17 @@ def tree_norm(tree) -> float:
 
 def tree_sub(a, b):
   return jax.tree_util.tree_map(jnp.subtract, a, b)
+
+
+# A one-layer BERT (the real dpjax.models.bert) small enough for multi-device tests.
+TINY_BERT_SHAPE = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, max_position_embeddings=16)
+
+
+def bert_rows(n: int, length: int, seed: int) -> dict[str, np.ndarray]:
+  """``n`` random rows of ``length`` real tokens for TINY_BERT_SHAPE, with binary labels."""
+  rng = np.random.default_rng(seed)
+  return {"input_ids": rng.integers(1, 40, (n, length)).astype(np.int32),
+          "attention_mask": np.ones((n, length), np.int32),
+          "token_type_ids": np.zeros((n, length), np.int32),
+          "label": rng.integers(0, 2, n).astype(np.int32)}

@@ -13,19 +13,14 @@ from dpjax import parallel, privacy
 from dpjax.models import bert, heads
 from dpjax.privacy import clipping, noise
 from dpjax.train import step as step_lib
+from tests import tiny_models
 
-CONFIG = bert.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+CONFIG = bert.BertConfig(**tiny_models.TINY_BERT_SHAPE)
 MICRO = 2
 MESHES = {"one": (1, 1, 1), "data8": (8, 1, 8), "data2_fsdp4": (2, 4, 8)}
 
 
-def rows(n, length, seed):
-  rng = np.random.default_rng(seed)
-  return {"input_ids": rng.integers(1, 40, (n, length)).astype(np.int32),
-          "attention_mask": np.ones((n, length), np.int32),
-          "token_type_ids": np.zeros((n, length), np.int32),
-          "label": rng.integers(0, 2, n).astype(np.int32)}
+rows = tiny_models.bert_rows
 
 
 def one_step(backend, data, fsdp, devices):
