@@ -45,12 +45,15 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 64
   elif variant in ("quick", "nonprivate"):
     c.model.train = "lora"
+    # Adapters on every Dense layer of the top 3 of MiniLM's 6 layers: the backward pass
+    # stops at layer 3, and these adapters matched q,v adapters on all 6 layers (0.812).
+    c.model.lora_targets = ("layer_[345]/.*(query|key|value|dense)",)
     c.data.train_limit = 20000
     c.data.max_length = 64
-    c.data.buckets = (16, 32, 64)
+    c.data.buckets = (8, 16, 32, 64)
     c.train.batch_size = 500
-    c.train.epochs = 2.0
-    c.train.learning_rate = 1e-2
+    c.train.epochs = 1.0
+    c.train.learning_rate = 2e-2
     c.train.warmup_steps = 5
     c.dp.clip_norm = 1.0
     c.dp.microbatch_size = 25
@@ -59,7 +62,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 20
     if variant == "nonprivate":
       c.dp.enabled = False
-      c.train.learning_rate = 2e-3  # measured: 0.839 dev accuracy
+      c.train.learning_rate = 5e-3
   elif variant == "lora":
     c.model.train = "lora"
     c.train.batch_size = 1000

@@ -26,7 +26,8 @@ LORA_TARGETS = {
     "gpt2": ("attn/c_attn",),
 }
 
-__all__ = ["LoraConfig", "LORA_TARGETS", "trainable_mask", "partition", "combine", "count"]
+__all__ = ["LoraConfig", "LORA_TARGETS", "trainable_mask", "has_adapters", "partition", "combine",
+           "count"]
 
 
 def trainable_mask(params: PyTree, train: str = "all",
@@ -44,7 +45,7 @@ def trainable_mask(params: PyTree, train: str = "all",
   if train == "all":
     keep = lambda path: True
   elif train == "lora":
-    if not any(path.rsplit("/", 1)[-1] in LORA_LEAVES for path in flat):
+    if not has_adapters(params):
       raise ValueError("train='lora' but the model has no LoRA adapters (set a LoraConfig)")
     keep = lambda path: path.rsplit("/", 1)[-1] in LORA_LEAVES or is_head(path)
   elif train == "head":
@@ -60,6 +61,11 @@ def trainable_mask(params: PyTree, train: str = "all",
   if not any(mask.values()):
     raise ValueError(f"train={train!r} selects no parameter")
   return traverse_util.unflatten_dict(mask, sep="/")
+
+
+def has_adapters(params: PyTree) -> bool:
+  """Whether any LoRA adapter leaf (``lora_a`` / ``lora_b``) is in the tree."""
+  return any(path[-1] in LORA_LEAVES for path in traverse_util.flatten_dict(params))
 
 
 def partition(params: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:

@@ -165,6 +165,9 @@ def init_params(c: ml_collections.ConfigDict, model, example_batch, backbone_par
     params = jax.jit(lambda r: model.init(r, batch)["params"])(rng)
   else:
     params = heads.init_with_backbone(model, rng, batch, backbone_params, head_params)
+  if c.model.train == "lora" and not lora.has_adapters(params):
+    raise ConfigError(f"config.model.lora_targets must match at least one Dense module path, "
+                      f"e.g. 'attention/self/query' (got {tuple(c.model.lora_targets)!r})")
   return lora.partition(params, lora.trainable_mask(params, c.model.train))
 
 

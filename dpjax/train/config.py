@@ -44,6 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.train = "all"            # all | lora | head | a regex over "a/b/kernel" paths
   c.model.lora_rank = 8
   c.model.lora_alpha = 16.0
+  # Regexes over Dense module paths that get adapters; () = the preset of the model type
+  # (BERT: attention/self/(query|value)); e.g. ("layer_[345]/.*(query|value|dense)",).
+  c.model.lora_targets = ()
   c.model.dropout = 0.0            # >0: hidden and attention dropout, a key per example
   c.model.tiny_hidden = 32         # architecture of name="tiny" (uses the MiniLM tokenizer)
   c.model.tiny_layers = 2
@@ -140,6 +143,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
                   f"one of {TRAINS} or a regular expression over parameter paths") from None
   _positive(c, "model.lora_rank", integer=True)
   _positive(c, "model.lora_alpha")
+  targets = c.model.lora_targets
+  valid_targets = "a tuple of regular expressions over Dense module paths, or () for the preset"
+  if not isinstance(targets, (tuple, list)) or not all(isinstance(t, str) and t for t in targets):
+    raise _fail("model.lora_targets", targets, valid_targets)
+  for target in targets:
+    try:
+      re.compile(target)
+    except re.error:
+      raise _fail("model.lora_targets", tuple(targets), valid_targets) from None
   if not isinstance(c.model.dropout, (int, float)) or not 0 <= c.model.dropout < 1:
     raise _fail("model.dropout", c.model.dropout, "in [0, 1)")
   _positive(c, "data.num_labels", integer=True)
@@ -206,8 +218,8 @@ def lora_config(c: ml_collections.ConfigDict, model_type: str) -> lora_lib.LoraC
   """The LoRA adapters of the config (only when model.train = lora)."""
   if c.model.train != "lora":
     return None
-  return lora_lib.LoraConfig(c.model.lora_rank, float(c.model.lora_alpha),
-                             lora_lib.LORA_TARGETS[model_type])
+  targets = tuple(c.model.lora_targets) or lora_lib.LORA_TARGETS[model_type]
+  return lora_lib.LoraConfig(c.model.lora_rank, float(c.model.lora_alpha), targets)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -208,6 +208,86 @@ def test_workdir_of_another_config_and_unwritable_workdir_are_refused(tmp_path, 
   assert not Path("gs:").exists()
 
 
+def test_lora_targets_choose_the_adapted_modules():
+  import numpy as np
+  from flax import traverse_util
+  from dpjax.train import builders, config as config_lib
+
+  c = sst2.get_config("tiny")
+  c.model.train = "lora"
+  c.model.lora_targets = ("layer_1/.*(query|intermediate)",)
+  config_lib.validate(c)
+  backbone, _, _, _ = builders.backbone_for(c)
+  model = builders.task_model(c, backbone, None)
+  batch = {"input_ids": np.ones((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32),
+           "token_type_ids": np.zeros((1, 8), np.int32), "label": np.zeros(1, np.int32)}
+  trainable, frozen = builders.init_params(c, model, batch, None, {})
+  adapted = {p.rsplit("/", 1)[0] for p in traverse_util.flatten_dict(trainable, sep="/")}
+  assert adapted == {"backbone/encoder/layer_1/attention/self/query",
+                     "backbone/encoder/layer_1/intermediate/dense", "head"}
+  assert "lora_a" not in str(traverse_util.flatten_dict(frozen, sep="/").keys())
+  c.model.lora_targets = ("no_such_module",)
+  with pytest.raises(ConfigError, match=r"config.model.lora_targets must match at least one"):
+    builders.init_params(c, builders.task_model(c, backbone, None), batch, None, {})
+  c.model.lora_targets = ("query(",)
+  with pytest.raises(ConfigError, match=r"config.model.lora_targets must be a tuple of regular"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "quick", "nonprivate", "lora", "li2022"])
+def test_every_sst2_variant_is_valid_and_its_adapters_exist_in_minilm(variant):
+  import jax
+  import numpy as np
+  from flax import traverse_util
+  from dpjax.models import bert
+  from dpjax.train import builders, config as config_lib
+
+  c = sst2.get_config(variant)
+  config_lib.validate(c)
+  if c.model.train != "lora":
+    return
+  model = builders.task_model(c, bert.BertConfig(), None)  # the defaults are MiniLM's shape
+  batch = {"input_ids": np.ones((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32),
+           "token_type_ids": np.zeros((1, 8), np.int32)}
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))["params"]
+  adapted = sorted(p[:-1] for p in traverse_util.flatten_dict(shapes) if p[-1] == "lora_a")
+  layers = {p[2] for p in adapted}
+  if variant in ("quick", "nonprivate"):  # every Dense layer of the top 3 of 6 layers
+    assert layers == {"layer_3", "layer_4", "layer_5"} and len(adapted) == 18
+  else:  # the preset: queries and values of every layer
+    assert len(layers) == 6 and {p[-1] for p in adapted} == {"query", "value"}
+
+
+def test_evaluate_equals_scoring_one_example_at_a_time(tmp_path):
+  """Length-sorted, padded eval batches give the same sums as each example alone."""
+  import numpy as np
+  import optax
+  from dpjax.models import lora
+  from dpjax.train import builders
+
+  words = "a fine , moving and often very funny film about grief and hope".split()
+  rows = [" ".join(words[:n]) for n in (14, 2, 9, 1, 15, 5, 3)] + [" ".join(words * 2)]
+  data = tmp_path / "mixed.tsv"
+  data.write_text("sentence\tlabel\n" + "".join(f"{r}\t{i % 2}\n" for i, r in enumerate(rows)))
+  c = sst2.get_config("tiny")
+  backbone, _, _, tokenizer = builders.backbone_for(c)
+  split = builders.load_split(str(data), 0, 0, tokenizer, c, None)
+  assert len(set(split.encoded.lengths)) > 4 and max(split.encoded.lengths) > 16
+  model = builders.task_model(c, backbone, None)
+  params = lora.combine(*builders.init_params(c, model, split.batch(np.arange(1)), None, {}))
+  losses, correct = [], []
+  for i in range(len(split)):
+    example = split.batch(np.array([i]))
+    logits = model.apply({"params": params}, example)
+    losses.append(float(optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])[0]))
+    correct.append(float(np.argmax(logits[0]) == example["label"][0]))
+  for batch_size in (3, 8, 64):
+    result = loop.evaluate(params, model, split, batch_size)
+    assert result["count"] == len(rows)
+    assert result["accuracy"] == pytest.approx(np.mean(correct), abs=1e-9)
+    assert result["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+
+
 def test_evaluate_cli_scores_a_labelled_file(tmp_path, token_cache):
   workdir = tmp_path / "run"
   loop.train_and_evaluate(tiny(token_cache, **{"train.steps": 4}), workdir)
