@@ -67,3 +67,25 @@ def run_worker(module: str, worker_flag: str, argv: list[str],
     if line.startswith("ROW "):
       return json.loads(line[4:])
   return ((done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"])[0][:200]
+
+
+#: A table column: (title, alignment and width such as ">8", number format such as ".3f",
+#: the row's value, or None for an empty cell).
+Column = tuple[str, str, str, Callable[[dict], Any]]
+
+
+def print_table(rows: list[dict], columns: list[Column], key_columns: int = 1) -> None:
+  """Prints rows under a header; a row with an "error" shows its key columns and the error."""
+  header = " ".join(f"{title:{width}}" for title, width, _, _ in columns)
+  print(header)
+  print("-" * len(header))
+  for r in rows:
+    if "error" in r:
+      keys = " ".join(f"{value(r):{width}}" for _, width, _, value in columns[:key_columns])
+      print(f"{keys} error: {r['error']}")
+      continue
+    cells = []
+    for _, width, number_format, value in columns:
+      v = value(r)
+      cells.append(f"{'' if v is None else format(v, number_format):{width}}")
+    print(" ".join(cells))

@@ -118,20 +118,15 @@ def _has_accelerator() -> bool:
   return jax.default_backend() != "cpu"
 
 
-def _print_table(rows: list[dict]) -> None:
-  header = (f"{'devices':>7} {'mesh (data x fsdp)':>18} {'batch':>6} {'step s':>8} {'ex/s':>8} "
-            f"{'speed-up':>8} {'efficiency':>10}")
-  print(header)
-  print("-" * len(header))
-  for r in rows:
-    if "error" in r:
-      print(f"{r['devices']:>7} error: {r['error']}")
-      continue
-    mesh = f"{r['mesh']['data']} x {r['mesh']['fsdp']}"
-    speedup, eff = r.get("speedup"), r.get("efficiency")
-    print(f"{r['devices']:>7} {mesh:>18} {r['batch']:>6} {r['median_step_seconds']:>8.3f} "
-          f"{r['examples_per_second']:>8.1f} {'' if speedup is None else f'{speedup:.2f}':>8} "
-          f"{'' if eff is None else f'{eff:.2f}':>10}")
+_COLUMNS = [
+    ("devices", ">7", "", lambda r: r["devices"]),
+    ("mesh (data x fsdp)", ">18", "", lambda r: f"{r['mesh']['data']} x {r['mesh']['fsdp']}"),
+    ("batch", ">6", "", lambda r: r["batch"]),
+    ("step s", ">8", ".3f", lambda r: r["median_step_seconds"]),
+    ("ex/s", ">8", ".1f", lambda r: r["examples_per_second"]),
+    ("speed-up", ">8", ".2f", lambda r: r.get("speedup")),
+    ("efficiency", ">10", ".2f", lambda r: r.get("efficiency")),
+]
 
 
 def main(argv):
@@ -153,7 +148,7 @@ def main(argv):
       # Throughput ratio; for strong scaling it is also the step-time ratio.
       r["speedup"] = r["examples_per_second"] / base["examples_per_second"]
       r["efficiency"] = r["speedup"] / (r["devices"] / base["devices"])
-  _print_table(rows)
+  common.print_table(rows, _COLUMNS)
   if rows and "platform" in rows[0] and rows[0]["platform"] == "cpu":
     print("(virtual CPU devices share this machine's cores: the table shows the cost of "
           "sharding, not a speed-up)")

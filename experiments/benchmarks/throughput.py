@@ -194,20 +194,15 @@ def _run_isolated(mode: str) -> dict:
   return {"system": system, "mode": rest, "error": row}
 
 
-def _print_table(rows: list[dict]) -> None:
-  header = (f"{'system':<12} {'mode':<18} {'step s':>8} {'ex/s':>8} {'peak MB':>9} "
-            f"{'time x':>7} {'mem x':>6}")
-  print(header)
-  print("-" * len(header))
-  for r in rows:
-    if "error" in r:
-      print(f"{r['system']:<12} {r['mode']:<18} error: {r['error']}")
-      continue
-    ratio = r.get("ratio_vs_nonprivate")
-    mem = r.get("memory_ratio_vs_nonprivate")
-    print(f"{r['system']:<12} {r['mode']:<18} {r['median_step_seconds']:>8.3f} "
-          f"{r['examples_per_second']:>8.1f} {r['peak_memory_mb']:>9.0f} "
-          f"{'' if ratio is None else f'{ratio:.2f}':>7} {'' if mem is None else f'{mem:.2f}':>6}")
+_COLUMNS = [
+    ("system", "<12", "", lambda r: r["system"]),
+    ("mode", "<18", "", lambda r: r["mode"]),
+    ("step s", ">8", ".3f", lambda r: r["median_step_seconds"]),
+    ("ex/s", ">8", ".1f", lambda r: r["examples_per_second"]),
+    ("peak MB", ">9", ".0f", lambda r: r["peak_memory_mb"]),
+    ("time x", ">7", ".2f", lambda r: r.get("ratio_vs_nonprivate")),
+    ("mem x", ">6", ".2f", lambda r: r.get("memory_ratio_vs_nonprivate")),
+]
 
 
 def main(argv):
@@ -241,7 +236,7 @@ def main(argv):
       r["ratio_vs_nonprivate"] = r["median_step_seconds"] / base["median_step_seconds"]
       r["memory_ratio_vs_nonprivate"] = r["peak_memory_mb"] / base["peak_memory_mb"]
     r.update(model=_MODEL.value, batch=_BATCH.value, seq=_SEQ.value, train=_TRAIN.value)
-  _print_table(rows)
+  common.print_table(rows, _COLUMNS, key_columns=2)
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=1)
