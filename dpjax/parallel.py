@@ -15,7 +15,7 @@ What keeps the privacy guarantee independent of the device count:
   is a function of (key, step, coordinate) only (see
   :func:`dpjax.privacy.noise.noise_for_step`), so it is identical for 1 or 1000
   devices and is never drawn per device;
-* the Poisson sample is decided from the shared seed on every process; each
+* the Poisson sample is decided from the shared secret key on every process; each
   process then loads only the rows of its own devices (:func:`global_rows`).
 
 Multi-host: :func:`initialize_distributed` wraps ``jax.distributed.initialize``
@@ -98,6 +98,14 @@ def any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def broadcast_bytes(value: bytes) -> bytes:
+  """Process 0's ``value`` on every process (e.g. the run secret: one draw for all)."""
+  if jax.process_count() == 1:
+    return value
+  array = np.frombuffer(value, np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(array), np.uint8))
 
 
 # ----------------------------------------------------------------------------- mesh

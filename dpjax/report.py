@@ -1,6 +1,10 @@
-"""Plots of a run: training loss, eval accuracy and ε spent against the step.
+"""Plots of a run: eval accuracy and ε spent against the step (and, for the operator, loss).
 
-    python -m dpjax.report --workdir=DIR        # writes DIR/plots/{loss,eval_accuracy,epsilon}.png
+    python -m dpjax.report --workdir=DIR        # writes DIR/plots/{eval_accuracy,epsilon}.png
+
+The default plots are public: evaluation on the held-out split and the ledger's
+ε. A run with ``train.private_metrics`` also gets ``private_loss.png``, the loss
+on the private batches, titled as not covered by (ε, δ).
 """
 
 from __future__ import annotations
@@ -21,16 +25,17 @@ def write_plots(workdir: str | Path) -> list[Path]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  rows = metrics_lib.read(workdir)
+  public, private = metrics_lib.read(workdir), metrics_lib.read(workdir, private=True)
   out_dir = Path(workdir) / "plots"
   out_dir.mkdir(exist_ok=True)
   series = [
-      ("loss", "train", "loss", "training loss (mean over the sampled batch)"),
-      ("eval_accuracy", "eval", "accuracy", "eval accuracy"),
-      ("epsilon", "train", "epsilon", "ε spent (privacy ledger)"),
+      ("eval_accuracy", public, "eval", "accuracy", "eval accuracy (held-out split)"),
+      ("epsilon", public, "privacy", "epsilon", "ε spent (privacy ledger)"),
+      ("private_loss", private, "train", "loss",
+       "training loss on the private batches\nOPERATOR ONLY: not covered by (ε, δ)"),
   ]
   written = []
-  for name, split, key, title in series:
+  for name, rows, split, key, title in series:
     points = [(r["step"], r[key]) for r in rows
               if r.get("split") == split and isinstance(r.get(key), (int, float))]
     if not points:

@@ -23,6 +23,7 @@ import optax
 from absl import app, flags
 
 from dpjax import privacy
+from dpjax.privacy.secret import RunSecret
 
 
 def make_data(n: int, dim: int, seed: int):
@@ -47,13 +48,16 @@ def run(target_epsilon: float = 3.0, epochs: int = 5, expected_batch_size: int =
     return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
 
   delta = privacy.default_delta(n)
-  sampler = privacy.PoissonSampler(n, expected_batch_size, seed=seed, batch_size_multiple=50)
+  secret = RunSecret.fresh()  # the noise and the sample must be unpredictable
+  sampler = privacy.PoissonSampler(n, expected_batch_size, key=secret.sampling_key(),
+                                   batch_size_multiple=50)
   steps = epochs * privacy.steps_per_epoch(n, expected_batch_size)
   sigma = privacy.calibrate_noise(target_epsilon, delta, sampler.sampling_prob, steps,
                                   dataset_size=n)
   grad_fn = privacy.clipped_grad(loss_fn, clip_norm, microbatch_size=50)
   tx = optax.chain(
-      privacy.gaussian_privatizer(sigma, grad_fn.sensitivity, expected_batch_size, key=seed),
+      privacy.gaussian_privatizer(sigma, grad_fn.sensitivity, expected_batch_size,
+                                  key=secret.noise_key()),
       optax.sgd(learning_rate, momentum=0.9))
   opt_state = tx.init(params)
 

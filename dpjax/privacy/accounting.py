@@ -87,8 +87,12 @@ class Segment:
     return dp_accounting.SelfComposedDpEvent(step, self.steps)
 
 
-def _make_accountant(accountant: str, pld_discretization: float
-                     ) -> dp_accounting.PrivacyAccountant:
+def _make_accountant(accountant: str, pld_discretization: float,
+                     relation: str = NEIGHBORING_RELATION) -> dp_accounting.PrivacyAccountant:
+  if relation == "replace_one":
+    return pld_privacy_accountant.PLDAccountant(
+        dp_accounting.NeighboringRelation.REPLACE_ONE,
+        value_discretization_interval=pld_discretization)
   if accountant == "pld":
     return pld_privacy_accountant.PLDAccountant(
         value_discretization_interval=pld_discretization)
@@ -99,8 +103,9 @@ def _make_accountant(accountant: str, pld_discretization: float
 
 @functools.lru_cache(maxsize=256)
 def _composed_accountant(segments: tuple[Segment, ...], accountant: str,
-                         pld_discretization: float) -> dp_accounting.PrivacyAccountant:
-  acc = _make_accountant(accountant, pld_discretization)
+                         pld_discretization: float,
+                         relation: str = NEIGHBORING_RELATION) -> dp_accounting.PrivacyAccountant:
+  acc = _make_accountant(accountant, pld_discretization, relation)
   if accountant == "rdp" and any(s.max_batch_size is not None for s in segments):
     raise ValueError("accountant='rdp' cannot account a truncated batch (max_batch_size); "
                      "use accountant='pld' or max_batch_size=None")
@@ -170,6 +175,18 @@ class PrivacyLedger:
     if self.steps == 0:
       return 0.0
     acc = _composed_accountant(self.segments, self.accountant, self.pld_discretization)
+    return float(acc.get_epsilon(delta))
+
+  def epsilon_replace_one(self, delta: float) -> float:
+    """ε at ``delta`` under replace-one neighbours (same N, one example changed), by PLD.
+
+    The run's guarantee is stated for add/remove-one, with N treated as public;
+    this is the bound for a reader who instead fixes N and swaps one example.
+    """
+    _validation.require_delta(delta, self.dataset_size)
+    if self.steps == 0:
+      return 0.0
+    acc = _composed_accountant(self.segments, "pld", self.pld_discretization, "replace_one")
     return float(acc.get_epsilon(delta))
 
   def to_dict(self) -> dict[str, Any]:

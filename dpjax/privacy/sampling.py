@@ -5,8 +5,12 @@ Each step includes every example independently with probability q = B / N
 the sampled indices are padded, with a boolean mask, to the smallest of a few
 allowed sizes (``shapes``) that holds them: jitted steps compile once per shape.
 
-Sampling is a pure function of (seed, step): a resumed run, or every host of a
-multi-host run, draws the same batch for the same step.
+Sampling is a pure function of (key, step), where the key is secret (derived
+from the run's secret, :mod:`dpjax.privacy.secret`): a resumed run, or every
+host of a multi-host run, draws the same batch for the same step, and nobody
+without the key can tell which examples a step used. Step t's generator is
+seeded with HMAC-SHA256(key, t) (256 bits), so steps are independent streams
+and knowing one step's sample reveals nothing about another's.
 
 Two regimes, and how each is accounted (see :mod:`dpjax.privacy.accounting`):
 
@@ -24,6 +28,8 @@ Two regimes, and how each is accounted (see :mod:`dpjax.privacy.accounting`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import math
 
 import numpy as np
@@ -60,7 +66,8 @@ class PoissonSampler:
   Args:
     dataset_size: N, the number of examples (or of users, for user-level DP).
     expected_batch_size: B in (0, N]; q = B / N.
-    seed: the sampling seed; sample(step) depends only on (seed, step).
+    key: the secret sampling key (>= 16 bytes, e.g. ``RunSecret.sampling_key()``);
+      sample(step) depends only on (key, step).
     batch_size_multiple: every shape is a multiple of this (the microbatch size
       times the number of data-parallel devices).
     shapes: the allowed padded sizes; by default the quantiles 0.5, 0.9, 0.99
@@ -71,7 +78,7 @@ class PoissonSampler:
       random examples, and accounted with the truncated-Poisson event.
   """
 
-  def __init__(self, dataset_size: int, expected_batch_size: float, seed: int, *,
+  def __init__(self, dataset_size: int, expected_batch_size: float, key: bytes, *,
                batch_size_multiple: int = 1, shapes: tuple[int, ...] | str | None = None,
                max_batch_size: int | None = None):
     self.dataset_size = _validation.require_int_in("dataset_size", dataset_size, 1)
@@ -81,7 +88,9 @@ class PoissonSampler:
                        f"(got {expected_batch_size!r})")
     self.expected_batch_size = b
     self.sampling_prob = b / dataset_size
-    self.seed = _validation.require_int_in("seed", seed, 0)
+    if not isinstance(key, bytes) or len(key) < 16:
+      raise ValueError("key must be a secret of at least 16 bytes (see dpjax.privacy.secret)")
+    self._key = key
     self.batch_size_multiple = _validation.require_int_in(
         "batch_size_multiple", batch_size_multiple, 1)
     if max_batch_size is not None:
@@ -120,7 +129,8 @@ class PoissonSampler:
   def sample(self, step: int) -> SampledBatch:
     """The sample of ``step``: indices padded to a static shape, and a mask."""
     _validation.require_int_in("step", int(step), 0)
-    rng = np.random.default_rng([self.seed, int(step)])
+    seed = hmac.new(self._key, b"step:%d" % int(step), hashlib.sha256).digest()
+    rng = np.random.default_rng(np.random.SeedSequence(int.from_bytes(seed, "little")))
     # Binomial size, then a uniform subset of that size: the same distribution as
     # including each example independently with probability q, in O(n) time.
     size = int(rng.binomial(self.dataset_size, self.sampling_prob))

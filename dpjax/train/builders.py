@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from scipy import stats
 from dpjax import data as data_lib
 from dpjax import parallel, privacy
 from dpjax.models import bert, heads, lora, pretrained
+from dpjax.privacy import noise as noise_lib
 from dpjax.train.config import ConfigError, lora_config
 
 PyTree = Any
@@ -114,18 +116,49 @@ def template_for(c: ml_collections.ConfigDict) -> data_lib.PromptTemplate | None
   return data_lib.PromptTemplate(c.data.template, tuple(c.data.label_words))
 
 
-def load_split(spec: str, limit: int, seed: int, tokenizer, c: ml_collections.ConfigDict,
-               cache_dir: Path | None) -> Split:
-  """Encodes a source; ``limit`` > 0 keeps a fixed random subset (chosen from the seed only)."""
+def load_split(spec: str, tokenizer, c: ml_collections.ConfigDict, cache_dir: Path | None, *,
+               fraction: float = 1.0, limit: int = 0, seed: int = 0) -> Split:
+  """Encodes a source and keeps a subset of its rows.
+
+  ``fraction`` < 1 keeps the rows whose :func:`row_hash` is below it: a row is in
+  or out by its own content (and the seed), so adding or removing one row of
+  the file changes the subset by at most that row (the add/remove guarantee
+  carries over from the subset to the file). ``limit`` > 0 keeps that many
+  random rows (for public evaluation splits only: one row more in the file
+  reshuffles the choice).
+  """
   encoded = data_lib.encode(source_for(spec, c), tokenizer, c.data.max_length,
                             buckets=tuple(c.data.buckets), template=template_for(c),
                             cache_dir=cache_dir)
   if encoded.labels is None:
     raise ConfigError(f"{spec} has no labels (config.data.label_field={c.data.label_field!r})")
   indices = np.arange(len(encoded))
-  if 0 < limit < len(encoded):
-    indices = np.sort(np.random.default_rng(seed).choice(len(encoded), limit, replace=False))
+  if fraction < 1:
+    threshold = int(fraction * 2**64)
+    indices = np.array([i for i in indices if row_hash(encoded, i, seed) < threshold], np.int64)
+    if len(indices) < 2:
+      raise ConfigError(f"config.data.train_fraction={fraction:g} keeps {len(indices)} of the "
+                        f"{len(encoded)} rows of {spec}; it must keep at least 2")
+  if 0 < limit < len(indices):
+    indices = np.sort(np.random.default_rng(seed).choice(indices, limit, replace=False))
   return Split(encoded, indices)
+
+
+def row_hash(encoded: data_lib.EncodedDataset, index: int, seed: int) -> int:
+  """A 64-bit hash of row ``index``'s tokens and label, keyed by ``seed``."""
+  digest = hashlib.blake2b(digest_size=8, key=str(seed).encode())
+  digest.update(encoded.token_ids(index).tobytes())
+  digest.update(np.asarray(encoded.labels[index]).tobytes())
+  return int.from_bytes(digest.digest(), "little")
+
+
+def data_digest(split: Split) -> bytes:
+  """sha256 of the split's rows (tokens and labels, in order): what training reads."""
+  digest = hashlib.sha256()
+  for i in split.indices:
+    digest.update(split.encoded.token_ids(int(i)).tobytes())
+    digest.update(np.asarray(split.encoded.labels[int(i)]).tobytes())
+  return digest.digest()
 
 
 def backbone_for(c: ml_collections.ConfigDict):
@@ -214,6 +247,11 @@ def plan_privacy(c: ml_collections.ConfigDict, dataset_size: int) -> PrivacyPlan
   else:
     sigma = privacy.calibrate_noise(c.dp.epsilon, delta, q, steps, c.dp.accountant,
                                     dataset_size=dataset_size)
+  tail = noise_lib.tail_probability(sigma, steps)
+  if sigma > 0 and tail > 1e-3 * delta:
+    raise ConfigError(f"config.dp.noise_multiplier={sigma:.4g} is too small for the noise "
+                      f"generator's tails (P(tail event) = {tail:.2g} over {steps} steps must "
+                      f"be below 1e-3·delta = {1e-3 * delta:.2g}); use σ >= 0.3")
   return PrivacyPlan(dataset_size, batch, steps, delta, sigma, float(c.dp.epsilon),
                      c.dp.accountant)
 
@@ -232,13 +270,13 @@ def optimizer(c: ml_collections.ConfigDict, steps: int) -> optax.GradientTransfo
   return optax.adamw(schedule, weight_decay=c.train.weight_decay)
 
 
-def transform(c: ml_collections.ConfigDict, plan: PrivacyPlan, sensitivity: float
-              ) -> optax.GradientTransformation:
+def transform(c: ml_collections.ConfigDict, plan: PrivacyPlan, sensitivity: float,
+              noise_key: np.ndarray) -> optax.GradientTransformation:
   """DP: privatizer (σ·Δ noise once, / B) then the optimizer; non-DP: the optimizer."""
   if not c.dp.enabled:
     return optimizer(c, plan.steps)
   return optax.chain(privacy.gaussian_privatizer(plan.noise_multiplier, sensitivity,
-                                                 plan.expected_batch_size, key=c.seed),
+                                                 plan.expected_batch_size, key=noise_key),
                      optimizer(c, plan.steps))
 
 
@@ -246,7 +284,7 @@ def abstract_state(c: ml_collections.ConfigDict, trainable: PyTree):
   """A TrainState with the structure of the run's (what a checkpoint restores into)."""
   from dpjax.train import step as step_lib  # pylint: disable=import-outside-toplevel
   dummy = PrivacyPlan(1, 1.0, 1, 0.0, 0.0, 0.0, "pld")
-  tx = transform(c, dummy, 1.0)
+  tx = transform(c, dummy, 1.0, np.zeros(8, np.uint32))
   state = step_lib.TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable))
   return jax.tree_util.tree_map(np.asarray, state)
 

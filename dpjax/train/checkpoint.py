@@ -74,5 +74,12 @@ class Checkpoints:
                         "refusing to restart with a fresh privacy ledger")
     return None
 
+  def skipped_after(self, step: int) -> bool:
+    """True if a checkpoint newer than ``step`` was set aside as unreadable (now or before)."""
+    unreadable = self.directory.parent / "checkpoints_unreadable"
+    if not unreadable.is_dir():
+      return False
+    return any(p.name.isdigit() and int(p.name) > step for p in unreadable.iterdir())
+
   def close(self) -> None:
     self.manager.close()

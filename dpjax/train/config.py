@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from dpjax import parallel
 from dpjax.models import lora as lora_lib
@@ -32,6 +33,8 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
   """All keys, with defaults for DP fine-tuning of MiniLM on SST-2."""
   c = ml_collections.ConfigDict()
+  # Initialization, dropout and subset selection. NOT the noise or the sampling: those come
+  # from a fresh secret drawn from OS entropy at the start of each run (see dp.*).
   c.seed = 0
   # same_config: resume only a workdir made with an identical config; allow_changes:
   # continue it with this config (the ledger still counts every step taken).
@@ -59,7 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.num_labels = 2
   c.data.max_length = 64
   c.data.buckets = (32, 64)
-  c.data.train_limit = 0           # >0: a fixed random subset of this size IS the dataset
+  # <1: keep each training row iff a hash of its content (keyed by seed) is below this
+  # fraction; the kept rows ARE the dataset (adding/removing a file row changes them by at
+  # most that row)
+  c.data.train_fraction = 1.0
   c.data.eval_limit = 0
   c.data.template = ""             # label_words: e.g. "{text} It was [MASK] ."
   c.data.label_words = ("terrible", "great")
@@ -76,6 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp.accountant = "pld"          # pld | rdp
   c.dp.backend = "auto"            # auto (bookkeeping when the model allows) | bookkeeping | vmap
   c.dp.microbatch_size = 16
+  # An integer makes noise and sampling a public function of it: reproducible, and NO
+  # privacy guarantee (for tests and debugging; the summary says so). None: secret.
+  c.dp.insecure_fixed_noise_seed = config_dict.placeholder(int)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256         # expected (Poisson) batch size B
@@ -92,6 +101,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 50
   c.train.keep_checkpoints = 3
+  # Also write statistics of the private batches (train loss/accuracy, realized batch
+  # sizes, clipped fraction, timings) to private_metrics.jsonl and the progress lines.
+  # They are NOT covered by (ε, δ): operator-only, never for publication.
+  c.train.private_metrics = False
 
   # Devices: a ("data", "fsdp") mesh over all devices of all processes (dpjax.parallel).
   c.parallel = ml_collections.ConfigDict()
@@ -165,7 +178,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
                         for b in buckets):
     raise _fail("data.buckets", buckets, f"a non-empty tuple of lengths in [1, "
                 f"max_length={c.data.max_length}]")
-  _positive(c, "data.train_limit", allow_zero=True, integer=True)
+  fraction = c.data.train_fraction
+  if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+      or not 0 < fraction <= 1):
+    raise _fail("data.train_fraction", fraction, "a number in (0, 1]")
   _positive(c, "data.eval_limit", allow_zero=True, integer=True)
   if c.model.task == "label_words":
     if "[MASK]" not in c.data.template and "<mask>" not in c.data.template:
@@ -186,6 +202,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise _fail("dp.noise_multiplier", c.dp.noise_multiplier,
                   ">= 0, or -1 to calibrate it from dp.epsilon")
   _positive(c, "dp.microbatch_size", integer=True)
+  fixed = c.dp.insecure_fixed_noise_seed
+  if fixed is not None and (not isinstance(fixed, int) or isinstance(fixed, bool) or fixed < 0):
+    raise _fail("dp.insecure_fixed_noise_seed", fixed, "None or an integer >= 0")
+  if not isinstance(c.train.private_metrics, bool):
+    raise _fail("train.private_metrics", c.train.private_metrics, "True or False")
   _positive(c, "train.batch_size")
   _positive(c, "train.epochs", allow_zero=True)
   _positive(c, "train.steps", allow_zero=True, integer=True)

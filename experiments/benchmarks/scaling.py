@@ -59,6 +59,7 @@ def _row(num_devices: int) -> dict:
   from dpjax import parallel, privacy
   from dpjax.models import bert, heads, lora
   from dpjax.train import step as step_lib
+  from dpjax.privacy.secret import RunSecret
 
   devices = jax.devices()[:num_devices]
   if len(devices) < num_devices:
@@ -81,7 +82,8 @@ def _row(num_devices: int) -> dict:
                                  backend=_BACKEND.value, microbatch_size=microbatch,
                                  has_aux=True)
   tx = optax.chain(privacy.gaussian_privatizer(common.NOISE_MULTIPLIER,
-                                               grad_fn.sensitivity, batch_size, 0),
+                                               grad_fn.sensitivity, batch_size,
+                                               RunSecret.fresh().noise_key()),
                    optax.adamw(1e-4))
   grad_fn = parallel.sharded_grad_fn(grad_fn, mesh)
   state = step_lib.TrainState(np.zeros([], np.int32), params,

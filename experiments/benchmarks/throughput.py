@@ -115,6 +115,7 @@ def _dpjax_row(mode: str) -> dict:
 
   from dpjax import privacy
   from dpjax.models import bert, gpt2, heads, layers, lora
+  from dpjax.privacy.secret import RunSecret
   from dpjax.train import step as step_lib
 
   name, _, micro = mode.partition(":")
@@ -150,7 +151,7 @@ def _dpjax_row(mode: str) -> dict:
     grad_fn = privacy.clipped_grad(loss_fn, CLIP_NORM, backend=name, microbatch_size=micro,
                                    has_aux=True)
     tx = optax.chain(privacy.gaussian_privatizer(NOISE_MULTIPLIER, grad_fn.sensitivity,
-                                                 batch_size, 0), adam)
+                                                 batch_size, RunSecret.fresh().noise_key()), adam)
     mean_of_sum = False
   state = step_lib.TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable))
   batches = ({k: jnp.asarray(v) for k, v in data.items()},)

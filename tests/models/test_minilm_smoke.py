@@ -6,6 +6,7 @@ import optax
 
 from dpjax import data, privacy
 from dpjax.models import heads, lora, pretrained
+from dpjax.privacy.secret import RunSecret
 
 
 def test_real_minilm_dp_finetuning_on_sst2_lowers_the_loss():
@@ -20,7 +21,7 @@ def test_real_minilm_dp_finetuning_on_sst2_lowers_the_loss():
   loss_fn = heads.classification_loss(task, frozen)
   grad_fn = privacy.clipped_grad(loss_fn, 1.0, microbatch_size=16, has_aux=True)
   # A small σ: the point is that the clipped, noised, real-weight step works and learns.
-  tx = optax.chain(privacy.gaussian_privatizer(0.1, grad_fn.sensitivity, 64.0, key=0),
+  tx = optax.chain(privacy.gaussian_privatizer(0.1, grad_fn.sensitivity, 64.0, key=RunSecret.insecure_fixed(0).noise_key()),
                    optax.adam(5e-4))
   opt_state = tx.init(trainable)
   mask = np.ones(64, bool)

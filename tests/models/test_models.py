@@ -8,6 +8,7 @@ import pytest
 
 from dpjax import privacy
 from dpjax.models import bert, gpt2, heads, lora
+from dpjax.privacy.secret import RunSecret
 
 TINY_BERT = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
                             num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
@@ -82,7 +83,7 @@ def test_lora_trains_only_adapters_and_head_and_frozen_params_never_change():
 
   loss_fn = heads.classification_loss(model, frozen)
   grad_fn = privacy.clipped_grad(loss_fn, 1.0, has_aux=True)
-  tx = optax.chain(privacy.gaussian_privatizer(1.0, grad_fn.sensitivity, 4.0, key=0),
+  tx = optax.chain(privacy.gaussian_privatizer(1.0, grad_fn.sensitivity, 4.0, key=RunSecret.insecure_fixed(0).noise_key()),
                    optax.adam(1e-2))
   opt_state = tx.init(trainable)
 

@@ -13,6 +13,7 @@ from dpjax import parallel, privacy
 from dpjax.models import bert, heads
 from dpjax.privacy import clipping, noise
 from dpjax.train import step as step_lib
+from dpjax.privacy.secret import RunSecret
 from tests import tiny_models
 
 CONFIG = bert.BertConfig(**tiny_models.TINY_BERT_SHAPE)
@@ -30,7 +31,7 @@ def one_step(backend, data, fsdp, devices):
   params = model.init(jax.random.PRNGKey(0), rows(1, 4, 0))["params"]
   grad_fn = privacy.clipped_grad(heads.classification_loss(model), 0.5, backend, MICRO,
                                  has_aux=True)
-  tx = optax.chain(privacy.gaussian_privatizer(1.0, grad_fn.sensitivity, 12.0, key=3),
+  tx = optax.chain(privacy.gaussian_privatizer(1.0, grad_fn.sensitivity, 12.0, key=RunSecret.insecure_fixed(3).noise_key()),
                    optax.sgd(1.0))
   state = step_lib.TrainState(np.zeros([], np.int32), params, tx.init(params))
   shardings = parallel.shardings(state, mesh, min_size=0)
@@ -61,7 +62,7 @@ def sharded_noise(fsdp):
   mesh = parallel.make_mesh(8 // fsdp, fsdp)
   template = {"w": jnp.zeros([64, 32]), "b": jnp.zeros([7])}
   spec = parallel.shardings(template, mesh, min_size=0)
-  fn = jax.jit(lambda: noise.noise_for_step(noise.as_raw_key(3), jnp.asarray(5), template, 1.0),
+  fn = jax.jit(lambda: noise.noise_for_step(RunSecret.insecure_fixed(3).noise_key(), jnp.asarray(5), template, 1.0),
                out_shardings=spec)
   result = fn()
   return {f"noise{fsdp}/{k}": np.asarray(v) for k, v in result.items()} | {

@@ -1,7 +1,7 @@
 """Two processes on localhost (jax.distributed, CPU collectives) train exactly like one.
 
 The multi-host path end to end, through ``launch/multiprocess.sh``: the
-Poisson sample is decided from the shared seed, each process loads its own
+Poisson sample is decided from the shared secret, each process loads its own
 rows, clipped sums meet in one psum, noise is added once, only process 0
 writes, and orbax saves/restores the sharded state across both processes,
 including the fallback when the latest checkpoint is unreadable. The reference
@@ -23,10 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # count), constant learning rate (the schedule does not either): a run stopped at
 # step 4 and resumed to 6 is the same run as one straight to 6.
 FLAGS = [
-    "--config.data.buckets=(16,)", "--config.data.max_length=16", "--config.data.train_limit=256",
+    "--config.data.buckets=(16,)", "--config.data.max_length=16", "--config.data.train_fraction=0.004",
     "--config.data.eval_limit=64", "--config.train.batch_size=32", "--config.dp.microbatch_size=8",
     "--config.dp.noise_multiplier=1.0", "--config.train.schedule=constant",
     "--config.train.checkpoint_every_steps=2", "--config.train.log_every_steps=2",
+    # Two runs are compared bit for bit: they must share their (here public) noise seed.
+    "--config.dp.insecure_fixed_noise_seed=11",
 ]
 
 
@@ -56,15 +58,28 @@ def _summary(workdir: Path) -> dict:
   return json.loads((workdir / "summary.json").read_text())
 
 
-def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
-  cache = tmp_path / "token_cache"
-  one = tmp_path / "one_process"
+def _one_process(workdir: Path, cache: Path, *flags: str) -> None:
   env = _env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   result = subprocess.run(
       [sys.executable, "-m", "dpjax.main", "--config=experiments/sst2.py:tiny",
-       f"--workdir={one}", *FLAGS, f"--config.data.cache_dir={cache}", "--config.train.steps=6"],
+       f"--workdir={workdir}", *FLAGS, f"--config.data.cache_dir={cache}", *flags],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
+
+
+def _garble(checkpoint: Path) -> None:
+  for f in checkpoint.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+
+
+def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
+  cache = tmp_path / "token_cache"
+  one = tmp_path / "one_process"
+  # The reference: one process with 2 devices, through the same damaged-checkpoint resume.
+  _one_process(one, cache, "--config.train.steps=4")
+  _garble(one / "checkpoints" / "4")
+  _one_process(one, cache, "--config.train.steps=6", "--config.resume=allow_changes")
   reference = _summary(one)
   assert reference["devices"] == 2 and reference["processes"] == 1
 
@@ -79,20 +94,21 @@ def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
 
   # The latest checkpoint is damaged: both processes must agree to drop it, and resume
   # from step 2 with the ledger of step 2 (never a fresh one), then train to step 6.
-  for f in (two / "checkpoints" / "4").rglob("*"):
-    if f.is_file():
-      f.write_bytes(b"garbage")
+  _garble(two / "checkpoints" / "4")
   _two_processes(two, cache, "--config.train.steps=6", "--config.resume=allow_changes")
   log = (logs / "process_0.log").read_text()
-  assert "resumed from step 2 (ledger: 2 steps)" in log, log
+  # Step 3-4 had been executed and written: charged again, and the rest re-keyed.
+  assert "resumed from step 2 (ledger: 4 steps)" in log, log
+  assert "steps 2 executed past the restored checkpoint" in log, log
   assert (two / "checkpoints_unreadable" / "4").is_dir()
   resumed = _summary(two)
 
   assert resumed["steps"] == reference["steps"] == 6
+  assert resumed["ledger_steps"] == reference["ledger_steps"] == 8
   assert resumed["params_sha256"] == reference["params_sha256"]
   assert resumed["epsilon"] == reference["epsilon"]
   assert resumed["eval"] == reference["eval"]
   # Process 1 wrote no metrics; the records of the dropped step 4 were rewound.
   records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
-  steps = [r["step"] for r in records if r["split"] == "train"]
+  steps = [r["step"] for r in records if r["split"] == "privacy"]
   assert steps == [2, 4, 6], steps

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from dpjax.privacy import (AutomaticClip, FlatClip, PerLayerClip, clip_and_sum,
+from dpjax.privacy.secret import RunSecret
                            clip_per_example, gaussian_privatizer)
 
 # Per-example gradient entries from exactly zero to huge, in float32.
@@ -100,7 +101,7 @@ def test_optax_chain_of_clip_privatizer_and_optimizer():
   per_example = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4], [9.0, 9.0]])}
   mask = np.array([True, True, False])
   rule = FlatClip(1.0)
-  tx = optax.chain(clip_per_example(rule), gaussian_privatizer(0.0, rule.sensitivity, 4.0, 0),
+  tx = optax.chain(clip_per_example(rule), gaussian_privatizer(0.0, rule.sensitivity, 4.0, RunSecret.insecure_fixed(0).noise_key()),
                    optax.sgd(1.0))
   state = tx.init(params)
   updates, state = jax.jit(tx.update)(per_example, state, params, mask=mask)

@@ -5,11 +5,14 @@ import pytest
 from scipy import stats
 
 from dpjax.privacy import PoissonSampler
+from dpjax.privacy.secret import RunSecret
+
+KEYS = [RunSecret.insecure_fixed(i).sampling_key() for i in range(12)]
 
 
 def test_inclusion_rate_and_batch_size_distribution():
   n, b, steps = 500, 25.0, 4000
-  sampler = PoissonSampler(n, b, seed=11)
+  sampler = PoissonSampler(n, b, key=KEYS[11])
   q = b / n
   counts = np.zeros(n)
   sizes = []
@@ -36,18 +39,18 @@ def test_inclusion_rate_and_batch_size_distribution():
                          / (binom.pmf(edges) * steps).sum()).pvalue > 1e-4
 
 
-def test_deterministic_from_seed_and_step():
-  a, b = PoissonSampler(1000, 50, seed=5), PoissonSampler(1000, 50, seed=5)
+def test_deterministic_from_key_and_step():
+  a, b = PoissonSampler(1000, 50, key=KEYS[5]), PoissonSampler(1000, 50, key=KEYS[5])
   for step in (0, 1, 99):
     np.testing.assert_array_equal(a.sample(step).indices, b.sample(step).indices)
   assert not np.array_equal(a.sample(1).indices[a.sample(1).mask],
                             a.sample(2).indices[a.sample(2).mask])
-  c = PoissonSampler(1000, 50, seed=6)
+  c = PoissonSampler(1000, 50, key=KEYS[6])
   assert not np.array_equal(a.sample(0).indices, c.sample(0).indices)
 
 
 def test_static_shapes_padding_and_mask():
-  sampler = PoissonSampler(10_000, 64, seed=0, batch_size_multiple=8)
+  sampler = PoissonSampler(10_000, 64, key=KEYS[0], batch_size_multiple=8)
   assert all(s % 8 == 0 for s in sampler.shapes)
   assert len(sampler.shapes) <= 4
   assert sampler.overflow_probability < 1e-9
@@ -65,7 +68,7 @@ def test_static_shapes_padding_and_mask():
 
 
 def test_truncation_caps_the_batch_and_is_accounted_as_truncated():
-  sampler = PoissonSampler(1000, 100, seed=1, max_batch_size=90)
+  sampler = PoissonSampler(1000, 100, key=KEYS[1], max_batch_size=90)
   sizes = [sampler.sample(s).size for s in range(200)]
   assert max(sizes) == 90 and min(sizes) < 90
   assert max(sampler.shapes) == 90
@@ -75,7 +78,7 @@ def test_truncation_caps_the_batch_and_is_accounted_as_truncated():
 
 
 def test_untruncated_overflow_gets_a_bigger_shape_not_a_truncation():
-  sampler = PoissonSampler(1000, 100, seed=2, shapes=(64,), batch_size_multiple=32)
+  sampler = PoissonSampler(1000, 100, key=KEYS[2], shapes=(64,), batch_size_multiple=32)
   batch = sampler.sample(0)
   assert batch.size > 64 and len(batch.mask) == -(-batch.size // 32) * 32
 
@@ -92,12 +95,18 @@ def test_untruncated_overflow_gets_a_bigger_shape_not_a_truncation():
 ])
 def test_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    PoissonSampler(seed=0, **kwargs)
+    PoissonSampler(key=KEYS[0], **kwargs)
 
 
 def test_single_shape_keeps_only_the_largest_default_shape():
-  full = PoissonSampler(10_000, 64, seed=0, batch_size_multiple=8)
-  single = PoissonSampler(10_000, 64, seed=0, batch_size_multiple=8, shapes="single")
+  full = PoissonSampler(10_000, 64, key=KEYS[0], batch_size_multiple=8)
+  single = PoissonSampler(10_000, 64, key=KEYS[0], batch_size_multiple=8, shapes="single")
   assert single.shapes == (full.shapes[-1],)
   np.testing.assert_array_equal(single.sample(3).indices[single.sample(3).mask],
                                 full.sample(3).indices[full.sample(3).mask])
+
+
+def test_short_or_integer_keys_are_refused():
+  for key in (0, 12345, b"short", "a string of text!"):
+    with pytest.raises(ValueError, match="key must be a secret"):
+      PoissonSampler(100, 10, key=key)

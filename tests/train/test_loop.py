@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dpjax import privacy, report
+from dpjax.privacy.secret import RunSecret
 from dpjax.train import loop
 from dpjax.train.config import ConfigError
 from experiments import sst2
@@ -63,8 +64,8 @@ def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
   summary = loop.train_and_evaluate(tiny(token_cache), tmp_path)
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk == json.loads(json.dumps(summary))
-  n, b = 512, 64
-  assert summary["dataset_size"] == n and summary["sampling_prob"] == pytest.approx(b / n)
+  n, b = summary["dataset_size"], 64
+  assert 400 < n < 640 and summary["sampling_prob"] == pytest.approx(b / n)
   assert summary["delta"] == pytest.approx(n ** -1.1)
   assert summary["steps"] == 16 and summary["accountant"] == "pld"
   assert 0.99 * 8.0 <= summary["epsilon"] <= 8.0
@@ -73,34 +74,55 @@ def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
       summary["noise_multiplier"], b / n, 16, summary["delta"]), rel=1e-9)
   assert summary["eval"]["count"] == 64 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
   assert len(summary["params_sha256"]) == 64 and summary["params_global_norm"] > 0
-  assert summary["examples_per_second"] > 0 and summary["wall_seconds"] > 0
   assert not summary["stopped_by_budget"] and not summary["preempted"]
+  # Only public quantities beside ε: nothing computed from the private batches.
+  for private in ("examples_seen", "examples_per_second", "wall_seconds", "loss", "seed"):
+    assert private not in summary
+  assert summary["guarantee"].startswith("(epsilon, delta)-DP for add/remove")
+  assert summary["neighboring_relation"] == "add_or_remove_one" and "N" in summary["public"]
+  assert summary["epsilon_replace_one"] == pytest.approx(_replace_one_epsilon(
+      summary["noise_multiplier"], b / n, 16, summary["delta"]), rel=1e-9)
+  assert summary["epsilon_replace_one"] > summary["epsilon"]
+  assert summary["noise"]["max_abs_normal"] > 11 and summary["noise"]["tail_probability"] < 1e-12
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows if r["split"] == "train"] == [4, 8, 12, 16]
+  assert {r["split"] for r in rows} == {"privacy", "eval"}
+  assert [r["step"] for r in rows if r["split"] == "privacy"] == [4, 8, 12, 16]
   assert rows[-1]["split"] == "eval" and rows[-1]["epsilon"] == summary["epsilon"]
+  assert not (tmp_path / "private_metrics.jsonl").exists()
   events = tensorboard_scalars(tmp_path / "tensorboard")
-  assert [step for step, _ in events["train/loss"]] == [4, 8, 12, 16]
+  assert not any(tag.startswith(("train/", "private")) for tag in events)
   assert events["eval/epsilon"] == [(16, pytest.approx(summary["epsilon"], rel=1e-6))]
   # ε spent grows with every logged step and ends at the summary's.
-  spent = [e for _, e in events["train/epsilon"]]
+  spent = [e for _, e in events["privacy/epsilon"]]
   assert spent == sorted(spent) and spent[-1] == pytest.approx(summary["epsilon"], rel=1e-6)
   plots = report.write_plots(tmp_path)
-  assert {p.name for p in plots} == {"loss.png", "eval_accuracy.png", "epsilon.png"}
+  assert {p.name for p in plots} == {"eval_accuracy.png", "epsilon.png"}
   assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in plots)
 
 
+def _replace_one_epsilon(sigma, q, steps, delta):
+  import dp_accounting
+  from dp_accounting.pld import pld_privacy_accountant
+  acc = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE,
+                                             value_discretization_interval=1e-4)
+  acc.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+  return acc.get_epsilon(delta)
+
+
 def test_sigkill_then_resume_gives_identical_params_and_epsilon(tmp_path, token_cache):
-  steps = "--config.train.steps=40"
+  """The killed run's resume equals its uninterrupted twin (same fixed noise seed)."""
+  steps = "--config.train.steps=40 --config.dp.insecure_fixed_noise_seed=5".split()
   cache = f"--config.data.cache_dir={token_cache}"
   evals = "--config.data.eval_limit=64"
-  reference = run_main(tmp_path / "a", steps, cache, evals)
+  reference = run_main(tmp_path / "a", *steps, cache, evals)
   assert reference.returncode == 0, reference.stderr[-2000:]
   want = json.loads((tmp_path / "a" / "summary.json").read_text())
 
   killed_dir = tmp_path / "b"
   proc = subprocess.Popen(
       [sys.executable, "-m", "dpjax.main", "--config=experiments/sst2.py:tiny",
-       f"--workdir={killed_dir}", steps, cache, evals],
+       f"--workdir={killed_dir}", *steps, cache, evals],
       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -111,12 +133,14 @@ def test_sigkill_then_resume_gives_identical_params_and_epsilon(tmp_path, token_
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (killed_dir / "summary.json").exists(), "the run finished before it was killed"
-  resumed = run_main(killed_dir, steps, cache, evals)
+  resumed = run_main(killed_dir, *steps, cache, evals)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resumed from step" in resumed.stdout
   got = json.loads((killed_dir / "summary.json").read_text())
   assert got["params_sha256"] == want["params_sha256"]
   assert got["epsilon"] == want["epsilon"] and got["steps"] == want["steps"] == 40
+  assert got["ledger_steps"] == 40  # the replayed steps were recomputed exactly: no charge
+  assert got["guarantee"] == "none (fixed noise seed)"
 
 
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, token_cache):
@@ -146,11 +170,19 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_never_to_a_fresh_ledge
       f.write_bytes(b"garbage")
   c = tiny(token_cache, **fixed, **{"train.steps": 20, "resume": "allow_changes"})
   summary = loop.train_and_evaluate(c, tmp_path)
-  # Restored from step 12 (not 16, not 0) and trained to 20: the ledger holds exactly 20 steps.
-  assert summary["steps"] == 20
+  # Restored from step 12 (not 16, not 0) and trained to 20. Steps 13-16 had been executed
+  # (and their outputs written) before: they are charged again, and re-keyed.
+  q = 64 / summary["dataset_size"]
+  assert summary["steps"] == 20 and summary["ledger_steps"] == 24
   assert summary["epsilon"] == pytest.approx(
-      privacy.compute_epsilon(0.7, 64 / 512, 20, summary["delta"]), rel=1e-9)
+      privacy.compute_epsilon(0.7, q, 24, summary["delta"]), rel=1e-9)
   assert (tmp_path / "checkpoints_unreadable" / "16").is_dir()  # Kept aside, not deleted.
+  journal = [json.loads(l) for l in (tmp_path / "privacy_journal.jsonl").read_text().splitlines()]
+  assert {(r["attempt"], r["start"]) for r in journal} == {(0, 0), (1, 12)}
+  assert max(r["step"] for r in journal if r["attempt"] == 0) == 16
+  meta = json.loads((tmp_path / "checkpoints" / "20" / "meta" / "metadata").read_text())
+  secret = RunSecret.from_checkpoint(meta["secret"])
+  assert meta["attempt"] == 1 and secret.noise_key(1).tolist() != secret.noise_key(0).tolist()
   # Every checkpoint unreadable: refuse rather than start over with an empty ledger.
   for f in (tmp_path / "checkpoints").rglob("*"):
     if f.is_file():
@@ -164,11 +196,21 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_never_to_a_fresh_ledge
 
 
 def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_cache):
-  c = tiny(token_cache, **{"dp.noise_multiplier": 0.8, "dp.epsilon": 3.0, "train.steps": 60})
+  c = tiny(token_cache, **{"dp.noise_multiplier": 0.8, "dp.epsilon": 3.0, "train.steps": 60,
+                           "train.private_metrics": True})
   summary = loop.train_and_evaluate(c, tmp_path)
+  # Asked for, the private batch statistics go to their own file, tag and plot, labelled.
+  private = [json.loads(l) for l in (tmp_path / "private_metrics.jsonl").read_text().splitlines()]
+  assert {r["split"] for r in private} == {"train", "run"} and private[-1]["examples_seen"] > 0
+  public = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert not any("loss" in r and r["split"] != "eval" for r in public)
+  assert any(t.startswith("private_not_covered_by_dp/") for t in tensorboard_scalars(
+      tmp_path / "tensorboard"))
+  assert "private_loss.png" in {p.name for p in report.write_plots(tmp_path)}
   assert summary["stopped_by_budget"] and 0 < summary["steps"] < 60
   assert summary["epsilon"] <= 3.0
-  one_more = privacy.compute_epsilon(0.8, 64 / 512, summary["steps"] + 1, summary["delta"])
+  one_more = privacy.compute_epsilon(0.8, summary["sampling_prob"], summary["steps"] + 1,
+                                    summary["delta"])
   assert one_more > 3.0  # It stopped at the last step that fits, not earlier.
   with pytest.raises(ConfigError, match="target epsilon 3 is already spent"):
     loop.train_and_evaluate(c, tmp_path)
@@ -179,7 +221,10 @@ def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_c
     (["--config.train.batch_size=abc"], "batch_size"),
     (["--config.dp.epsilon=-1"], "config.dp.epsilon must be a number > 0"),
     (["--config.data.train=/nonexistent.tsv"], "data file '/nonexistent.tsv' not found"),
-    (["--config.train.batch_size=100000"], "config.train.batch_size must be in (0, dataset_size=512]"),
+    (["--config.train.batch_size=100000"], "config.train.batch_size must be in (0, dataset_size="),
+    (["--config.data.train_fraction=1.5"], "config.data.train_fraction must be a number in (0, 1]"),
+    (["--config.data.train_limit=5"], "train_limit"),
+    (["--config.dp.insecure_fixed_noise_seed=-3"], "dp.insecure_fixed_noise_seed must be None"),
 ])
 def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
   result = run_main(tmp_path / "w", *args, timeout=120)
@@ -271,7 +316,7 @@ def test_evaluate_equals_scoring_one_example_at_a_time(tmp_path):
   data.write_text("sentence\tlabel\n" + "".join(f"{r}\t{i % 2}\n" for i, r in enumerate(rows)))
   c = sst2.get_config("tiny")
   backbone, _, _, tokenizer = builders.backbone_for(c)
-  split = builders.load_split(str(data), 0, 0, tokenizer, c, None)
+  split = builders.load_split(str(data), tokenizer, c, None)
   assert len(set(split.encoded.lengths)) > 4 and max(split.encoded.lengths) > 16
   model = builders.task_model(c, backbone, None)
   params = lora.combine(*builders.init_params(c, model, split.batch(np.arange(1)), None, {}))

@@ -10,6 +10,7 @@ import optax
 from dpjax import privacy
 from dpjax.models import bert, heads
 from dpjax.train import step as step_lib
+from dpjax.privacy.secret import RunSecret
 from tests import tiny_models
 
 CONFIG = bert.BertConfig(**tiny_models.TINY_BERT_SHAPE)
@@ -24,7 +25,7 @@ def setup(dropout=0.0, sigma=0.0):
   params = model.init(jax.random.PRNGKey(0), batch(1, 4, 0))["params"]
   grad_fn = privacy.clipped_grad(heads.classification_loss(model), 0.5, microbatch_size=2,
                                  has_aux=True)
-  tx = optax.chain(privacy.gaussian_privatizer(sigma, grad_fn.sensitivity, 8.0, key=3),
+  tx = optax.chain(privacy.gaussian_privatizer(sigma, grad_fn.sensitivity, 8.0, key=RunSecret.insecure_fixed(3).noise_key()),
                    optax.sgd(1.0))
   state = step_lib.TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
   return state, grad_fn, tx

@@ -1,0 +1,348 @@
+"""Release a trained run as a Hugging Face directory: weights, config, tokenizer, public DP facts.
+
+    python -m dpjax.export --workdir=DIR --out=DIR
+
+A workdir is secret material (its checkpoints hold the run's random secret and
+private statistics); the release holds only what may be published, and nothing else:
+
+  model.safetensors  the backbone under Hugging Face names (``bert.``/``roberta.`` prefix), LoRA
+                     adapters merged into their kernels (W + (alpha / rank) A B), and the head;
+  config.json        the backbone's Hugging Face config;
+  dpjax_head.json    the head: task, pooling, labels or label words, its tensors and formula;
+  tokenizer.json     the run's tokenizer;
+  dp_summary.json    the public fields of the run's summary.json (ε, δ, σ, q, steps, ...),
+                     when the run wrote one.
+
+Head tensors (``[out, in]`` weights, as ``torch.nn.Linear`` stores them):
+
+* classify, pooling=pooler: ``bert.pooler.dense.*`` + ``classifier.*``
+  (BertForSequenceClassification), or ``classifier.dense.*`` + ``classifier.out_proj.*``
+  (RobertaForSequenceClassification);
+* classify, pooling=cls or mean: ``classifier.dpjax_head.*``; no Hugging Face class computes
+  this head, so its names match none (they still nest under ``classifier.``, where checkpoint
+  loaders look for heads);
+* label_words: ``cls.predictions.transform.*`` + ``cls.predictions.bias`` (BertForMaskedLM)
+  or ``lm_head.*`` (RobertaForMaskedLM); the decoder is tied to the word embeddings.
+
+The directory is written next to ``--out`` under a temporary name and renamed at the end, so
+it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+from flax import traverse_util
+from safetensors.numpy import save as safetensors_bytes
+
+import dpjax
+from dpjax.models import bert, heads, layers, lora, pretrained
+from dpjax.models.pretrained import CheckpointError
+from dpjax.train import loop
+from dpjax.train.config import ConfigError
+from dpjax.trained import Trained, load_trained
+
+PyTree = Any
+FLAGS = flags.FLAGS
+# summary.json fields that may be published; any other field stays in the workdir.
+PUBLIC_SUMMARY_FIELDS = (
+    "epsilon", "delta", "epsilon_replace_one", "noise_multiplier", "sampling_prob", "steps",
+    "planned_steps", "accountant", "dp", "target_epsilon", "budget_epsilon", "dataset_size",
+    "expected_batch_size", "clip", "clip_norm", "neighboring_relation", "guarantee", "eval",
+    "params_sha256", "model", "noise")
+FILES = ("model.safetensors", "config.json", "dpjax_head.json", "tokenizer.json",
+         "dp_summary.json")
+
+
+class ExportError(ValueError):
+  """The workdir cannot be released to the requested directory."""
+
+
+def merge_lora(params: PyTree, lora_config: layers.LoraConfig | None) -> PyTree:
+  """``params`` without adapter leaves: each adapted kernel W becomes W + (α / r) · A · B.
+
+  Raises:
+    ExportError: the tree holds adapters but ``lora_config`` is None.
+  """
+  flat = traverse_util.flatten_dict(params)
+  adapted = {path[:-1] for path in flat if path[-1] in lora.LORA_LEAVES}
+  if adapted and lora_config is None:
+    raise ExportError("the parameters hold LoRA adapters but the model has no LoRA config")
+  merged = {}
+  for path, value in flat.items():
+    if path[-1] in lora.LORA_LEAVES:
+      continue
+    value = np.asarray(value, np.float32)
+    if path[-1] == "kernel" and path[:-1] in adapted:
+      a = np.asarray(flat[path[:-1] + ("lora_a",)], np.float64)
+      b = np.asarray(flat[path[:-1] + ("lora_b",)], np.float64)
+      scale = lora_config.alpha / lora_config.rank
+      value = (value.astype(np.float64) + scale * (a @ b)).astype(np.float32)
+    merged[path] = value
+  return traverse_util.unflatten_dict(merged)
+
+
+def backbone_tensors(config: bert.BertConfig, params: PyTree) -> dict[str, np.ndarray]:
+  """Backbone params (no adapters) -> the tensors ``pretrained.load`` reads, ``bert.``-prefixed.
+
+  Names and orientation are those of :func:`dpjax.models.pretrained.load`: kernels are stored
+  transposed ([out, in]), ``embedding``/``scale`` leaves are called ``weight``.
+  """
+  prefix = f"{config.model_type}."
+  tensors = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    name, is_kernel = pretrained._hf_name(path)  # pylint: disable=protected-access
+    tensors[prefix + name] = np.asarray(value).T if is_kernel else np.asarray(value)
+  return tensors
+
+
+def _linear(dense: PyTree, name: str) -> dict[str, np.ndarray]:
+  """A Dense ``{kernel [in, out], bias}`` as ``{name.weight [out, in], name.bias}``."""
+  return {f"{name}.weight": np.asarray(dense["kernel"]).T,
+          f"{name}.bias": np.asarray(dense["bias"])}
+
+
+def _classifier_layout(model: heads.SequenceClassifier) -> tuple[str | None, str, str | None]:
+  """(pooler tensor name or None, classifier tensor name, Hugging Face architecture or None)."""
+  if model.pooling != "pooler":
+    return None, "classifier.dpjax_head", None
+  if model.backbone.model_type == "roberta":
+    return "classifier.dense", "classifier.out_proj", "RobertaForSequenceClassification"
+  return "bert.pooler.dense", "classifier", "BertForSequenceClassification"
+
+
+def _mlm_layout(model: heads.LabelWordClassifier) -> tuple[str, str, str, str]:
+  """(dense, LayerNorm, bias tensor names, Hugging Face architecture) of the MLM head."""
+  if model.backbone.model_type == "roberta":
+    return "lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "RobertaForMaskedLM"
+  return ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+          "cls.predictions.bias", "BertForMaskedLM")
+
+
+def head_tensors(model: heads.SequenceClassifier | heads.LabelWordClassifier,
+                 params: PyTree) -> tuple[dict[str, np.ndarray], str | None]:
+  """(head tensors, Hugging Face architecture or None) from params without adapters."""
+  if isinstance(model, heads.LabelWordClassifier):
+    dense, norm, bias, architecture = _mlm_layout(model)
+    head = params["lm_head"]
+    return ({**_linear(head["dense"], dense),
+             f"{norm}.weight": np.asarray(head["LayerNorm"]["scale"]),
+             f"{norm}.bias": np.asarray(head["LayerNorm"]["bias"]),
+             bias: np.asarray(head["bias"])}, architecture)
+  pooler, classifier, architecture = _classifier_layout(model)
+  tensors = _linear(params["head"], classifier)
+  if pooler is not None:
+    tensors.update(_linear(params["pooler"]["dense"], pooler))
+  return tensors, architecture
+
+
+def model_tensors(model: heads.SequenceClassifier | heads.LabelWordClassifier, params: PyTree
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str | None]:
+  """(backbone tensors, head tensors, Hugging Face architecture of the head or None).
+
+  LoRA adapters are merged first, so the tensors describe a plain model; all are
+  contiguous float32 and no name is in both dicts.
+
+  Raises:
+    ExportError: the model is not a task model on a BERT-family backbone.
+  """
+  if not isinstance(model, (heads.SequenceClassifier, heads.LabelWordClassifier)):
+    raise ExportError(f"cannot export a {type(model).__name__}; only dpjax task models")
+  params = merge_lora(params, model.lora)
+  head, architecture = head_tensors(model, params)
+  backbone = backbone_tensors(model.backbone, params["backbone"])
+  if backbone.keys() & head.keys():
+    raise ExportError(f"head tensors collide with the backbone's: {backbone.keys() & head.keys()}")
+  as_f32 = lambda tensors: {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+  return as_f32(backbone), as_f32(head), architecture
+
+
+def hf_config(config: bert.BertConfig, architecture: str | None,
+              num_labels: int | None) -> dict[str, Any]:
+  """The Hugging Face ``config.json`` of a BERT-family backbone (read back by ``read_config``).
+
+  Raises:
+    ExportError: the config would not read back to ``config`` (dropout aside).
+  """
+  default = "RobertaModel" if config.model_type == "roberta" else "BertModel"
+  out = {"architectures": [architecture or default], "model_type": config.model_type}
+  for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                "layer_norm_eps", "hidden_act", "pad_token_id", "hidden_dropout_prob",
+                "attention_probs_dropout_prob"):
+    out[field] = getattr(config, field)
+  out["position_embedding_type"] = "absolute"
+  if num_labels is not None:
+    out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+    out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+  no_dropout = dataclasses.replace(config, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0)
+  if bert.BertConfig.from_hf(out) != no_dropout:
+    raise ExportError(f"the backbone config {config} has no Hugging Face equivalent")
+  return out
+
+
+def _logits_formula(model: heads.SequenceClassifier | heads.LabelWordClassifier) -> str:
+  """How the head computes its logits from ``last_hidden_state``, in the release's names."""
+  if isinstance(model, heads.LabelWordClassifier):
+    dense, norm, bias, _ = _mlm_layout(model)
+    embeddings = f"{model.backbone.model_type}.embeddings.word_embeddings.weight"
+    return (f"h = last_hidden_state at the template's mask token; t = {norm}(hidden_act(h @ "
+            f"{dense}.weight.T + {dense}.bias)); logits = t @ {embeddings}[label_word_ids].T + "
+            f"{bias}[label_word_ids]")
+  pooler, classifier, _ = _classifier_layout(model)
+  pooled = {"cls": "last_hidden_state[:, 0]",
+            "mean": "the mean of last_hidden_state over the positions where attention_mask = 1",
+            "pooler": f"tanh(last_hidden_state[:, 0] @ {pooler}.weight.T + {pooler}.bias)"}
+  return f"logits = pooled @ {classifier}.weight.T + {classifier}.bias, pooled = " + \
+      pooled[model.pooling]
+
+
+def head_description(trained: Trained, head: dict[str, np.ndarray],
+                     architecture: str | None) -> dict[str, Any]:
+  """What ``dpjax_head.json`` says: enough to rebuild the head from the release's tensors."""
+  c, model = trained.config, trained.model
+  out = {"dpjax_version": dpjax.__version__, "task": c.model.task,
+         "architecture": architecture, "num_labels": int(c.data.num_labels),
+         "max_length": int(c.data.max_length)}
+  if isinstance(model, heads.LabelWordClassifier):
+    out.update({"template": c.data.template, "label_words": list(c.data.label_words),
+                "label_word_ids": [int(i) for i in model.label_word_ids],
+                "hidden_act": model.backbone.hidden_act,
+                "layer_norm_eps": model.backbone.layer_norm_eps})
+  else:
+    out["pooling"] = model.pooling
+  out["logits"] = _logits_formula(model)
+  out["tensors"] = {name: list(tensor.shape) for name, tensor in head.items()}
+  return out
+
+
+def public_summary(summary: dict[str, Any]) -> dict[str, Any]:
+  """The allow-listed fields of a run summary (only those present)."""
+  return {key: summary[key] for key in PUBLIC_SUMMARY_FIELDS if key in summary}
+
+
+def run_summary(workdir: Path, trained: Trained) -> dict[str, Any] | None:
+  """``workdir/summary.json`` if the run wrote one; it must describe ``trained``.
+
+  Raises:
+    ExportError: the summary is unreadable, or describes another step or other parameters.
+  """
+  file = workdir / "summary.json"
+  if not file.is_file():
+    return None
+  try:
+    summary = json.loads(file.read_text())
+  except (ValueError, UnicodeDecodeError) as err:
+    raise ExportError(f"{file} is not JSON: {err}") from None
+  if not isinstance(summary, dict):
+    raise ExportError(f"{file} is not a run summary")
+  if summary.get("steps") != trained.step:
+    raise ExportError(f"{file} was written at step {summary.get('steps')} but the latest "
+                      f"checkpoint is step {trained.step}: resume the run (python -m dpjax.main "
+                      "with this --workdir) until it writes its summary again")
+  if "params_sha256" in summary and summary["params_sha256"] != loop.params_sha256(trained.params):
+    raise ExportError(f"the parameters restored from {workdir} differ from those {file} "
+                      "describes (params_sha256); has the pretrained model changed?")
+  return summary
+
+
+def _tokenizer_json(trained: Trained) -> bytes:
+  """The run's tokenizer.json: the pretrained model's file, or the loaded one for ``tiny``."""
+  name = trained.config.model.name
+  if name == "tiny":
+    return trained.tokenizer.to_str(pretty=True).encode()
+  return (pretrained.resolve(name) / "tokenizer.json").read_bytes()
+
+
+def _json(value: Any) -> bytes:
+  return (json.dumps(value, indent=2) + "\n").encode()
+
+
+def release_files(trained: Trained, summary: dict[str, Any] | None) -> dict[str, bytes]:
+  """{file name: contents} of the release of ``trained`` (dp_summary.json only with a summary)."""
+  backbone, head, architecture = model_tensors(trained.model, trained.params)
+  num_labels = int(trained.config.data.num_labels) if trained.config.model.task == "classify" \
+      else None
+  files = {
+      "model.safetensors": safetensors_bytes({**backbone, **head}, metadata={"format": "pt"}),
+      "config.json": _json(hf_config(trained.model.backbone, architecture, num_labels)),
+      "dpjax_head.json": _json(head_description(trained, head, architecture)),
+      "tokenizer.json": _tokenizer_json(trained),
+  }
+  if summary is not None:
+    files["dp_summary.json"] = _json(public_summary(summary))
+  return files
+
+
+def _check_out(out: Path) -> None:
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise ExportError(f"--out {out} exists and is not an empty directory")
+
+
+def _write_atomically(out: Path, files: dict[str, bytes]) -> None:
+  """Writes ``files`` into a fresh directory beside ``out``, then renames it to ``out``."""
+  partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial.mkdir()
+    for name, data in files.items():
+      (partial / name).write_bytes(data)
+    os.rename(partial, out)  # Replaces an empty directory; fails on a non-empty one.
+  except OSError as err:
+    raise ExportError(f"cannot write {out}: {err.strerror or err}") from None
+  finally:
+    if partial.exists():
+      shutil.rmtree(partial, ignore_errors=True)
+
+
+def export(workdir: str | Path, out_dir: str | Path) -> Path:
+  """Writes the release of ``workdir``'s latest checkpoint to ``out_dir``; returns its path.
+
+  Raises:
+    ExportError: ``out_dir`` is not empty, ``workdir`` does not exist, or its summary.json
+      does not describe its latest checkpoint.
+    ConfigError: ``workdir`` is not a run or has no checkpoint.
+    CheckpointError: the run's pretrained model cannot be loaded.
+  """
+  workdir, out = Path(workdir), Path(out_dir).absolute()
+  _check_out(out)
+  if not workdir.is_dir():
+    raise ExportError(f"--workdir {workdir} does not exist")
+  trained = load_trained(workdir)
+  files = release_files(trained, run_summary(workdir, trained))
+  _write_atomically(out, files)
+  return out
+
+
+def _define_flags() -> None:
+  """The CLI flags (defined only when run as a program: other modules define --workdir too)."""
+  flags.DEFINE_string("workdir", None, "A dpjax.main workdir.")
+  flags.DEFINE_string("out", None, "The directory to write (absent or empty).")
+
+
+def main(argv: list[str]) -> None:
+  """Prints the release's path; on a user mistake, one ``error:`` line and exit status 2."""
+  if len(argv) > 1 or not FLAGS.workdir or not FLAGS.out:
+    print("error: usage: python -m dpjax.export --workdir=DIR --out=DIR", file=sys.stderr)
+    sys.exit(2)
+  try:
+    out = export(FLAGS.workdir, FLAGS.out)
+  except (ExportError, ConfigError, CheckpointError) as err:
+    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    sys.exit(2)
+  print(out)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,121 @@
+"""The privacy journal: a write-ahead record of every step a workdir has executed.
+
+A step's noise is a function of (run secret, attempt, step). Replaying a step
+with the same noise is harmless only if it recomputes exactly the same output;
+the same noise on *different* gradients releases their difference unprotected.
+The journal makes resumes safe:
+
+* Before anything computed at step t is written (metrics, evaluations,
+  checkpoints, summary), one line "attempt a executed steps (start, t]" is
+  appended and fsync'ed to ``workdir/privacy_journal.jsonl``.
+* On restart from a checkpoint at step s, steps in (s, executed] were run and
+  may have been observed. If the run is an exact replay (same attempt, same
+  keyed fingerprint of config + data + platform, no checkpoint was skipped as
+  unreadable), they are recomputed with the same noise to the same values and
+  cost nothing more: a killed run resumes bit for bit. Otherwise the run moves
+  to a new attempt (fresh noise and sampling keys) and the abandoned executions
+  are charged to the privacy ledger, so ε counts every execution whose output
+  may have been released.
+
+The journal holds step numbers, attempts, the public plan (q, σ, N) and keyed
+fingerprints (HMAC with a key derived from the run secret), never the secret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FILENAME = "privacy_journal.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+  """How a (re)started run continues.
+
+  Attributes:
+    attempt: the attempt number the run uses from now on (keys its noise and sampling).
+    replay: True if executed steps past the checkpoint are recomputed with the same noise.
+    charges: (segment fields, steps) of abandoned executions to add to the ledger.
+  """
+  attempt: int
+  replay: bool
+  charges: tuple[tuple[dict[str, Any], int], ...]
+
+  @property
+  def charged_steps(self) -> int:
+    return sum(steps for _, steps in self.charges)
+
+
+class PrivacyJournal:
+  """Append-only ``privacy_journal.jsonl`` of (attempt, start, step, fingerprint, segment)."""
+
+  def __init__(self, workdir: str | Path, writer: bool = True):
+    self.path = Path(workdir) / FILENAME
+    self.writer = writer
+    self._last: tuple[int, int] | None = None  # (attempt, step) of the last line written
+
+  def records(self) -> list[dict[str, Any]]:
+    """All lines written so far (a torn last line, from a crash mid-write, is ignored)."""
+    if not self.path.exists():
+      return []
+    out = []
+    for line in self.path.read_text().splitlines():
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+    return out
+
+  def plan_resume(self, restored_step: int | None, restored_attempt: int | None,
+                  fingerprint: str, skipped_checkpoint: bool) -> ResumePlan:
+    """What to do with the executions the journal knows and the checkpoint does not.
+
+    Args:
+      restored_step: the step of the restored checkpoint (None: no checkpoint).
+      restored_attempt: the attempt stored in that checkpoint (None: no checkpoint).
+      fingerprint: the keyed fingerprint of this run's computation.
+      skipped_checkpoint: a newer checkpoint was unreadable and set aside.
+    """
+    records = self.records()
+    if restored_step is None:  # no checkpoint: every execution on record is abandoned
+      by_attempt = _group(records)
+      charges = tuple((r[-1]["segment"], r[-1]["step"] - r[0]["start"])
+                      for r in by_attempt.values() if r[-1]["step"] > r[0]["start"])
+      return ResumePlan(max(by_attempt, default=-1) + 1, False, charges)
+    by_attempt = _group(records)
+    mine = by_attempt.get(restored_attempt, [])
+    later = [rs for a, rs in by_attempt.items() if a > restored_attempt]
+    charges = []
+    if mine and mine[-1]["step"] > restored_step:
+      charges.append((mine[-1]["segment"], mine[-1]["step"] - restored_step))
+    for rs in later:
+      if rs[-1]["step"] > rs[0]["start"]:
+        charges.append((rs[-1]["segment"], rs[-1]["step"] - rs[0]["start"]))
+    same = not later and (not mine or mine[-1]["fingerprint"] == fingerprint)
+    if same and not (charges and skipped_checkpoint):
+      return ResumePlan(restored_attempt, bool(charges), ())
+    return ResumePlan(max(by_attempt, default=restored_attempt) + 1, False, tuple(charges))
+
+  def write_ahead(self, attempt: int, start: int, step: int, fingerprint: str,
+                  segment: dict[str, Any]) -> None:
+    """Durably records that ``attempt`` executed steps (start, step], before they are used."""
+    if not self.writer or self._last == (attempt, step) or step <= start:
+      return
+    line = json.dumps({"attempt": attempt, "start": start, "step": step,
+                       "fingerprint": fingerprint, "segment": segment}, sort_keys=True)
+    with self.path.open("a") as f:
+      f.write(line + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    self._last = (attempt, step)
+
+
+def _group(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+  by_attempt: dict[int, list[dict[str, Any]]] = {}
+  for record in records:
+    by_attempt.setdefault(int(record["attempt"]), []).append(record)
+  return by_attempt

@@ -1,0 +1,254 @@
+"""The release of a run (python -m dpjax.export): Hugging Face files only, equal to the run.
+
+Two tiny runs are trained once for the module: full fine-tuning with a mean-pooled head, and
+LoRA with BERT's pooler (where merging the adapters matters).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from dpjax import export as export_lib
+from dpjax.models import bert, heads, layers, pretrained
+from dpjax.train import loop
+from dpjax.train.config import ConfigError
+from dpjax.trained import load_trained
+from experiments import sst2
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCES = ["a gorgeous , witty , seductive movie .", "dull", "it is n't a bad film at all"]
+RUNS = {"full": {}, "lora": {"model.train": "lora", "model.pooling": "pooler"}}
+
+
+def _train(workdir: Path, token_cache: str, overrides: dict) -> Path:
+  c = sst2.get_config("tiny")
+  c.data.cache_dir = token_cache
+  c.train.steps = 2
+  for key, value in overrides.items():
+    section, leaf = key.split(".")
+    c[section][leaf] = value
+  loop.train_and_evaluate(c, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """{name: (workdir, release directory)} of the two tiny runs, each exported once."""
+  cache = str(tmp_path_factory.mktemp("token_cache"))
+  out = {}
+  for name, overrides in RUNS.items():
+    workdir = _train(tmp_path_factory.mktemp(f"run_{name}"), cache, overrides)
+    out[name] = workdir, export_lib.export(workdir, tmp_path_factory.mktemp(name) / "release")
+  return out
+
+
+def _tensors(directory: Path) -> dict[str, np.ndarray]:
+  with safe_open(str(directory / "model.safetensors"), framework="np") as f:
+    return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def _token_rows(tokenizer: tokenizers.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  encodings = tokenizer.encode_batch(SENTENCES)
+  return (np.array([e.ids for e in encodings], np.int32),
+          np.array([e.attention_mask for e in encodings], np.int32))
+
+
+def _head_logits(tensors: dict, head: dict, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """The classifier's logits rebuilt from the release's tensors and dpjax_head.json."""
+  hidden = np.asarray(hidden, np.float64)
+  if head["pooling"] == "mean":
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  elif head["pooling"] == "pooler":
+    pooled = np.tanh(hidden[:, 0] @ tensors["bert.pooler.dense.weight"].T
+                     + tensors["bert.pooler.dense.bias"])
+  else:
+    pooled = hidden[:, 0]
+  name = "classifier" if head["architecture"] else "classifier.dpjax_head"
+  return pooled @ tensors[f"{name}.weight"].T + tensors[f"{name}.bias"]
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_release_loads_back_and_computes_what_the_run_trained(runs, name):
+  workdir, release = runs[name]
+  trained = load_trained(workdir)
+  summary = json.loads((workdir / "summary.json").read_text())
+  # The restored parameters are exactly those the run finished with.
+  assert trained.step == summary["steps"] == 2
+  assert loop.params_sha256(trained.params) == summary["params_sha256"]
+  model, params, tokenizer = pretrained.load(release)
+  assert model.config == trained.model.backbone and model.lora is None
+  ids, mask = _token_rows(tokenizer)
+  backbone = bert.BertModel(trained.model.backbone, trained.model.lora)
+  want = backbone.apply({"params": trained.params["backbone"]}, ids, mask)
+  got = model.apply({"params": params}, ids, mask)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  # The head, rebuilt from its tensors as dpjax_head.json describes it, gives the run's logits.
+  head = json.loads((release / "dpjax_head.json").read_text())
+  batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+  logits = trained.model.apply({"params": trained.params}, batch)
+  np.testing.assert_allclose(_head_logits(_tensors(release), head, got, mask), logits,
+                             atol=1e-5, rtol=0)
+  if name == "lora":
+    assert head["architecture"] == "BertForSequenceClassification"
+    # The adapters trained away from B = 0: leaving them out would change the model.
+    without = bert.BertModel(trained.model.backbone).apply(
+        {"params": _drop_adapters(trained.params["backbone"])}, ids, mask)
+    assert float(jnp.max(jnp.abs(without - want))) > 1e-4
+
+
+def _drop_adapters(tree):
+  if isinstance(tree, dict):
+    return {k: _drop_adapters(v) for k, v in tree.items() if k not in ("lora_a", "lora_b")}
+  return tree
+
+
+def _meta(workdir: Path, step: int) -> dict:
+  """The checkpoint's JSON metadata item (orbax JsonSave ``meta``)."""
+  files = [p for p in (workdir / "checkpoints" / str(step) / "meta").iterdir() if p.is_file()]
+  for file in files:
+    try:
+      meta = json.loads(file.read_text())
+    except ValueError:
+      continue
+    if isinstance(meta, dict) and meta.get("step") == step:
+      return meta
+  raise AssertionError(f"no meta JSON among {files}")
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_release_holds_only_public_files_and_no_secret(runs, name):
+  workdir, release = runs[name]
+  assert sorted(p.name for p in release.iterdir()) == sorted(export_lib.FILES)
+  summary = json.loads((workdir / "summary.json").read_text())
+  public = json.loads((release / "dp_summary.json").read_text())
+  assert set(public) <= set(export_lib.PUBLIC_SUMMARY_FIELDS)
+  assert public == {k: v for k, v in summary.items() if k in export_lib.PUBLIC_SUMMARY_FIELDS}
+  assert "workdir" not in public and "examples_seen" not in public
+  assert public["epsilon"] == summary["epsilon"] and public["steps"] == 2
+  assert "seed" not in json.loads((release / "config.json").read_text())
+  contents = {p.name: p.read_bytes() for p in release.iterdir()}
+  assert not any(str(workdir).encode() in data for data in contents.values())
+  # The checkpoint's secret (a hex string under "secret", once runs keep one) must appear in
+  # no released file: neither as hex, nor as raw bytes, nor as a decimal integer. Without that
+  # key the check is skipped; everything above still applies.
+  meta = _meta(workdir, 2)
+  secret = meta.get("secret")
+  if secret is not None:
+    forms = [secret.encode(), secret.lower().encode(), secret.upper().encode(),
+             bytes.fromhex(secret), str(int(secret, 16)).encode()]
+    for file, data in contents.items():
+      assert not any(form in data for form in forms), f"{file} holds the run's secret"
+
+
+def _roundtrip_dir(tmp_path: Path, model, params) -> tuple[Path, dict, dict]:
+  backbone, head, architecture = export_lib.model_tensors(model, params)
+  save_file({**backbone, **head}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  config = export_lib.hf_config(model.backbone, architecture, None)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  return tmp_path, head, config
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+@pytest.mark.parametrize("task", ["label_words", "pooler"])
+def test_heads_and_adapters_map_to_hugging_face_names(tmp_path, model_type, task):
+  """Without training: every head layout and merged adapters read back through pretrained.py."""
+  pad = 1 if model_type == "roberta" else 0
+  config = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=40, pad_token_id=pad,
+                           position_offset=pad + 1 if model_type == "roberta" else 0,
+                           model_type=model_type)
+  adapters = layers.LoraConfig(rank=2, alpha=4.0, targets=("query", "value"))
+  if task == "label_words":
+    model = heads.LabelWordClassifier(config, (7, 9), lora=adapters)
+  else:
+    model = heads.SequenceClassifier(config, 3, "pooler", lora=adapters)
+  ids = jnp.array([[2, 5, 7, 3, pad], [2, 11, 12, 13, 3]], jnp.int32)
+  batch = {"input_ids": ids, "attention_mask": (ids != pad).astype(jnp.int32),
+           "mask_position": jnp.array([2, 1], jnp.int32)}
+  params = model.init(jax.random.PRNGKey(0), batch)["params"]
+  params = jax.tree_util.tree_map_with_path(  # Non-zero B: the adapters change the model.
+      lambda path, v: v + 0.1 if path[-1].key == "lora_b" else v, params)
+  directory, head, config_json = _roundtrip_dir(tmp_path, model, params)
+  loaded, loaded_params, _ = pretrained.load(directory, with_tokenizer=False)
+  assert loaded.config == config
+  want = bert.BertModel(config, adapters).apply({"params": params["backbone"]}, ids,
+                                                 batch["attention_mask"])
+  got = loaded.apply({"params": loaded_params}, ids, batch["attention_mask"])
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  prefix = "Roberta" if model_type == "roberta" else "Bert"
+  if task == "label_words":
+    assert config_json["architectures"] == [f"{prefix}ForMaskedLM"]
+    restored = pretrained.load_head_params(directory)["lm_head"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params["lm_head"])
+  else:
+    assert config_json["architectures"] == [f"{prefix}ForSequenceClassification"]
+    names = ({"classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight",
+              "classifier.out_proj.bias"} if model_type == "roberta" else
+             {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+              "classifier.bias"})
+    assert set(head) == names
+
+
+def test_stale_or_missing_summary(runs, tmp_path):
+  """A summary of another step is refused; without one, the release has no dp_summary.json."""
+  workdir = tmp_path / "run"
+  shutil.copytree(runs["full"][0], workdir)
+  summary_file = workdir / "summary.json"
+  summary = json.loads(summary_file.read_text())
+  summary_file.write_text(json.dumps({**summary, "steps": 1}))
+  with pytest.raises(export_lib.ExportError, match="step 1 but the latest checkpoint is step 2"):
+    export_lib.export(workdir, tmp_path / "stale")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+  summary_file.unlink()
+  release = export_lib.export(workdir, tmp_path / "bare")
+  assert sorted(p.name for p in release.iterdir()) == sorted(
+      set(export_lib.FILES) - {"dp_summary.json"})
+
+
+def test_failed_write_leaves_nothing(runs, tmp_path, monkeypatch):
+  def fail(*args):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(export_lib.os, "rename", fail)
+  with pytest.raises(export_lib.ExportError, match="No space left"):
+    export_lib.export(runs["full"][0], tmp_path / "release")
+  assert not any(tmp_path.iterdir())
+
+
+def test_workdir_without_checkpoint_is_refused(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(sst2.get_config("tiny").to_json())
+  with pytest.raises(ConfigError, match="no checkpoint"):
+    export_lib.export(workdir, tmp_path / "release")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+  assert sorted(p.name for p in workdir.iterdir()) == ["config.json"]
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "dpjax.export", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_refuses_bad_inputs_with_one_line(runs, tmp_path):
+  missing = _cli(f"--workdir={tmp_path / 'none'}", f"--out={tmp_path / 'release'}")
+  assert missing.returncode == 2 and missing.stdout == ""
+  assert missing.stderr.startswith("error:") and len(missing.stderr.splitlines()) == 1
+  assert "does not exist" in missing.stderr and not (tmp_path / "release").exists()
+  occupied = tmp_path / "occupied"
+  occupied.mkdir()
+  (occupied / "notes.txt").write_text("mine")
+  busy = _cli(f"--workdir={runs['full'][0]}", f"--out={occupied}")
+  assert busy.returncode == 2 and busy.stderr.startswith("error:")
+  assert len(busy.stderr.splitlines()) == 1 and "not an empty directory" in busy.stderr
+  assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
