@@ -138,16 +138,14 @@ def test_release_holds_only_public_files_and_no_secret(runs, name):
   assert "seed" not in json.loads((release / "config.json").read_text())
   contents = {p.name: p.read_bytes() for p in release.iterdir()}
   assert not any(str(workdir).encode() in data for data in contents.values())
-  # The checkpoint's secret (a hex string under "secret", once runs keep one) must appear in
-  # no released file: neither as hex, nor as raw bytes, nor as a decimal integer. Without that
-  # key the check is skipped; everything above still applies.
-  meta = _meta(workdir, 2)
-  secret = meta.get("secret")
-  if secret is not None:
-    forms = [secret.encode(), secret.lower().encode(), secret.upper().encode(),
-             bytes.fromhex(secret), str(int(secret, 16)).encode()]
-    for file, data in contents.items():
-      assert not any(form in data for form in forms), f"{file} holds the run's secret"
+  # The checkpoint's secret must appear in no released file: neither as hex, nor as raw
+  # bytes, nor as a decimal integer.
+  secret = _meta(workdir, 2)["secret"]["value"]
+  assert len(secret) == 64
+  forms = [secret.encode(), secret.lower().encode(), secret.upper().encode(),
+           bytes.fromhex(secret), str(int(secret, 16)).encode()]
+  for file, data in contents.items():
+    assert not any(form in data for form in forms), f"{file} holds the run's secret"
 
 
 def _roundtrip_dir(tmp_path: Path, model, params) -> tuple[Path, dict, dict]:

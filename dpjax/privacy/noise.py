@@ -12,7 +12,7 @@ snap_Λ rounds to a power-of-two grid Λ ≈ 2^-10·σΔ (see below).
   key derived from the run's secret (:mod:`dpjax.privacy.secret`). The key is
   a runtime array in the optimizer state, never a compile-time constant, so it
   reaches neither the compilation cache nor logs. Nonce = (step, 0, 0),
-  block counter = position in the stream: step t's noise is a pure function of
+  block counter = the coordinate's position in the stream: step t's noise is a pure function of
   (key, t), so a resumed run draws what the uninterrupted run would have.
 * **Faithful tails.** Each draw uses 96 keystream bits: one sign bit and 95 bits
   of p ∈ [2^-97, 1/2], the lower-tail probability; |z| = Φ^-1(1 - p). Float32
@@ -57,9 +57,8 @@ PyTree = Any
 
 #: ChaCha double rounds x 2 (RFC 8439's ChaCha20).
 CHACHA_ROUNDS = 20
-#: Keystream words per ChaCha block and per Gaussian draw: 5 draws use 15 of 16 words.
+#: Keystream words per Gaussian draw (one ChaCha block per draw).
 _WORDS_PER_DRAW = 3
-_DRAWS_PER_BLOCK = 5
 #: The largest |z| the generator returns: Φ^-1(1 - 2^-97).
 MAX_ABS_NORMAL = float(-stats.norm.ppf(2.0**-97))
 #: The grid of the noised sum is 2^(ceil(log2(σΔ)) - SNAP_BITS).
@@ -199,27 +198,18 @@ def standard_normal_from_words(w0: jax.Array, w1: jax.Array, w2: jax.Array) -> j
 def standard_normals(key: jax.Array, step: jax.Array, size: int) -> jax.Array:
   """float32 [size]: N(0, 1) draws 0..size-1 of step ``step``'s stream under ``key``.
 
-  Draw 5b + k comes from words 3k, 3k + 1, 3k + 2 of ChaCha20 block b under
-  nonce (step, 0, 0): the stream is a pure function of (key, step).
+  Draw i comes from words 0, 1, 2 of ChaCha20 block i under nonce (step, 0, 0):
+  the stream is a pure function of (key, step), and every draw is computed from
+  its own counter alone (elementwise from an iota), so it is the same however
+  the output is sharded. The block's other 13 words are not used: interleaving
+  several draws of one block makes XLA recompute the cipher per output element
+  on CPU, which costs far more than the unused words.
   """
-  blocks = -(-size // _DRAWS_PER_BLOCK)
-  if blocks >= 2**32:
+  if size >= 2**32:
     raise ValueError(f"{size} coordinates exceed the 2^32 ChaCha blocks of one nonce")
   step = jnp.asarray(step).astype(jnp.uint32)
-
-  def draws(_):
-    words = chacha_block(key, jax.lax.iota(jnp.uint32, blocks), (step, np.uint32(0),
-                                                                   np.uint32(0)))
-    return tuple(standard_normal_from_words(*words[_WORDS_PER_DRAW * k:_WORDS_PER_DRAW * (k + 1)])
-                 for k in range(_DRAWS_PER_BLOCK))
-
-  # The five draws of a block are computed together in their own computation and then
-  # interleaved: an interleave fused with the cipher makes XLA's CPU backend recompute the
-  # cipher many times per element. A conditional (whose predicate always holds: the step
-  # counter is an int32) is the one boundary XLA does not fuse across or simplify away.
-  unused = lambda _: tuple(jnp.zeros([blocks], jnp.float32) for _ in range(_DRAWS_PER_BLOCK))
-  five = jax.lax.cond(step != np.uint32(0xFFFFFFFF), draws, unused, None)
-  return jnp.stack(five, axis=1).reshape(-1)[:size]
+  words = chacha_block(key, jax.lax.iota(jnp.uint32, size), (step, np.uint32(0), np.uint32(0)))
+  return standard_normal_from_words(*words[:_WORDS_PER_DRAW])
 
 
 def noise_for_step(key: jax.Array, step: jax.Array, template: PyTree, stddev: float) -> PyTree:

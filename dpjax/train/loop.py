@@ -266,8 +266,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     state = step_lib.TrainState(np.zeros([], np.int32), trainable,
                                 jax.tree_util.tree_map(np.asarray, tx.init(trainable)))
   elif c.dp.enabled:  # the noise key of this attempt (the same one, unless re-keyed)
-    state = state.replace(opt_state=optax.tree_utils.tree_set(
-        state.opt_state, key=np.asarray(run_secret.noise_key(attempt))))
+    key = np.asarray(run_secret.noise_key(attempt))
+    state = state.replace(opt_state=jax.tree_util.tree_map(
+        lambda s: s._replace(key=key) if isinstance(s, noise_lib.PrivatizerState) else s,
+        state.opt_state, is_leaf=lambda s: isinstance(s, noise_lib.PrivatizerState)))
   state = parallel.put(state, state_shardings)
   if restored is not None:
     say(f"resumed from step {meta['step']} (ledger: {ledger.steps} steps)")

@@ -62,9 +62,10 @@ def sharded_noise(fsdp):
   mesh = parallel.make_mesh(8 // fsdp, fsdp)
   template = {"w": jnp.zeros([64, 32]), "b": jnp.zeros([7])}
   spec = parallel.shardings(template, mesh, min_size=0)
-  fn = jax.jit(lambda: noise.noise_for_step(RunSecret.insecure_fixed(3).noise_key(), jnp.asarray(5), template, 1.0),
+  # The key is an argument, as in the privatizer's state: a constant key would be folded.
+  fn = jax.jit(lambda key: noise.noise_for_step(key, jnp.asarray(5), template, 1.0),
                out_shardings=spec)
-  result = fn()
+  result = fn(jnp.asarray(RunSecret.insecure_fixed(3).noise_key()))
   return {f"noise{fsdp}/{k}": np.asarray(v) for k, v in result.items()} | {
       f"noise{fsdp}/w_shards": np.asarray(len(result["w"].sharding.device_set))}
 

@@ -10,8 +10,8 @@ import optax
 import pytest
 
 from dpjax.privacy import (AutomaticClip, FlatClip, PerLayerClip, clip_and_sum,
-from dpjax.privacy.secret import RunSecret
                            clip_per_example, gaussian_privatizer)
+from dpjax.privacy.secret import RunSecret
 
 # Per-example gradient entries from exactly zero to huge, in float32.
 _ENTRIES = st.one_of(st.just(0.0),

@@ -61,7 +61,7 @@ def run_main(workdir, *args, timeout=300):
 
 
 def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
-  summary = loop.train_and_evaluate(tiny(token_cache), tmp_path)
+  summary = loop.train_and_evaluate(tiny(token_cache, **{"train.steps": 16}), tmp_path)
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk == json.loads(json.dumps(summary))
   n, b = summary["dataset_size"], 64
