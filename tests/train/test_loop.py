@@ -164,7 +164,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, token_cache):
 def test_corrupt_latest_checkpoint_falls_back_to_previous_never_to_a_fresh_ledger(
     tmp_path, token_cache):
   fixed = {"dp.noise_multiplier": 0.7, "dp.epsilon": 50.0}
-  loop.train_and_evaluate(tiny(token_cache, **fixed), tmp_path)
+  loop.train_and_evaluate(tiny(token_cache, **fixed, **{"train.steps": 16}), tmp_path)
   for f in (tmp_path / "checkpoints" / "16").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
