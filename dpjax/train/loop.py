@@ -251,13 +251,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     ledger = privacy.PrivacyLedger.from_dict(meta["ledger"])
     examples_seen, trained_seconds = meta["examples_seen"], meta["train_seconds"]
     run_secret = RunSecret.from_checkpoint(meta["secret"])
-    resume = journal.plan_resume(meta["step"], meta["attempt"],
-                                 _fingerprint(run_secret, c, train), ckpt.skipped_after(
-                                     meta["step"]))
   else:
     run_secret = _new_secret(c)
-    resume = journal.plan_resume(None, None, "", False)
-  fingerprint = _fingerprint(run_secret, c, train)
+  fingerprint = _fingerprint(run_secret, c, train)  # hashes every training row: once
+  if restored is not None:
+    resume = journal.plan_resume(meta["step"], meta["attempt"], fingerprint,
+                                 ckpt.skipped_after(meta["step"]))
+  else:
+    resume = journal.plan_resume(None, None, fingerprint, False)
   for segment_fields, steps in resume.charges:
     ledger = ledger.record(privacy.Segment(**{**segment_fields, "steps": steps}))
   attempt = resume.attempt
