@@ -1,4 +1,5 @@
-# make test: set up .venv (once) and run the test suite.
+# make test: set up .venv (once), check formatting and lint, and run the test suite.
+# make format: apply the formatter and the linter's automatic fixes.
 # make run:  set up .venv (once) and run the main job.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dpjax-installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test run bench clean
+.PHONY: setup lint format test run bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +19,15 @@ $(STAMP): setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
+
+format: setup
+	$(VENV)/bin/ruff check --fix --quiet .
+	$(VENV)/bin/ruff format --quiet .
+
+test: setup lint
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=10 tests
 
 RUN_WORKDIR ?= workdirs/sst2_quick

@@ -49,7 +49,8 @@ def require_delta(delta: Any, dataset_size: int | None = None, name: str = "delt
     raise ValueError(f"{name} must be in (0, 1) (got {delta!r})")
   if dataset_size is not None and delta >= 1.0 / dataset_size:
     raise ValueError(
-        f"{name} must be < 1/dataset_size = {1.0 / dataset_size:.3g} "
-        f"(got {delta!r}; the usual choice is dataset_size**-1.1 = "
-        f"{dataset_size ** -1.1:.3g})")
+      f"{name} must be < 1/dataset_size = {1.0 / dataset_size:.3g} "
+      f"(got {delta!r}; the usual choice is dataset_size**-1.1 = "
+      f"{dataset_size**-1.1:.3g})"
+    )
   return float(delta)

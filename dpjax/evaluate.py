@@ -34,8 +34,13 @@ def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> di
   result = loop.evaluate(trained.params, trained.model, split, batch_size)
   ledger = privacy.PrivacyLedger.from_dict(trained.ledger)
   delta = c.dp.delta or privacy.default_delta(ledger.dataset_size or 2)
-  result.update({"step": trained.step, "data": data,
-                 "epsilon": ledger.epsilon(delta) if c.dp.enabled else "inf"})
+  result.update(
+    {
+      "step": trained.step,
+      "data": data,
+      "epsilon": ledger.epsilon(delta) if c.dp.enabled else "inf",
+    }
+  )
   return result
 
 

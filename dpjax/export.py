@@ -55,12 +55,29 @@ PyTree = Any
 FLAGS = flags.FLAGS
 # summary.json fields that may be published; any other field stays in the workdir.
 PUBLIC_SUMMARY_FIELDS = (
-    "epsilon", "delta", "epsilon_replace_one", "noise_multiplier", "sampling_prob", "steps",
-    "planned_steps", "accountant", "dp", "target_epsilon", "budget_epsilon", "dataset_size",
-    "expected_batch_size", "clip", "clip_norm", "neighboring_relation", "guarantee", "eval",
-    "params_sha256", "model", "noise")
-FILES = ("model.safetensors", "config.json", "dpjax_head.json", "tokenizer.json",
-         "dp_summary.json")
+  "epsilon",
+  "delta",
+  "epsilon_replace_one",
+  "noise_multiplier",
+  "sampling_prob",
+  "steps",
+  "planned_steps",
+  "accountant",
+  "dp",
+  "target_epsilon",
+  "budget_epsilon",
+  "dataset_size",
+  "expected_batch_size",
+  "clip",
+  "clip_norm",
+  "neighboring_relation",
+  "guarantee",
+  "eval",
+  "params_sha256",
+  "model",
+  "noise",
+)
+FILES = ("model.safetensors", "config.json", "dpjax_head.json", "tokenizer.json", "dp_summary.json")
 
 
 class ExportError(ValueError):
@@ -107,8 +124,10 @@ def backbone_tensors(config: bert.BertConfig, params: PyTree) -> dict[str, np.nd
 
 def _linear(dense: PyTree, name: str) -> dict[str, np.ndarray]:
   """A Dense ``{kernel [in, out], bias}`` as ``{name.weight [out, in], name.bias}``."""
-  return {f"{name}.weight": np.asarray(dense["kernel"]).T,
-          f"{name}.bias": np.asarray(dense["bias"])}
+  return {
+    f"{name}.weight": np.asarray(dense["kernel"]).T,
+    f"{name}.bias": np.asarray(dense["bias"]),
+  }
 
 
 def _classifier_layout(model: heads.SequenceClassifier) -> tuple[str | None, str, str | None]:
@@ -124,20 +143,30 @@ def _mlm_layout(model: heads.LabelWordClassifier) -> tuple[str, str, str, str]:
   """(dense, LayerNorm, bias tensor names, Hugging Face architecture) of the MLM head."""
   if model.backbone.model_type == "roberta":
     return "lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "RobertaForMaskedLM"
-  return ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
-          "cls.predictions.bias", "BertForMaskedLM")
+  return (
+    "cls.predictions.transform.dense",
+    "cls.predictions.transform.LayerNorm",
+    "cls.predictions.bias",
+    "BertForMaskedLM",
+  )
 
 
-def head_tensors(model: heads.SequenceClassifier | heads.LabelWordClassifier,
-                 params: PyTree) -> tuple[dict[str, np.ndarray], str | None]:
+def head_tensors(
+  model: heads.SequenceClassifier | heads.LabelWordClassifier, params: PyTree
+) -> tuple[dict[str, np.ndarray], str | None]:
   """(head tensors, Hugging Face architecture or None) from params without adapters."""
   if isinstance(model, heads.LabelWordClassifier):
     dense, norm, bias, architecture = _mlm_layout(model)
     head = params["lm_head"]
-    return ({**_linear(head["dense"], dense),
-             f"{norm}.weight": np.asarray(head["LayerNorm"]["scale"]),
-             f"{norm}.bias": np.asarray(head["LayerNorm"]["bias"]),
-             bias: np.asarray(head["bias"])}, architecture)
+    return (
+      {
+        **_linear(head["dense"], dense),
+        f"{norm}.weight": np.asarray(head["LayerNorm"]["scale"]),
+        f"{norm}.bias": np.asarray(head["LayerNorm"]["bias"]),
+        bias: np.asarray(head["bias"]),
+      },
+      architecture,
+    )
   pooler, classifier, architecture = _classifier_layout(model)
   tensors = _linear(params["head"], classifier)
   if pooler is not None:
@@ -145,8 +174,9 @@ def head_tensors(model: heads.SequenceClassifier | heads.LabelWordClassifier,
   return tensors, architecture
 
 
-def model_tensors(model: heads.SequenceClassifier | heads.LabelWordClassifier, params: PyTree
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str | None]:
+def model_tensors(
+  model: heads.SequenceClassifier | heads.LabelWordClassifier, params: PyTree
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str | None]:
   """(backbone tensors, head tensors, Hugging Face architecture of the head or None).
 
   LoRA adapters are merged first, so the tensors describe a plain model; all are
@@ -166,8 +196,9 @@ def model_tensors(model: heads.SequenceClassifier | heads.LabelWordClassifier, p
   return as_f32(backbone), as_f32(head), architecture
 
 
-def hf_config(config: bert.BertConfig, architecture: str | None,
-              num_labels: int | None) -> dict[str, Any]:
+def hf_config(
+  config: bert.BertConfig, architecture: str | None, num_labels: int | None
+) -> dict[str, Any]:
   """The Hugging Face ``config.json`` of a BERT-family backbone (read back by ``read_config``).
 
   Raises:
@@ -175,17 +206,28 @@ def hf_config(config: bert.BertConfig, architecture: str | None,
   """
   default = "RobertaModel" if config.model_type == "roberta" else "BertModel"
   out = {"architectures": [architecture or default], "model_type": config.model_type}
-  for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                "layer_norm_eps", "hidden_act", "pad_token_id", "hidden_dropout_prob",
-                "attention_probs_dropout_prob"):
+  for field in (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "hidden_act",
+    "pad_token_id",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+  ):
     out[field] = getattr(config, field)
   out["position_embedding_type"] = "absolute"
   if num_labels is not None:
     out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
     out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
-  no_dropout = dataclasses.replace(config, hidden_dropout_prob=0.0,
-                                   attention_probs_dropout_prob=0.0)
+  no_dropout = dataclasses.replace(
+    config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+  )
   if bert.BertConfig.from_hf(out) != no_dropout:
     raise ExportError(f"the backbone config {config} has no Hugging Face equivalent")
   return out
@@ -196,29 +238,45 @@ def _logits_formula(model: heads.SequenceClassifier | heads.LabelWordClassifier)
   if isinstance(model, heads.LabelWordClassifier):
     dense, norm, bias, _ = _mlm_layout(model)
     embeddings = f"{model.backbone.model_type}.embeddings.word_embeddings.weight"
-    return (f"h = last_hidden_state at the template's mask token; t = {norm}(hidden_act(h @ "
-            f"{dense}.weight.T + {dense}.bias)); logits = t @ {embeddings}[label_word_ids].T + "
-            f"{bias}[label_word_ids]")
+    return (
+      f"h = last_hidden_state at the template's mask token; t = {norm}(hidden_act(h @ "
+      f"{dense}.weight.T + {dense}.bias)); logits = t @ {embeddings}[label_word_ids].T + "
+      f"{bias}[label_word_ids]"
+    )
   pooler, classifier, _ = _classifier_layout(model)
-  pooled = {"cls": "last_hidden_state[:, 0]",
-            "mean": "the mean of last_hidden_state over the positions where attention_mask = 1",
-            "pooler": f"tanh(last_hidden_state[:, 0] @ {pooler}.weight.T + {pooler}.bias)"}
-  return f"logits = pooled @ {classifier}.weight.T + {classifier}.bias, pooled = " + \
-      pooled[model.pooling]
+  pooled = {
+    "cls": "last_hidden_state[:, 0]",
+    "mean": "the mean of last_hidden_state over the positions where attention_mask = 1",
+    "pooler": f"tanh(last_hidden_state[:, 0] @ {pooler}.weight.T + {pooler}.bias)",
+  }
+  return (
+    f"logits = pooled @ {classifier}.weight.T + {classifier}.bias, pooled = "
+    + pooled[model.pooling]
+  )
 
 
-def head_description(trained: Trained, head: dict[str, np.ndarray],
-                     architecture: str | None) -> dict[str, Any]:
+def head_description(
+  trained: Trained, head: dict[str, np.ndarray], architecture: str | None
+) -> dict[str, Any]:
   """What ``dpjax_head.json`` says: enough to rebuild the head from the release's tensors."""
   c, model = trained.config, trained.model
-  out = {"dpjax_version": dpjax.__version__, "task": c.model.task,
-         "architecture": architecture, "num_labels": int(c.data.num_labels),
-         "max_length": int(c.data.max_length)}
+  out = {
+    "dpjax_version": dpjax.__version__,
+    "task": c.model.task,
+    "architecture": architecture,
+    "num_labels": int(c.data.num_labels),
+    "max_length": int(c.data.max_length),
+  }
   if isinstance(model, heads.LabelWordClassifier):
-    out.update({"template": c.data.template, "label_words": list(c.data.label_words),
-                "label_word_ids": [int(i) for i in model.label_word_ids],
-                "hidden_act": model.backbone.hidden_act,
-                "layer_norm_eps": model.backbone.layer_norm_eps})
+    out.update(
+      {
+        "template": c.data.template,
+        "label_words": list(c.data.label_words),
+        "label_word_ids": [int(i) for i in model.label_word_ids],
+        "hidden_act": model.backbone.hidden_act,
+        "layer_norm_eps": model.backbone.layer_norm_eps,
+      }
+    )
   else:
     out["pooling"] = model.pooling
   out["logits"] = _logits_formula(model)
@@ -247,12 +305,16 @@ def run_summary(workdir: Path, trained: Trained) -> dict[str, Any] | None:
   if not isinstance(summary, dict):
     raise ExportError(f"{file} is not a run summary")
   if summary.get("steps") != trained.step:
-    raise ExportError(f"{file} was written at step {summary.get('steps')} but the latest "
-                      f"checkpoint is step {trained.step}: resume the run (python -m dpjax.main "
-                      "with this --workdir) until it writes its summary again")
+    raise ExportError(
+      f"{file} was written at step {summary.get('steps')} but the latest "
+      f"checkpoint is step {trained.step}: resume the run (python -m dpjax.main "
+      "with this --workdir) until it writes its summary again"
+    )
   if "params_sha256" in summary and summary["params_sha256"] != loop.params_sha256(trained.params):
-    raise ExportError(f"the parameters restored from {workdir} differ from those {file} "
-                      "describes (params_sha256); has the pretrained model changed?")
+    raise ExportError(
+      f"the parameters restored from {workdir} differ from those {file} "
+      "describes (params_sha256); has the pretrained model changed?"
+    )
   return summary
 
 
@@ -271,13 +333,14 @@ def _json(value: Any) -> bytes:
 def release_files(trained: Trained, summary: dict[str, Any] | None) -> dict[str, bytes]:
   """{file name: contents} of the release of ``trained`` (dp_summary.json only with a summary)."""
   backbone, head, architecture = model_tensors(trained.model, trained.params)
-  num_labels = int(trained.config.data.num_labels) if trained.config.model.task == "classify" \
-      else None
+  num_labels = (
+    int(trained.config.data.num_labels) if trained.config.model.task == "classify" else None
+  )
   files = {
-      "model.safetensors": safetensors_bytes({**backbone, **head}, metadata={"format": "pt"}),
-      "config.json": _json(hf_config(trained.model.backbone, architecture, num_labels)),
-      "dpjax_head.json": _json(head_description(trained, head, architecture)),
-      "tokenizer.json": _tokenizer_json(trained),
+    "model.safetensors": safetensors_bytes({**backbone, **head}, metadata={"format": "pt"}),
+    "config.json": _json(hf_config(trained.model.backbone, architecture, num_labels)),
+    "dpjax_head.json": _json(head_description(trained, head, architecture)),
+    "tokenizer.json": _tokenizer_json(trained),
   }
   if summary is not None:
     files["dp_summary.json"] = _json(public_summary(summary))

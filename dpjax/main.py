@@ -25,12 +25,23 @@ from dpjax.train.loop import train_and_evaluate
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, summary.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", "", "host:port of process 0, for a multi-process run (with "
-    "--num_processes and --process_id). Not needed on SLURM or TPU pods: detected there.")
+  "coordinator_address",
+  "",
+  "host:port of process 0, for a multi-process run (with "
+  "--num_processes and --process_id). Not needed on SLURM or TPU pods: detected there.",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes of the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in [0, num_processes).")
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, TypeError, KeyError,
-               AttributeError, FileNotFoundError)
+USER_ERRORS = (
+  ConfigError,
+  DataError,
+  CheckpointError,
+  ValueError,
+  TypeError,
+  KeyError,
+  AttributeError,
+  FileNotFoundError,
+)
 
 
 def fail(message: str) -> None:
@@ -64,11 +75,21 @@ def main(argv: list[str]) -> None:
   accuracy = summary["eval"]["accuracy"]
   eps = summary["epsilon"]
   eps_text = f"{eps:.3f}" if isinstance(eps, float) else eps
-  print(json.dumps({"epsilon": eps, "delta": summary["delta"], "eval_accuracy": accuracy,
-                    "steps": summary["steps"]}))
-  print(f"done: epsilon={eps_text} delta={summary['delta']:.3g} dev accuracy={accuracy:.4f}; "
-        f"summary, checkpoints and metrics in {summary['workdir']} "
-        f"(plots: python -m dpjax.report --workdir {summary['workdir']})")
+  print(
+    json.dumps(
+      {
+        "epsilon": eps,
+        "delta": summary["delta"],
+        "eval_accuracy": accuracy,
+        "steps": summary["steps"],
+      }
+    )
+  )
+  print(
+    f"done: epsilon={eps_text} delta={summary['delta']:.3g} dev accuracy={accuracy:.4f}; "
+    f"summary, checkpoints and metrics in {summary['workdir']} "
+    f"(plots: python -m dpjax.report --workdir {summary['workdir']})"
+  )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpjax.privacy import clipping, per_example
 
@@ -52,8 +53,9 @@ class ParallelError(ValueError):
 # ----------------------------------------------------------------------------- processes
 
 
-def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
-                           process_id: int = -1) -> bool:
+def initialize_distributed(
+  coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+) -> bool:
   """Starts ``jax.distributed`` when the run spans several processes.
 
   Explicit flags win (all three are needed). Without them, a SLURM job with more
@@ -67,8 +69,9 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
   given = [bool(coordinator_address), num_processes > 0, process_id >= 0]
   if any(given):
     if not all(given):
-      raise ParallelError("--coordinator_address, --num_processes and --process_id must be given "
-                          "together")
+      raise ParallelError(
+        "--coordinator_address, --num_processes and --process_id must be given together"
+      )
     if not 0 <= process_id < num_processes:
       raise ParallelError(f"--process_id must be in [0, {num_processes - 1}] (got {process_id})")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -121,13 +124,17 @@ def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, in
   if data == -1 or fsdp == -1:
     known = fsdp if data == -1 else data
     if num_devices % known:
-      raise ParallelError(f"config.parallel.{'fsdp' if data == -1 else 'data'} must divide the "
-                          f"{num_devices} devices (got {known})")
+      raise ParallelError(
+        f"config.parallel.{'fsdp' if data == -1 else 'data'} must divide the "
+        f"{num_devices} devices (got {known})"
+      )
     rest = num_devices // known
     return (rest, fsdp) if data == -1 else (data, rest)
   if data * fsdp != num_devices:
-    raise ParallelError(f"config.parallel.data * config.parallel.fsdp must equal the {num_devices} "
-                        f"devices (got {data} * {fsdp})")
+    raise ParallelError(
+      f"config.parallel.data * config.parallel.fsdp must equal the {num_devices} "
+      f"devices (got {data} * {fsdp})"
+    )
   return data, fsdp
 
 
@@ -135,8 +142,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
   """A ``("data", "fsdp")`` mesh over ``devices`` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(len(devices), data, fsdp)
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices)
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
 def batch_size_multiple(mesh: Mesh) -> int:
@@ -167,8 +173,10 @@ def parse_rules(rules: Sequence[str | Rule]) -> list[Rule]:
   for rule in rules:
     if isinstance(rule, str):
       if "=" not in rule:
-        raise ParallelError(f"config.parallel.rules entry {rule!r} must look like 'REGEX=SPEC', "
-                            "e.g. 'word_embeddings=fsdp,None'")
+        raise ParallelError(
+          f"config.parallel.rules entry {rule!r} must look like 'REGEX=SPEC', "
+          "e.g. 'word_embeddings=fsdp,None'"
+        )
       regex, spec = rule.rsplit("=", 1)
       rule = (regex, parse_spec(spec))
     regex, spec = rule
@@ -180,8 +188,13 @@ def parse_rules(rules: Sequence[str | Rule]) -> list[Rule]:
   return parsed
 
 
-def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[Rule] = (),
-             min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:
+def spec_for(
+  name: str,
+  shape: tuple[int, ...],
+  mesh: Mesh,
+  rules: Sequence[Rule] = (),
+  min_size: int = DEFAULT_FSDP_MIN_SIZE,
+) -> P:
   """The PartitionSpec of one array.
 
   The first rule whose regex matches ``name`` (``re.search``) decides. Without a
@@ -195,11 +208,16 @@ def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[Rule
       if len(spec) > len(shape):
         raise ParallelError(f"sharding rule {regex!r} gives {spec} to {name} of shape {shape}")
       for dim, axis in zip(shape, spec):
-        size = 1 if axis is None else math.prod(
-            mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
+        size = (
+          1
+          if axis is None
+          else math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
+        )
         if dim % size:
-          raise ParallelError(f"sharding rule {regex!r}: {name} of shape {shape} cannot be split "
-                              f"{size} ways as {spec}")
+          raise ParallelError(
+            f"sharding rule {regex!r}: {name} of shape {shape} cannot be split "
+            f"{size} ways as {spec}"
+          )
       return spec
   fsdp = mesh.shape["fsdp"]
   if fsdp == 1 or math.prod(shape) < min_size:
@@ -210,12 +228,16 @@ def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[Rule
   return P()
 
 
-def shardings(tree: PyTree, mesh: Mesh, rules: Sequence[Rule] = (),
-              min_size: int = DEFAULT_FSDP_MIN_SIZE) -> PyTree:
+def shardings(
+  tree: PyTree, mesh: Mesh, rules: Sequence[Rule] = (), min_size: int = DEFAULT_FSDP_MIN_SIZE
+) -> PyTree:
   """A NamedSharding for every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+
   def one(path, leaf):
-    return NamedSharding(mesh, spec_for(clipping.path_to_str(path), tuple(np.shape(leaf)), mesh, rules,
-                                        min_size))
+    return NamedSharding(
+      mesh, spec_for(clipping.path_to_str(path), tuple(np.shape(leaf)), mesh, rules, min_size)
+    )
+
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -236,9 +258,11 @@ def put(tree: PyTree, sharding_tree: PyTree) -> PyTree:
 
   Each process copies only the pieces its own devices hold.
   """
+
   def one(x, sharding):
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
   return jax.tree_util.tree_map(one, tree, sharding_tree)
 
 
@@ -270,9 +294,12 @@ def balanced_order(size: int, num_shards: int) -> np.ndarray:
   return source
 
 
-def global_rows(load: Callable[[np.ndarray], Mapping[str, np.ndarray]], positions: np.ndarray,
-                mask: np.ndarray, sharding: NamedSharding
-                ) -> tuple[dict[str, jax.Array], jax.Array]:
+def global_rows(
+  load: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+  positions: np.ndarray,
+  mask: np.ndarray,
+  sharding: NamedSharding,
+) -> tuple[dict[str, jax.Array], jax.Array]:
   """A batch of ``positions`` as global arrays split along examples.
 
   Every process knows the whole sample (``positions``, ``mask``: cheap, from the
@@ -294,7 +321,8 @@ def global_rows(load: Callable[[np.ndarray], Mapping[str, np.ndarray]], position
   for name, value in first.items():
     shape = (size,) + value.shape[1:]
     batch[name] = jax.make_array_from_callback(
-        shape, sharding, lambda index, name=name: rows(index)[name])
+      shape, sharding, lambda index, name=name: rows(index)[name]
+    )
   mask_array = jax.make_array_from_callback((size,), sharding, lambda index: mask[index])
   return batch, mask_array
 
@@ -305,9 +333,17 @@ def global_rows(load: Callable[[np.ndarray], Mapping[str, np.ndarray]], position
 def _aux_specs(sensitivity: float) -> per_example.ClippedGradAux:
   """out_specs for a ClippedGradAux: per-example fields split, totals replicated."""
   split = P(BATCH_AXES)
-  return per_example.ClippedGradAux(losses=split, norms=split, clipped=split, mask=split, num_examples=P(),
-                  clipped_fraction=P(), nonfinite_count=P(), loss_aux=split,
-                  sensitivity=sensitivity)
+  return per_example.ClippedGradAux(
+    losses=split,
+    norms=split,
+    clipped=split,
+    mask=split,
+    num_examples=P(),
+    clipped_fraction=P(),
+    nonfinite_count=P(),
+    loss_aux=split,
+    sensitivity=sensitivity,
+  )
 
 
 def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:
@@ -330,13 +366,21 @@ def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:
     grads = jax.lax.psum(grads, BATCH_AXES)
     num = jax.lax.psum(aux.num_examples, BATCH_AXES)
     clipped = jax.lax.psum(aux.clipped_fraction * aux.num_examples, BATCH_AXES)
-    aux = aux.replace(num_examples=num, clipped_fraction=clipped / jnp.maximum(num, 1),
-                      nonfinite_count=jax.lax.psum(aux.nonfinite_count, BATCH_AXES))
+    aux = aux.replace(
+      num_examples=num,
+      clipped_fraction=clipped / jnp.maximum(num, 1),
+      nonfinite_count=jax.lax.psum(aux.nonfinite_count, BATCH_AXES),
+    )
     return grads, aux
 
   def fn(params, batch, mask):
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(BATCH_AXES), P(BATCH_AXES)),
-                           out_specs=(P(), aux_specs), check_vma=False)
+    mapped = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P(), P(BATCH_AXES), P(BATCH_AXES)),
+      out_specs=(P(), aux_specs),
+      check_vma=False,
+    )
     return mapped(params, batch, mask)
 
   fn.sensitivity = sensitivity

@@ -22,6 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A dpjax.main workdir.")
 def write_plots(workdir: str | Path) -> list[Path]:
   """Writes the PNG plots of ``workdir/metrics.jsonl``; returns their paths."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -29,15 +30,23 @@ def write_plots(workdir: str | Path) -> list[Path]:
   out_dir = Path(workdir) / "plots"
   out_dir.mkdir(exist_ok=True)
   series = [
-      ("eval_accuracy", public, "eval", "accuracy", "eval accuracy (held-out split)"),
-      ("epsilon", public, "privacy", "epsilon", "ε spent (privacy ledger)"),
-      ("private_loss", private, "train", "loss",
-       "training loss on the private batches\nOPERATOR ONLY: not covered by (ε, δ)"),
+    ("eval_accuracy", public, "eval", "accuracy", "eval accuracy (held-out split)"),
+    ("epsilon", public, "privacy", "epsilon", "ε spent (privacy ledger)"),
+    (
+      "private_loss",
+      private,
+      "train",
+      "loss",
+      "training loss on the private batches\nOPERATOR ONLY: not covered by (ε, δ)",
+    ),
   ]
   written = []
   for name, rows, split, key, title in series:
-    points = [(r["step"], r[key]) for r in rows
-              if r.get("split") == split and isinstance(r.get(key), (int, float))]
+    points = [
+      (r["step"], r[key])
+      for r in rows
+      if r.get("split") == split and isinstance(r.get(key), (int, float))
+    ]
     if not points:
       continue
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)

@@ -40,6 +40,7 @@ class Trained:
     tokenizer: the tokenizer the run encoded its data with.
     ledger: the privacy ledger saved with the checkpoint (``PrivacyLedger.to_dict``).
   """
+
   config: ml_collections.ConfigDict
   model: nn.Module
   params: PyTree
@@ -63,8 +64,9 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     raise ConfigError(f"{config_file} is not a dpjax config: {err}") from None
 
 
-def label_word_ids(c: ml_collections.ConfigDict,
-                   tokenizer: tokenizers.Tokenizer) -> tuple[int, ...] | None:
+def label_word_ids(
+  c: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer
+) -> tuple[int, ...] | None:
   """The token id of each label word (as the data layer computes it); None for ``classify``."""
   template = builders.template_for(c)
   if template is None:
@@ -78,15 +80,19 @@ def label_word_ids(c: ml_collections.ConfigDict,
 def example_batch(c: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """A one-row batch with every input the task model reads (for ``init``: shapes only)."""
   ids = np.zeros((1, 2), np.int32)
-  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-           "token_type_ids": np.zeros_like(ids)}
+  batch = {
+    "input_ids": ids,
+    "attention_mask": np.ones_like(ids),
+    "token_type_ids": np.zeros_like(ids),
+  }
   if c.model.task == "label_words":
     batch["mask_position"] = np.zeros((1,), np.int32)
   return batch
 
 
-def _restore(workdir: Path, c: ml_collections.ConfigDict,
-             trainable: PyTree) -> tuple[Any, dict[str, Any]]:
+def _restore(
+  workdir: Path, c: ml_collections.ConfigDict, trainable: PyTree
+) -> tuple[Any, dict[str, Any]]:
   """(train state, meta) of the latest checkpoint of ``workdir``.
 
   Raises:
@@ -115,8 +121,13 @@ def load_trained(workdir: str | Path) -> Trained:
   c = read_config(workdir)
   backbone, backbone_params, head_params, tokenizer = builders.backbone_for(c)
   model = builders.task_model(c, backbone, label_word_ids(c, tokenizer))
-  trainable, frozen = builders.init_params(c, model, example_batch(c), backbone_params,
-                                           head_params)
+  trainable, frozen = builders.init_params(c, model, example_batch(c), backbone_params, head_params)
   state, meta = _restore(workdir, c, trainable)
-  return Trained(config=c, model=model, params=lora.combine(state.params, frozen),
-                 step=int(meta["step"]), tokenizer=tokenizer, ledger=meta["ledger"])
+  return Trained(
+    config=c,
+    model=model,
+    params=lora.combine(state.params, frozen),
+    step=int(meta["step"]),
+    tokenizer=tokenizer,
+    ledger=meta["ledger"],
+  )

@@ -35,9 +35,15 @@ def make_data(n: int, dim: int, seed: int):
   return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
 
 
-def run(target_epsilon: float = 3.0, epochs: int = 5, expected_batch_size: int = 250,
-        clip_norm: float = 1.0, learning_rate: float = 0.5, n: int = 10_000, seed: int = 0
-        ) -> dict[str, float]:
+def run(
+  target_epsilon: float = 3.0,
+  epochs: int = 5,
+  expected_batch_size: int = 250,
+  clip_norm: float = 1.0,
+  learning_rate: float = 0.5,
+  n: int = 10_000,
+  seed: int = 0,
+) -> dict[str, float]:
   """Trains a 2-layer MLP with DP-SGD; returns ε, δ, σ and test accuracy."""
   train, test = make_data(n, 20, seed), make_data(2000, 20, seed + 1)
   model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(2)])
@@ -49,16 +55,20 @@ def run(target_epsilon: float = 3.0, epochs: int = 5, expected_batch_size: int =
 
   delta = privacy.default_delta(n)
   secret = RunSecret.fresh()  # the noise and the sample must be unpredictable
-  sampler = privacy.PoissonSampler(n, expected_batch_size, key=secret.sampling_key(),
-                                   batch_size_multiple=50)
+  sampler = privacy.PoissonSampler(
+    n, expected_batch_size, key=secret.sampling_key(), batch_size_multiple=50
+  )
   steps = epochs * privacy.steps_per_epoch(n, expected_batch_size)
-  sigma = privacy.calibrate_noise(target_epsilon, delta, sampler.sampling_prob, steps,
-                                  dataset_size=n)
+  sigma = privacy.calibrate_noise(
+    target_epsilon, delta, sampler.sampling_prob, steps, dataset_size=n
+  )
   grad_fn = privacy.clipped_grad(loss_fn, clip_norm, microbatch_size=50)
   tx = optax.chain(
-      privacy.gaussian_privatizer(sigma, grad_fn.sensitivity, expected_batch_size,
-                                  key=secret.noise_key()),
-      optax.sgd(learning_rate, momentum=0.9))
+    privacy.gaussian_privatizer(
+      sigma, grad_fn.sensitivity, expected_batch_size, key=secret.noise_key()
+    ),
+    optax.sgd(learning_rate, momentum=0.9),
+  )
   opt_state = tx.init(params)
 
   @jax.jit
@@ -77,8 +87,13 @@ def run(target_epsilon: float = 3.0, epochs: int = 5, expected_batch_size: int =
 
   logits = model.apply({"params": params}, test["x"])
   accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test["y"]))
-  return {"epsilon": ledger.epsilon(delta), "delta": delta, "noise_multiplier": sigma,
-          "steps": ledger.steps, "test_accuracy": accuracy}
+  return {
+    "epsilon": ledger.epsilon(delta),
+    "delta": delta,
+    "noise_multiplier": sigma,
+    "steps": ledger.steps,
+    "test_accuracy": accuracy,
+  }
 
 
 def main(argv):

@@ -59,8 +59,10 @@ def _tensors(directory: Path) -> dict[str, np.ndarray]:
 
 def _token_rows(tokenizer: tokenizers.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
   encodings = tokenizer.encode_batch(SENTENCES)
-  return (np.array([e.ids for e in encodings], np.int32),
-          np.array([e.attention_mask for e in encodings], np.int32))
+  return (
+    np.array([e.ids for e in encodings], np.int32),
+    np.array([e.attention_mask for e in encodings], np.int32),
+  )
 
 
 def _head_logits(tensors: dict, head: dict, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -69,8 +71,9 @@ def _head_logits(tensors: dict, head: dict, hidden: np.ndarray, mask: np.ndarray
   if head["pooling"] == "mean":
     pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
   elif head["pooling"] == "pooler":
-    pooled = np.tanh(hidden[:, 0] @ tensors["bert.pooler.dense.weight"].T
-                     + tensors["bert.pooler.dense.bias"])
+    pooled = np.tanh(
+      hidden[:, 0] @ tensors["bert.pooler.dense.weight"].T + tensors["bert.pooler.dense.bias"]
+    )
   else:
     pooled = hidden[:, 0]
   name = "classifier" if head["architecture"] else "classifier.dpjax_head"
@@ -96,13 +99,15 @@ def test_release_loads_back_and_computes_what_the_run_trained(runs, name):
   head = json.loads((release / "dpjax_head.json").read_text())
   batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
   logits = trained.model.apply({"params": trained.params}, batch)
-  np.testing.assert_allclose(_head_logits(_tensors(release), head, got, mask), logits,
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    _head_logits(_tensors(release), head, got, mask), logits, atol=1e-5, rtol=0
+  )
   if name == "lora":
     assert head["architecture"] == "BertForSequenceClassification"
     # The adapters trained away from B = 0: leaving them out would change the model.
     without = bert.BertModel(trained.model.backbone).apply(
-        {"params": _drop_adapters(trained.params["backbone"])}, ids, mask)
+      {"params": _drop_adapters(trained.params["backbone"])}, ids, mask
+    )
     assert float(jnp.max(jnp.abs(without - want))) > 1e-4
 
 
@@ -142,8 +147,13 @@ def test_release_holds_only_public_files_and_no_secret(runs, name):
   # bytes, nor as a decimal integer.
   secret = _meta(workdir, 2)["secret"]["value"]
   assert len(secret) == 64
-  forms = [secret.encode(), secret.lower().encode(), secret.upper().encode(),
-           bytes.fromhex(secret), str(int(secret, 16)).encode()]
+  forms = [
+    secret.encode(),
+    secret.lower().encode(),
+    secret.upper().encode(),
+    bytes.fromhex(secret),
+    str(int(secret, 16)).encode(),
+  ]
   for file, data in contents.items():
     assert not any(form in data for form in forms), f"{file} holds the run's secret"
 
@@ -161,27 +171,38 @@ def _roundtrip_dir(tmp_path: Path, model, params) -> tuple[Path, dict, dict]:
 def test_heads_and_adapters_map_to_hugging_face_names(tmp_path, model_type, task):
   """Without training: every head layout and merged adapters read back through pretrained.py."""
   pad = 1 if model_type == "roberta" else 0
-  config = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=32,
-                           max_position_embeddings=40, pad_token_id=pad,
-                           position_offset=pad + 1 if model_type == "roberta" else 0,
-                           model_type=model_type)
+  config = bert.BertConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=40,
+    pad_token_id=pad,
+    position_offset=pad + 1 if model_type == "roberta" else 0,
+    model_type=model_type,
+  )
   adapters = layers.LoraConfig(rank=2, alpha=4.0, targets=("query", "value"))
   if task == "label_words":
     model = heads.LabelWordClassifier(config, (7, 9), lora=adapters)
   else:
     model = heads.SequenceClassifier(config, 3, "pooler", lora=adapters)
   ids = jnp.array([[2, 5, 7, 3, pad], [2, 11, 12, 13, 3]], jnp.int32)
-  batch = {"input_ids": ids, "attention_mask": (ids != pad).astype(jnp.int32),
-           "mask_position": jnp.array([2, 1], jnp.int32)}
+  batch = {
+    "input_ids": ids,
+    "attention_mask": (ids != pad).astype(jnp.int32),
+    "mask_position": jnp.array([2, 1], jnp.int32),
+  }
   params = model.init(jax.random.PRNGKey(0), batch)["params"]
   params = jax.tree_util.tree_map_with_path(  # Non-zero B: the adapters change the model.
-      lambda path, v: v + 0.1 if path[-1].key == "lora_b" else v, params)
+    lambda path, v: v + 0.1 if path[-1].key == "lora_b" else v, params
+  )
   directory, head, config_json = _roundtrip_dir(tmp_path, model, params)
   loaded, loaded_params, _ = pretrained.load(directory, with_tokenizer=False)
   assert loaded.config == config
-  want = bert.BertModel(config, adapters).apply({"params": params["backbone"]}, ids,
-                                                 batch["attention_mask"])
+  want = bert.BertModel(config, adapters).apply(
+    {"params": params["backbone"]}, ids, batch["attention_mask"]
+  )
   got = loaded.apply({"params": loaded_params}, ids, batch["attention_mask"])
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   prefix = "Roberta" if model_type == "roberta" else "Bert"
@@ -191,10 +212,21 @@ def test_heads_and_adapters_map_to_hugging_face_names(tmp_path, model_type, task
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params["lm_head"])
   else:
     assert config_json["architectures"] == [f"{prefix}ForSequenceClassification"]
-    names = ({"classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight",
-              "classifier.out_proj.bias"} if model_type == "roberta" else
-             {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
-              "classifier.bias"})
+    names = (
+      {
+        "classifier.dense.weight",
+        "classifier.dense.bias",
+        "classifier.out_proj.weight",
+        "classifier.out_proj.bias",
+      }
+      if model_type == "roberta"
+      else {
+        "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias",
+        "classifier.weight",
+        "classifier.bias",
+      }
+    )
     assert set(head) == names
 
 
@@ -211,12 +243,14 @@ def test_stale_or_missing_summary(runs, tmp_path):
   summary_file.unlink()
   release = export_lib.export(workdir, tmp_path / "bare")
   assert sorted(p.name for p in release.iterdir()) == sorted(
-      set(export_lib.FILES) - {"dp_summary.json"})
+    set(export_lib.FILES) - {"dp_summary.json"}
+  )
 
 
 def test_failed_write_leaves_nothing(runs, tmp_path, monkeypatch):
   def fail(*args):
     raise OSError(28, "No space left on device")
+
   monkeypatch.setattr(export_lib.os, "rename", fail)
   with pytest.raises(export_lib.ExportError, match="No space left"):
     export_lib.export(runs["full"][0], tmp_path / "release")
@@ -234,8 +268,13 @@ def test_workdir_without_checkpoint_is_refused(tmp_path):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "dpjax.export", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "dpjax.export", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_cli_refuses_bad_inputs_with_one_line(runs, tmp_path):

@@ -1,6 +1,5 @@
 """A complete DP-SGD run (sampler, clipping, noise, ledger) learns a synthetic task."""
 
-
 from experiments import quickstart
 
 

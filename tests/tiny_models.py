@@ -21,6 +21,7 @@ class MLP(nn.Module):
 
 class TinyTransformer(nn.Module):
   """Token embedding + one pre-LN self-attention block + mean pooling + classifier."""
+
   vocab: int = 11
   dim: int = 8
   heads: int = 2
@@ -43,8 +44,10 @@ def mlp_problem(batch: int = 8, dim: int = 5, seed: int = 0):
   """(loss_fn, params, batch) for the MLP on random data; loss of ONE example."""
   model = MLP()
   rng = np.random.default_rng(seed)
-  data = {"x": jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32),
-          "y": jnp.asarray(rng.integers(0, 3, size=batch), jnp.int32)}
+  data = {
+    "x": jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32),
+    "y": jnp.asarray(rng.integers(0, 3, size=batch), jnp.int32),
+  }
   params = model.init(jax.random.PRNGKey(seed), data["x"][0])["params"]
 
   def loss_fn(params, example):
@@ -60,9 +63,11 @@ def transformer_problem(batch: int = 8, length: int = 6, seed: int = 0):
   rng = np.random.default_rng(seed)
   lengths = rng.integers(2, length + 1, size=batch)
   mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.float32)
-  data = {"tokens": jnp.asarray(rng.integers(0, 11, size=(batch, length)) * mask, jnp.int32),
-          "mask": jnp.asarray(mask),
-          "y": jnp.asarray(rng.integers(0, 2, size=batch), jnp.int32)}
+  data = {
+    "tokens": jnp.asarray(rng.integers(0, 11, size=(batch, length)) * mask, jnp.int32),
+    "mask": jnp.asarray(mask),
+    "y": jnp.asarray(rng.integers(0, 2, size=batch), jnp.int32),
+  }
   params = model.init(jax.random.PRNGKey(seed), data["tokens"][0], data["mask"][0])["params"]
 
   def loss_fn(params, example):
@@ -73,8 +78,11 @@ def transformer_problem(batch: int = 8, length: int = 6, seed: int = 0):
 
 
 def tree_norm(tree) -> float:
-  return float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                            for x in jax.tree_util.tree_leaves(tree))))
+  return float(
+    jnp.sqrt(
+      sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
+    )
+  )
 
 
 def tree_sub(a, b):
@@ -82,14 +90,22 @@ def tree_sub(a, b):
 
 
 # A one-layer BERT (the real dpjax.models.bert) small enough for multi-device tests.
-TINY_BERT_SHAPE = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, max_position_embeddings=16)
+TINY_BERT_SHAPE = dict(
+  vocab_size=40,
+  hidden_size=16,
+  num_hidden_layers=1,
+  num_attention_heads=2,
+  intermediate_size=32,
+  max_position_embeddings=16,
+)
 
 
 def bert_rows(n: int, length: int, seed: int) -> dict[str, np.ndarray]:
   """``n`` random rows of ``length`` real tokens for TINY_BERT_SHAPE, with binary labels."""
   rng = np.random.default_rng(seed)
-  return {"input_ids": rng.integers(1, 40, (n, length)).astype(np.int32),
-          "attention_mask": np.ones((n, length), np.int32),
-          "token_type_ids": np.zeros((n, length), np.int32),
-          "label": rng.integers(0, 2, n).astype(np.int32)}
+  return {
+    "input_ids": rng.integers(1, 40, (n, length)).astype(np.int32),
+    "attention_mask": np.ones((n, length), np.int32),
+    "token_type_ids": np.zeros((n, length), np.int32),
+    "label": rng.integers(0, 2, n).astype(np.int32),
+  }

@@ -15,6 +15,17 @@ from dpjax.data.templates import PromptTemplate
 from dpjax.data.tokenizer_utils import mask_token, pad_id
 
 __all__ = [
-    "DataError", "EncodedDataset", "Example", "PromptTemplate", "Source", "TextFileSource",
-    "TfdsSource", "encode", "mask_token", "pad_id", "resolve_buckets", "sst2", "sst2_dir",
+  "DataError",
+  "EncodedDataset",
+  "Example",
+  "PromptTemplate",
+  "Source",
+  "TextFileSource",
+  "TfdsSource",
+  "encode",
+  "mask_token",
+  "pad_id",
+  "resolve_buckets",
+  "sst2",
+  "sst2_dir",
 ]

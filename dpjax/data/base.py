@@ -19,6 +19,7 @@ class Example:
     label: the integer class label, or None for unlabeled data.
     user_id: the id of the user who contributed the example (for user-level privacy), or None.
   """
+
   text: str
   label: int | None = None
   user_id: str | None = None
@@ -43,8 +44,6 @@ class Source(Protocol):
     """A string that changes whenever the examples change."""
     ...
 
-  def __len__(self) -> int:
-    ...
+  def __len__(self) -> int: ...
 
-  def __getitem__(self, index: int) -> Example:
-    ...
+  def __getitem__(self, index: int) -> Example: ...

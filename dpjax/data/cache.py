@@ -26,12 +26,20 @@ FORMAT_VERSION = 1
 _OPTIONAL = ("labels", "user_ids", "mask_positions")
 
 
-def cache_key(source_fingerprint: str, tokenizer_json: str, max_length: int,
-              template_spec: dict[str, Any] | None) -> str:
+def cache_key(
+  source_fingerprint: str,
+  tokenizer_json: str,
+  max_length: int,
+  template_spec: dict[str, Any] | None,
+) -> str:
   """sha256 over everything the tokenized arrays depend on, and the file format version."""
-  spec = {"format_version": FORMAT_VERSION, "source": source_fingerprint,
-          "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
-          "max_length": max_length, "template": template_spec}
+  spec = {
+    "format_version": FORMAT_VERSION,
+    "source": source_fingerprint,
+    "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
+    "max_length": max_length,
+    "template": template_spec,
+  }
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -45,8 +53,9 @@ def save(path: Path, key: str, arrays: TokenArrays) -> None:
   """Writes ``arrays`` (and ``key``) to ``path`` atomically."""
   path.parent.mkdir(parents=True, exist_ok=True)
   payload = {"key": np.array(key), "ids": arrays.ids, "offsets": arrays.offsets}
-  payload.update({name: getattr(arrays, name) for name in _OPTIONAL
-                  if getattr(arrays, name) is not None})
+  payload.update(
+    {name: getattr(arrays, name) for name in _OPTIONAL if getattr(arrays, name) is not None}
+  )
   tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
   fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
@@ -64,10 +73,14 @@ def save(path: Path, key: str, arrays: TokenArrays) -> None:
 def _consistent(arrays: TokenArrays) -> bool:
   offsets = arrays.offsets
   n = len(offsets) - 1
-  return (offsets.ndim == 1 and n >= 0 and offsets[0] == 0 and offsets[-1] == len(arrays.ids)
-          and bool(np.all(np.diff(offsets) >= 0))
-          and all(getattr(arrays, name) is None or len(getattr(arrays, name)) == n
-                  for name in _OPTIONAL))
+  return (
+    offsets.ndim == 1
+    and n >= 0
+    and offsets[0] == 0
+    and offsets[-1] == len(arrays.ids)
+    and bool(np.all(np.diff(offsets) >= 0))
+    and all(getattr(arrays, name) is None or len(getattr(arrays, name)) == n for name in _OPTIONAL)
+  )
 
 
 def load(path: Path, key: str) -> TokenArrays | None:
@@ -77,9 +90,11 @@ def load(path: Path, key: str) -> TokenArrays | None:
       if str(stored["key"]) != key:
         logging.warning("ignoring cache file %s: it was written for another key", path)
         return None
-      arrays = TokenArrays(ids=stored["ids"], offsets=stored["offsets"],
-                           **{name: stored[name] if name in stored.files else None
-                              for name in _OPTIONAL})
+      arrays = TokenArrays(
+        ids=stored["ids"],
+        offsets=stored["offsets"],
+        **{name: stored[name] if name in stored.files else None for name in _OPTIONAL},
+      )
   except FileNotFoundError:
     return None
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:

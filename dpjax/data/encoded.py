@@ -55,9 +55,16 @@ class EncodedDataset:
     label_word_ids: the token id of each class's label word (templates only), else None.
   """
 
-  def __init__(self, arrays: TokenArrays, *, pad_id: int, max_length: int,
-               buckets: Sequence[int] | None = None,
-               label_word_ids: tuple[int, ...] | None = None, name: str = ""):
+  def __init__(
+    self,
+    arrays: TokenArrays,
+    *,
+    pad_id: int,
+    max_length: int,
+    buckets: Sequence[int] | None = None,
+    label_word_ids: tuple[int, ...] | None = None,
+    name: str = "",
+  ):
     self.name = name
     self.max_length = max_length
     self.buckets = resolve_buckets(buckets, max_length)
@@ -67,8 +74,9 @@ class EncodedDataset:
     self._offsets = np.asarray(arrays.offsets, np.int64)
     self.lengths = np.diff(self._offsets).astype(np.int32)
     if len(self.lengths) and self.lengths.max() > max_length:
-      raise ValueError(f"an example has {self.lengths.max()} tokens, more than "
-                       f"max_length={max_length}")
+      raise ValueError(
+        f"an example has {self.lengths.max()} tokens, more than max_length={max_length}"
+      )
     self.labels = arrays.labels
     self.user_ids = arrays.user_ids
     self.mask_positions = arrays.mask_positions
@@ -87,7 +95,7 @@ class EncodedDataset:
     if not -len(self) <= i < len(self):
       raise IndexError(f"index {i} out of range for {len(self)} examples")
     i %= len(self)
-    return self._ids[self._offsets[i]:self._offsets[i + 1]]
+    return self._ids[self._offsets[i] : self._offsets[i + 1]]
 
   def bucket_length(self, num_tokens: int) -> int:
     """The smallest bucket length ``>= num_tokens``."""
@@ -100,8 +108,9 @@ class EncodedDataset:
     counts = np.bincount(np.searchsorted(self.buckets, self.lengths), minlength=len(self.buckets))
     return {length: int(count) for length, count in zip(self.buckets, counts)}
 
-  def batch(self, indices: Sequence[int] | np.ndarray, length: int | None = None
-            ) -> dict[str, np.ndarray]:
+  def batch(
+    self, indices: Sequence[int] | np.ndarray, length: int | None = None
+  ) -> dict[str, np.ndarray]:
     """Padded arrays for the examples at ``indices`` (repeats allowed).
 
     Args:
@@ -117,8 +126,9 @@ class EncodedDataset:
     if idx.size == 0:
       idx = idx.astype(np.int64)
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-      raise ValueError(f"indices must be a 1-D array of integers (got shape {idx.shape}, "
-                       f"dtype {idx.dtype})")
+      raise ValueError(
+        f"indices must be a 1-D array of integers (got shape {idx.shape}, dtype {idx.dtype})"
+      )
     n = len(self)
     if idx.size and (idx.min() < -n or idx.max() >= n):
       raise IndexError(f"indices must lie in [-{n}, {n}) (got {idx.min()}..{idx.max()})")
@@ -128,14 +138,19 @@ class EncodedDataset:
     if length is None:
       length = self.bucket_length(longest)
     elif isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < longest:
-      raise ValueError(f"length must be an integer >= the longest example of the batch "
-                       f"({longest} tokens) (got {length!r})")
+      raise ValueError(
+        f"length must be an integer >= the longest example of the batch "
+        f"({longest} tokens) (got {length!r})"
+      )
     attention = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
     rows, cols = np.nonzero(attention)
     input_ids = np.full((len(idx), length), self.pad_id, np.int32)
     input_ids[rows, cols] = self._ids[self._offsets[idx][rows] + cols]
-    out = {"input_ids": input_ids, "attention_mask": attention,
-           "token_type_ids": np.zeros_like(input_ids)}
+    out = {
+      "input_ids": input_ids,
+      "attention_mask": attention,
+      "token_type_ids": np.zeros_like(input_ids),
+    }
     if self.labels is not None:
       out["label"] = self.labels[idx].astype(np.int32)
     if self.mask_positions is not None:
@@ -143,5 +158,7 @@ class EncodedDataset:
     return out
 
   def __repr__(self) -> str:
-    return (f"EncodedDataset({self.name!r}, examples={len(self)}, max_length={self.max_length}, "
-            f"buckets={self.buckets})")
+    return (
+      f"EncodedDataset({self.name!r}, examples={len(self)}, max_length={self.max_length}, "
+      f"buckets={self.buckets})"
+    )

@@ -8,15 +8,20 @@ from collections.abc import Sequence
 from absl import logging
 from tokenizers import Tokenizer
 
-from dpjax.data import cache, tokenizer_utils, tokenization
+from dpjax.data import cache, tokenization, tokenizer_utils
 from dpjax.data.base import Source
 from dpjax.data.encoded import EncodedDataset, resolve_buckets
 from dpjax.data.templates import PromptTemplate
 
 
-def encode(source: Source, tokenizer: Tokenizer, max_length: int,
-           buckets: Sequence[int] | None = None, template: PromptTemplate | None = None,
-           cache_dir: str | os.PathLike[str] | None = None) -> EncodedDataset:
+def encode(
+  source: Source,
+  tokenizer: Tokenizer,
+  max_length: int,
+  buckets: Sequence[int] | None = None,
+  template: PromptTemplate | None = None,
+  cache_dir: str | os.PathLike[str] | None = None,
+) -> EncodedDataset:
   """Tokenizes every example of ``source`` into an ``EncodedDataset``.
 
   Args:
@@ -48,8 +53,9 @@ def encode(source: Source, tokenizer: Tokenizer, max_length: int,
   arrays, path = None, None
   if cache_dir is not None:
     tokenizer_json = tokenizer_utils.unpadded_copy(tokenizer).to_str()
-    key = cache.cache_key(source.fingerprint, tokenizer_json, max_length,
-                          None if template is None else template.spec())
+    key = cache.cache_key(
+      source.fingerprint, tokenizer_json, max_length, None if template is None else template.spec()
+    )
     path = cache.cache_path(cache_dir, source.name, key)
     arrays = cache.load(path, key)
     if arrays is not None:
@@ -59,5 +65,11 @@ def encode(source: Source, tokenizer: Tokenizer, max_length: int,
     if path is not None:
       cache.save(path, key, arrays)
       logging.info("%s: token ids saved to %s", source.name, path)
-  return EncodedDataset(arrays, pad_id=pad, max_length=max_length, buckets=buckets,
-                        label_word_ids=label_word_ids, name=source.name)
+  return EncodedDataset(
+    arrays,
+    pad_id=pad,
+    max_length=max_length,
+    buckets=buckets,
+    label_word_ids=label_word_ids,
+    name=source.name,
+  )

@@ -87,10 +87,18 @@ class TextFileSource:
   raises, as does a file with no usable rows.
   """
 
-  def __init__(self, path: str | os.PathLike[str], text_field: str = "sentence",
-               label_field: str | None = "label", user_field: str | None = None,
-               format: str | None = None, num_labels: int | None = None,  # noqa: A002
-               skip_bad_rows: bool = False, *, name: str | None = None):
+  def __init__(
+    self,
+    path: str | os.PathLike[str],
+    text_field: str = "sentence",
+    label_field: str | None = "label",
+    user_field: str | None = None,
+    format: str | None = None,
+    num_labels: int | None = None,  # noqa: A002
+    skip_bad_rows: bool = False,
+    *,
+    name: str | None = None,
+  ):
     """Reads and checks the whole file.
 
     Args:
@@ -109,8 +117,9 @@ class TextFileSource:
     """
     self.path = Path(path)
     self.format = self._resolve_format(format)
-    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
-                                   or num_labels < 1):
+    if num_labels is not None and (
+      isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
+    ):
       raise ValueError(f"num_labels must be an integer >= 1 or None (got {num_labels!r})")
     self.text_field, self.label_field, self.user_field = text_field, label_field, user_field
     self.num_labels = num_labels
@@ -137,8 +146,10 @@ class TextFileSource:
     if file_format is None:
       inferred = _SUFFIX_FORMATS.get(self.path.suffix.lower())
       if inferred is None:
-        raise DataError(f"{self.path}: cannot infer the format from the suffix "
-                        f"{self.path.suffix!r}; pass format='tsv', 'csv' or 'jsonl'")
+        raise DataError(
+          f"{self.path}: cannot infer the format from the suffix "
+          f"{self.path.suffix!r}; pass format='tsv', 'csv' or 'jsonl'"
+        )
       return inferred
     if file_format not in text_files.FORMATS:
       raise ValueError(f"format must be one of {text_files.FORMATS} or None (got {file_format!r})")
@@ -170,11 +181,19 @@ class TextFileSource:
           self.skipped_examples.append((row.line, str(exc)))
     if self.skipped_rows:
       line, reason = self.skipped_examples[0]
-      logging.warning("%s: skipped %d bad rows (kept %d); the first, line %d: %s", self.path,
-                      self.skipped_rows, len(self._texts), line, reason)
+      logging.warning(
+        "%s: skipped %d bad rows (kept %d); the first, line %d: %s",
+        self.path,
+        self.skipped_rows,
+        len(self._texts),
+        line,
+        reason,
+      )
     if not self._texts:
-      raise DataError(f"{self.path}: no examples"
-                      + (f" ({self.skipped_rows} bad rows skipped)" if self.skipped_rows else ""))
+      raise DataError(
+        f"{self.path}: no examples"
+        + (f" ({self.skipped_rows} bad rows skipped)" if self.skipped_rows else "")
+      )
 
   def _add(self, fields: dict[str, Any], kind: str) -> None:
     for field in self._required:
@@ -198,10 +217,16 @@ class TextFileSource:
   @property
   def fingerprint(self) -> str:
     """sha256 of the file's bytes together with every option that changes the examples."""
-    spec = {"version": _FINGERPRINT_VERSION, "file_sha256": self.file_sha256,
-            "format": self.format, "text_field": self.text_field,
-            "label_field": self.label_field, "user_field": self.user_field,
-            "num_labels": self.num_labels, "skip_bad_rows": self.skip_bad_rows}
+    spec = {
+      "version": _FINGERPRINT_VERSION,
+      "file_sha256": self.file_sha256,
+      "format": self.format,
+      "text_field": self.text_field,
+      "label_field": self.label_field,
+      "user_field": self.user_field,
+      "num_labels": self.num_labels,
+      "skip_bad_rows": self.skip_bad_rows,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
   def __len__(self) -> int:
@@ -214,8 +239,10 @@ class TextFileSource:
     return Example(self._texts[i], self._labels[i], self._users[i])
 
   def __repr__(self) -> str:
-    return (f"TextFileSource({str(self.path)!r}, format={self.format!r}, examples={len(self)}, "
-            f"skipped_rows={self.skipped_rows})")
+    return (
+      f"TextFileSource({str(self.path)!r}, format={self.format!r}, examples={len(self)}, "
+      f"skipped_rows={self.skipped_rows})"
+    )
 
 
 def sst2_dir() -> Path:
@@ -226,8 +253,10 @@ def sst2_dir() -> Path:
   """
   path = Path(dpjax.__file__).resolve().parent.parent / "third_party" / "sst2"
   if not path.is_dir():
-    raise DataError(f"{path}: the vendored SST-2 directory is missing; SST-2 ships with the "
-                    "dpjax repository (third_party/sst2), use dpjax from a checkout of it")
+    raise DataError(
+      f"{path}: the vendored SST-2 directory is missing; SST-2 ships with the "
+      "dpjax repository (third_party/sst2), use dpjax from a checkout of it"
+    )
   return path
 
 
@@ -239,6 +268,11 @@ def sst2(split: str) -> TextFileSource:
   if split not in _SST2_FILES:
     raise ValueError(f"split must be one of {tuple(_SST2_FILES)} (got {split!r})")
   canonical = "train" if split == "train" else "validation"
-  return TextFileSource(sst2_dir() / _SST2_FILES[split], text_field="sentence",
-                        label_field="label", format="tsv", num_labels=2,
-                        name=f"sst2/{canonical}")
+  return TextFileSource(
+    sst2_dir() / _SST2_FILES[split],
+    text_field="sentence",
+    label_field="label",
+    format="tsv",
+    num_labels=2,
+    name=f"sst2/{canonical}",
+  )

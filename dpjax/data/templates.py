@@ -31,6 +31,7 @@ class PromptTemplate:
       For byte-level BPE tokenizers (RoBERTa) the word usually needs its leading space,
       e.g. ``" great"``.
   """
+
   template: str = "{text} It was [MASK] ."
   label_words: tuple[str, ...] = ("terrible", "great")
 
@@ -40,12 +41,16 @@ class PromptTemplate:
       raise ValueError(f"template must contain {TEXT} exactly once (got {self.template!r})")
     masks = sum(self.template.count(m) for m in (MASK, *_LITERAL_MASKS))
     if masks != 1:
-      raise ValueError(f"template must contain the mask ({MASK}, [MASK] or <mask>) exactly once "
-                       f"(got {self.template!r})")
-    if len(self.label_words) < 2 or not all(isinstance(w, str) and w.strip()
-                                            for w in self.label_words):
-      raise ValueError(f"label_words must be two or more non-empty strings "
-                       f"(got {self.label_words!r})")
+      raise ValueError(
+        f"template must contain the mask ({MASK}, [MASK] or <mask>) exactly once "
+        f"(got {self.template!r})"
+      )
+    if len(self.label_words) < 2 or not all(
+      isinstance(w, str) and w.strip() for w in self.label_words
+    ):
+      raise ValueError(
+        f"label_words must be two or more non-empty strings (got {self.label_words!r})"
+      )
 
   def render(self, text: str, mask: str) -> tuple[str, int, int]:
     """The filled-in template and the character span ``[start, end)`` of ``text`` in it.
@@ -70,8 +75,9 @@ class PromptTemplate:
     for word in self.label_words:
       encoding = plain.encode(word, add_special_tokens=False)
       if len(encoding.ids) != 1 or encoding.tokens[0] == unknown:
-        raise ValueError(f"label word {word!r} must be one known token of the tokenizer; it is "
-                         f"{encoding.tokens}")
+        raise ValueError(
+          f"label word {word!r} must be one known token of the tokenizer; it is {encoding.tokens}"
+        )
       ids.append(encoding.ids[0])
     return tuple(ids)
 

@@ -30,6 +30,7 @@ class FileFormatError(Exception):
 
 class Row(NamedTuple):
   """One parsed row: ``fields`` when it parsed, else ``error`` says why not."""
+
   line: int
   fields: dict[str, Any] | None = None
   error: str | None = None
@@ -49,7 +50,7 @@ def _decode_lines(data: bytes) -> list[_Line]:
   Line texts keep no ``\\n`` but do keep a ``\\r`` of a CRLF line ending.
   """
   if data.startswith(codecs.BOM_UTF8):
-    data = data[len(codecs.BOM_UTF8):]
+    data = data[len(codecs.BOM_UTF8) :]
   raw_lines = data.split(b"\n")
   if raw_lines[-1] == b"":
     raw_lines.pop()  # The newline that ends the last line does not start another.
@@ -94,8 +95,9 @@ def _tsv_rows(lines: list[_Line]) -> tuple[list[str], Iterator[Row]]:
         continue
       values = text.split("\t")
       if len(values) != len(columns):
-        yield Row(line.number, error=(f"expected {len(columns)} tab-separated columns, "
-                                      f"found {len(values)}"))
+        yield Row(
+          line.number, error=(f"expected {len(columns)} tab-separated columns, found {len(values)}")
+        )
         continue
       yield Row(line.number, dict(zip(columns, values)))
 
@@ -141,8 +143,9 @@ def _csv_rows(lines: list[_Line]) -> tuple[list[str], Iterator[Row]]:
       elif not values or (len(values) == 1 and not values[0].strip()):
         yield Row(first, error="empty line")
       elif len(values) != len(columns):
-        yield Row(first, error=(f"expected {len(columns)} comma-separated columns, "
-                                f"found {len(values)}"))
+        yield Row(
+          first, error=(f"expected {len(columns)} comma-separated columns, found {len(values)}")
+        )
       else:
         yield Row(first, dict(zip(columns, values)))
 

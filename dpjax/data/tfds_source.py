@@ -25,6 +25,7 @@ _HASH_CHUNK = 1 << 20
 
 def _file_sha256(path: Any) -> str:
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   digest = hashlib.sha256()
   with epath.Path(path).open("rb") as f:
     while chunk := f.read(_HASH_CHUNK):
@@ -40,9 +41,15 @@ class TfdsSource:
   non-integer label, or an empty user id.
   """
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None,
-               text_key: str = "sentence", label_key: str | None = "label",
-               user_key: str | None = None):
+  def __init__(
+    self,
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    text_key: str = "sentence",
+    label_key: str | None = "label",
+    user_key: str | None = None,
+  ):
     """Opens the split.
 
     Args:
@@ -66,26 +73,32 @@ class TfdsSource:
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-      raise DataError(f"tfds dataset {name!r}: not registered and not prepared in "
-                      f"{where}") from None
+      raise DataError(
+        f"tfds dataset {name!r}: not registered and not prepared in {where}"
+      ) from None
     if not builder.is_prepared():
-      raise DataError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}; prepare it "
-                      "first with download_and_prepare() and file_format='array_record'")
+      raise DataError(
+        f"tfds dataset {name!r} is not prepared in {builder.data_dir}; prepare it "
+        "first with download_and_prepare() and file_format='array_record'"
+      )
     self._builder = builder
     try:
       self._source = builder.as_data_source(split=split)
     except NotImplementedError:
-      raise DataError(f"tfds dataset {name!r} in {builder.data_dir} was prepared as "
-                      f"{builder.info.file_format.value}, which has no random access; prepare it "
-                      "with file_format='array_record'") from None
+      raise DataError(
+        f"tfds dataset {name!r} in {builder.data_dir} was prepared as "
+        f"{builder.info.file_format.value}, which has no random access; prepare it "
+        "with file_format='array_record'"
+      ) from None
     except ValueError as exc:
       raise DataError(f"tfds dataset {name!r}: {str(exc).splitlines()[0]}") from None
     features = builder.info.features
     available = list(features.keys()) if hasattr(features, "keys") else []
     for key in (text_key, label_key, user_key):
       if key is not None and key not in available:
-        raise DataError(f"tfds dataset {name!r} has no feature {key!r} "
-                        f"(features: {', '.join(available)})")
+        raise DataError(
+          f"tfds dataset {name!r} has no feature {key!r} (features: {', '.join(available)})"
+        )
     self._fingerprint: str | None = None
 
   @property
@@ -99,12 +112,22 @@ class TfdsSource:
     Computed on first use (it reads the split's files once) and remembered.
     """
     if self._fingerprint is None:
-      files = [{"file": str(instruction.filename).rsplit("/", 1)[-1], "skip": instruction.skip,
-                "take": instruction.take, "sha256": _file_sha256(instruction.filename)}
-               for instruction in self._builder.info.splits[self.split].file_instructions]
-      spec = {"version": _FINGERPRINT_VERSION, "dataset": self._builder.info.full_name,
-              "split": str(self.split), "keys": [self.text_key, self.label_key, self.user_key],
-              "files": files}
+      files = [
+        {
+          "file": str(instruction.filename).rsplit("/", 1)[-1],
+          "skip": instruction.skip,
+          "take": instruction.take,
+          "sha256": _file_sha256(instruction.filename),
+        }
+        for instruction in self._builder.info.splits[self.split].file_instructions
+      ]
+      spec = {
+        "version": _FINGERPRINT_VERSION,
+        "dataset": self._builder.info.full_name,
+        "split": str(self.split),
+        "keys": [self.text_key, self.label_key, self.user_key],
+        "files": files,
+      }
       self._fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     return self._fingerprint
 
@@ -141,8 +164,9 @@ class TfdsSource:
       except TypeError:
         raise self._fail(i, f"label {value!r} is not an integer") from None
       if label < 0:
-        raise self._fail(i, f"label {label} is negative (for an unlabeled split pass "
-                            "label_key=None)")
+        raise self._fail(
+          i, f"label {label} is negative (for an unlabeled split pass label_key=None)"
+        )
     user = None
     if self.user_key is not None:
       value = record[self.user_key]

@@ -32,6 +32,7 @@ class TokenArrays(NamedTuple):
     user_ids: str [n], or None if the examples have no user ids.
     mask_positions: int32 [n], the mask token's index in each example (templates only).
   """
+
   ids: np.ndarray
   offsets: np.ndarray
   labels: np.ndarray | None = None
@@ -46,12 +47,16 @@ def _truncate(encoding: Encoding, span: tuple[int, int], max_length: int) -> lis
   if excess <= 0:
     return ids
   start, end = span
-  text_tokens = [j for j, ((s, e), special) in enumerate(zip(encoding.offsets,
-                                                              encoding.special_tokens_mask))
-                 if not special and start <= s < e <= end]
+  text_tokens = [
+    j
+    for j, ((s, e), special) in enumerate(zip(encoding.offsets, encoding.special_tokens_mask))
+    if not special and start <= s < e <= end
+  ]
   if len(text_tokens) <= excess:
-    raise ValueError(f"max_length={max_length} leaves no room for text: the special tokens and "
-                     f"template take {len(ids) - len(text_tokens)} tokens")
+    raise ValueError(
+      f"max_length={max_length} leaves no room for text: the special tokens and "
+      f"template take {len(ids) - len(text_tokens)} tokens"
+    )
   drop = set(text_tokens[-excess:])
   return [token for j, token in enumerate(ids) if j not in drop]
 
@@ -67,8 +72,9 @@ def _column(values: Sequence, what: str, name: str):
   return values
 
 
-def tokenize(source: Source, tokenizer: Tokenizer, max_length: int,
-             template: PromptTemplate | None = None) -> TokenArrays:
+def tokenize(
+  source: Source, tokenizer: Tokenizer, max_length: int, template: PromptTemplate | None = None
+) -> TokenArrays:
   """Tokenizes every example of ``source``.
 
   Args:
@@ -88,7 +94,7 @@ def tokenize(source: Source, tokenizer: Tokenizer, max_length: int,
   examples = [source[i] for i in range(len(source))]
   pieces, positions = [], []
   for first in range(0, len(examples), _CHUNK):
-    chunk = examples[first:first + _CHUNK]
+    chunk = examples[first : first + _CHUNK]
     if template is None:
       rendered = [(e.text, 0, len(e.text)) for e in chunk]
     else:
@@ -99,8 +105,10 @@ def tokenize(source: Source, tokenizer: Tokenizer, max_length: int,
       if template is not None:
         count = ids.count(mask_id)
         if count != 1:
-          raise DataError(f"{source.name}[{i}]: the mask token {mask} occurs {count} times in the "
-                          "templated example, expected once")
+          raise DataError(
+            f"{source.name}[{i}]: the mask token {mask} occurs {count} times in the "
+            "templated example, expected once"
+          )
         positions.append(ids.index(mask_id))
       pieces.append(ids)
 
@@ -111,7 +119,9 @@ def tokenize(source: Source, tokenizer: Tokenizer, max_length: int,
   labels = _column([e.label for e in examples], "label", source.name)
   users = _column([e.user_id for e in examples], "user id", source.name)
   return TokenArrays(
-      ids=ids, offsets=offsets,
-      labels=None if labels is None else np.asarray(labels, np.int32),
-      user_ids=None if users is None else np.asarray(users, np.str_),
-      mask_positions=None if template is None else np.asarray(positions, np.int32))
+    ids=ids,
+    offsets=offsets,
+    labels=None if labels is None else np.asarray(labels, np.int32),
+    user_ids=None if users is None else np.asarray(users, np.str_),
+    mask_positions=None if template is None else np.asarray(positions, np.int32),
+  )

@@ -33,8 +33,10 @@ def pad_id(tokenizer: Tokenizer) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is not None:
       return token_id
-  raise ValueError(f"the tokenizer has no padding token (looked for {', '.join(_PAD_TOKENS)} "
-                   "and its padding settings)")
+  raise ValueError(
+    f"the tokenizer has no padding token (looked for {', '.join(_PAD_TOKENS)} "
+    "and its padding settings)"
+  )
 
 
 def mask_token(tokenizer: Tokenizer) -> tuple[str, int]:

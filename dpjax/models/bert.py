@@ -25,6 +25,7 @@ class BertConfig:
   for RoBERTa, whose positions count only non-padding tokens, starting after the
   padding index.
   """
+
   vocab_size: int = 30522
   hidden_size: int = 384
   num_hidden_layers: int = 6
@@ -41,7 +42,7 @@ class BertConfig:
   model_type: str = "bert"
 
   @classmethod
-  def from_hf(cls, cfg: dict[str, Any]) -> "BertConfig":
+  def from_hf(cls, cfg: dict[str, Any]) -> BertConfig:
     """From a Hugging Face ``config.json`` dict (model_type bert or roberta).
 
     Dropout is taken as 0: DP training runs deterministic by default; set the
@@ -51,27 +52,34 @@ class BertConfig:
     if model_type not in ("bert", "roberta"):
       raise ValueError(f"BertConfig cannot read model_type {model_type!r}")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
-      raise ValueError(f"only absolute position embeddings are supported "
-                       f"(got {cfg['position_embedding_type']!r})")
+      raise ValueError(
+        f"only absolute position embeddings are supported (got {cfg['position_embedding_type']!r})"
+      )
     pad = int(cfg.get("pad_token_id", 1 if model_type == "roberta" else 0))
     return cls(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"],
-        intermediate_size=cfg["intermediate_size"],
-        max_position_embeddings=cfg["max_position_embeddings"],
-        type_vocab_size=cfg.get("type_vocab_size", 2),
-        layer_norm_eps=cfg.get("layer_norm_eps", 1e-12), hidden_act=cfg.get("hidden_act", "gelu"),
-        pad_token_id=pad, position_offset=pad + 1 if model_type == "roberta" else 0,
-        model_type=model_type)
+      vocab_size=cfg["vocab_size"],
+      hidden_size=cfg["hidden_size"],
+      num_hidden_layers=cfg["num_hidden_layers"],
+      num_attention_heads=cfg["num_attention_heads"],
+      intermediate_size=cfg["intermediate_size"],
+      max_position_embeddings=cfg["max_position_embeddings"],
+      type_vocab_size=cfg.get("type_vocab_size", 2),
+      layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+      hidden_act=cfg.get("hidden_act", "gelu"),
+      pad_token_id=pad,
+      position_offset=pad + 1 if model_type == "roberta" else 0,
+      model_type=model_type,
+    )
 
 
 def activation(name: str):
   """Hugging Face activation names -> functions (exact erf GELU for ``"gelu"``)."""
-  table = {"gelu": lambda x: nn.gelu(x, approximate=False),
-           "gelu_new": lambda x: nn.gelu(x, approximate=True),
-           "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-           "relu": nn.relu}
+  table = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+  }
   if name not in table:
     raise ValueError(f"hidden_act must be one of {sorted(table)} (got {name!r})")
   return table[name]
@@ -83,6 +91,7 @@ class BertEmbeddings(nn.Module):
   Defined with ``setup`` so a tied output layer can reach ``word_embeddings``
   (see :meth:`BertModel.word_logits`).
   """
+
   config: BertConfig
 
   def setup(self):
@@ -115,15 +124,19 @@ class BertSelfAttention(nn.Module):
     c = self.config
     heads = c.num_attention_heads
     split = lambda t: t.reshape(t.shape[:-1] + (heads, c.hidden_size // heads))
-    q, k, v = (split(layers.Dense(c.hidden_size, lora=self.lora, name=n)(x))
-               for n in ("query", "key", "value"))
-    out = layers.dot_product_attention(q, k, v, bias, nn.Dropout(c.attention_probs_dropout_prob),
-                                       deterministic)
+    q, k, v = (
+      split(layers.Dense(c.hidden_size, lora=self.lora, name=n)(x))
+      for n in ("query", "key", "value")
+    )
+    out = layers.dot_product_attention(
+      q, k, v, bias, nn.Dropout(c.attention_probs_dropout_prob), deterministic
+    )
     return out.reshape(x.shape[:-1] + (c.hidden_size,))
 
 
 class BertResidualOutput(nn.Module):
   """dense -> dropout -> LayerNorm(x + residual): the post-LN sublayer output."""
+
   config: BertConfig
   lora: layers.LoraConfig | None = None
 
@@ -153,7 +166,8 @@ class BertIntermediate(nn.Module):
   def __call__(self, x):
     c = self.config
     return activation(c.hidden_act)(
-        layers.Dense(c.intermediate_size, lora=self.lora, name="dense")(x))
+      layers.Dense(c.intermediate_size, lora=self.lora, name="dense")(x)
+    )
 
 
 class BertLayer(nn.Module):
@@ -174,6 +188,7 @@ class BertModel(nn.Module):
     config: the architecture.
     lora: optional LoRA adapters on matching Dense layers.
   """
+
   config: BertConfig
   lora: layers.LoraConfig | None = None
 
@@ -206,6 +221,7 @@ class BertEncoder(nn.Module):
 
 class BertPooler(nn.Module):
   """tanh(dense(h_[CLS])): BERT's pooled output."""
+
   config: BertConfig
 
   @nn.compact
@@ -220,6 +236,7 @@ class BertMaskedLMHead(nn.Module):
   so the head costs O(k·H) instead of O(V·H). ``decoder(h, rows)`` is the tied
   output layer, :meth:`BertModel.word_logits` of the backbone.
   """
+
   config: BertConfig
 
   @nn.compact

@@ -21,6 +21,7 @@ from dpjax.models.bert import activation
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
   """Architecture of a GPT-2 decoder (names as in Hugging Face's config.json)."""
+
   vocab_size: int = 50257
   n_positions: int = 1024
   n_embd: int = 768
@@ -33,14 +34,20 @@ class GPT2Config:
   model_type: str = "gpt2"
 
   @classmethod
-  def from_hf(cls, cfg: dict[str, Any]) -> "GPT2Config":
+  def from_hf(cls, cfg: dict[str, Any]) -> GPT2Config:
     """From a Hugging Face ``config.json`` dict; dropout is 0 unless set explicitly."""
     if cfg.get("model_type", "gpt2") != "gpt2":
       raise ValueError(f"GPT2Config cannot read model_type {cfg.get('model_type')!r}")
-    return cls(vocab_size=cfg["vocab_size"], n_positions=cfg["n_positions"],
-               n_embd=cfg["n_embd"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-               n_inner=cfg.get("n_inner"), layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5),
-               activation_function=cfg.get("activation_function", "gelu_new"))
+    return cls(
+      vocab_size=cfg["vocab_size"],
+      n_positions=cfg["n_positions"],
+      n_embd=cfg["n_embd"],
+      n_layer=cfg["n_layer"],
+      n_head=cfg["n_head"],
+      n_inner=cfg.get("n_inner"),
+      layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5),
+      activation_function=cfg.get("activation_function", "gelu_new"),
+    )
 
 
 class GPT2Attention(nn.Module):
@@ -66,7 +73,8 @@ class GPT2MLP(nn.Module):
   def __call__(self, x, deterministic):
     c = self.config
     h = activation(c.activation_function)(
-        layers.Dense(c.n_inner or 4 * c.n_embd, lora=self.lora, name="c_fc")(x))
+      layers.Dense(c.n_inner or 4 * c.n_embd, lora=self.lora, name="c_fc")(x)
+    )
     out = layers.Dense(c.n_embd, lora=self.lora, name="c_proj")(h)
     return nn.Dropout(c.dropout)(out, deterministic=deterministic)
 
@@ -79,9 +87,11 @@ class GPT2Block(nn.Module):
   def __call__(self, x, bias, deterministic):
     eps = self.config.layer_norm_epsilon
     x = x + GPT2Attention(self.config, self.lora, name="attn")(
-        layers.LayerNorm(eps, name="ln_1")(x), bias, deterministic)
+      layers.LayerNorm(eps, name="ln_1")(x), bias, deterministic
+    )
     return x + GPT2MLP(self.config, self.lora, name="mlp")(
-        layers.LayerNorm(eps, name="ln_2")(x), deterministic)
+      layers.LayerNorm(eps, name="ln_2")(x), deterministic
+    )
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -91,12 +101,19 @@ class GPT2LMHeadModel(nn.Module):
   0..T-1 (right padding); pass ``position_ids`` for left-padded batches.
   ``return_hidden=True`` returns the final-LayerNorm hidden states instead.
   """
+
   config: GPT2Config
   lora: layers.LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, position_ids=None, deterministic: bool = True,
-               return_hidden: bool = False):
+  def __call__(
+    self,
+    input_ids,
+    attention_mask,
+    position_ids=None,
+    deterministic: bool = True,
+    return_hidden: bool = False,
+  ):
     c = self.config
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)

@@ -32,6 +32,7 @@ POOLINGS = ("cls", "mean", "pooler")
 
 class SequenceClassifier(nn.Module):
   """Backbone -> pooled state -> ``head`` Dense -> logits [B, num_labels]."""
+
   backbone: bert.BertConfig
   num_labels: int
   pooling: str = "cls"
@@ -43,7 +44,8 @@ class SequenceClassifier(nn.Module):
       raise ValueError(f"pooling must be one of {POOLINGS} (got {self.pooling!r})")
     mask = batch["attention_mask"]
     hidden = bert.BertModel(self.backbone, self.lora, name="backbone")(
-        batch["input_ids"], mask, batch.get("token_type_ids"), deterministic)
+      batch["input_ids"], mask, batch.get("token_type_ids"), deterministic
+    )
     if self.pooling == "cls":
       pooled = hidden[:, 0]
     elif self.pooling == "mean":
@@ -56,6 +58,7 @@ class SequenceClassifier(nn.Module):
 
 class LabelWordClassifier(nn.Module):
   """Logits over ``label_word_ids`` from the MLM head at ``batch["mask_position"]``."""
+
   backbone: bert.BertConfig
   label_word_ids: tuple[int, ...]
   lora: layers.LoraConfig | None = None
@@ -63,12 +66,14 @@ class LabelWordClassifier(nn.Module):
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
     encoder = bert.BertModel(self.backbone, self.lora, name="backbone")
-    hidden = encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                     deterministic)
+    hidden = encoder(
+      batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), deterministic
+    )
     position = batch["mask_position"].astype(jnp.int32)
     at_mask = jnp.take_along_axis(hidden, position[:, None, None], axis=1)[:, 0]
     return bert.BertMaskedLMHead(self.backbone, name="lm_head")(
-        at_mask, encoder.word_logits, jnp.asarray(self.label_word_ids, jnp.int32))
+      at_mask, encoder.word_logits, jnp.asarray(self.label_word_ids, jnp.int32)
+    )
 
 
 def _add_batch_axis(example: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -100,9 +105,13 @@ class TaskLoss:
     row_loss: ``(outputs of one example, example) -> (loss, aux)``.
   """
 
-  def __init__(self, model: nn.Module, frozen: PyTree | None,
-               inputs: Callable[[Mapping[str, jax.Array]], tuple[tuple, dict]],
-               row_loss: Callable[[jax.Array, Mapping[str, jax.Array]], tuple[jax.Array, dict]]):
+  def __init__(
+    self,
+    model: nn.Module,
+    frozen: PyTree | None,
+    inputs: Callable[[Mapping[str, jax.Array]], tuple[tuple, dict]],
+    row_loss: Callable[[jax.Array, Mapping[str, jax.Array]], tuple[jax.Array, dict]],
+  ):
     self.model = model
     self.frozen = frozen
     self.inputs = inputs
@@ -114,8 +123,9 @@ class TaskLoss:
   def __call__(self, params: PyTree, example: Mapping[str, jax.Array]):
     rngs, deterministic = _rngs(example)
     args, kwargs = self.inputs(_add_batch_axis(example))
-    outputs = self.model.apply({"params": self.full_params(params)}, *args,
-                               deterministic=deterministic, rngs=rngs, **kwargs)[0]
+    outputs = self.model.apply(
+      {"params": self.full_params(params)}, *args, deterministic=deterministic, rngs=rngs, **kwargs
+    )[0]
     return self.row_loss(outputs, example)
 
   def batched(self, params: PyTree, batch: Mapping[str, jax.Array], perturbations: PyTree):
@@ -125,15 +135,21 @@ class TaskLoss:
     rngs = {} if keys is None else {"dropout": keys[0]}
     args, kwargs = self.inputs({k: v for k, v in batch.items() if k != "dropout_key"})
     outputs, state = self.model.apply(
-        {"params": full, layers.PERTURBATIONS: perturbations}, *args,
-        deterministic=keys is None, rngs=rngs, mutable=[layers.TAPS], **kwargs)
+      {"params": full, layers.PERTURBATIONS: perturbations},
+      *args,
+      deterministic=keys is None,
+      rngs=rngs,
+      mutable=[layers.TAPS],
+      **kwargs,
+    )
     losses, aux = jax.vmap(self.row_loss)(outputs, batch)
     return losses, aux, state.get(layers.TAPS, {}), full
 
   def perturbation_shapes(self, params: PyTree, batch: Mapping[str, jax.Array]) -> PyTree:
     args, kwargs = self.inputs({k: v for k, v in batch.items() if k != "dropout_key"})
     shapes = jax.eval_shape(
-        lambda: self.model.init(jax.random.PRNGKey(0), *args, deterministic=True, **kwargs))
+      lambda: self.model.init(jax.random.PRNGKey(0), *args, deterministic=True, **kwargs)
+    )
     return shapes.get(layers.PERTURBATIONS, {})
 
 
@@ -177,9 +193,13 @@ def lm_loss(model: gpt2.GPT2LMHeadModel, frozen: PyTree | None = None) -> TaskLo
   return TaskLoss(model, frozen, _lm_inputs, _lm_row)
 
 
-def init_with_backbone(model: nn.Module, rng: jax.Array, example_batch: Mapping[str, jax.Array],
-                       backbone_params: PyTree, head_params: Mapping[str, PyTree] | None = None
-                       ) -> PyTree:
+def init_with_backbone(
+  model: nn.Module,
+  rng: jax.Array,
+  example_batch: Mapping[str, jax.Array],
+  backbone_params: PyTree,
+  head_params: Mapping[str, PyTree] | None = None,
+) -> PyTree:
   """Initializes a task model and puts the pretrained weights in place.
 
   The backbone subtree comes from ``backbone_params`` (LoRA adapters, which no
@@ -199,12 +219,15 @@ def init_with_backbone(model: nn.Module, rng: jax.Array, example_batch: Mapping[
     fresh = traverse_util.flatten_dict(params[name], sep="/")
     given = traverse_util.flatten_dict(pretrained, sep="/")
     unknown = sorted(given.keys() - fresh.keys())
-    unset = sorted(k for k in fresh.keys() - given.keys()
-                   if k.rsplit("/", 1)[-1] not in ("lora_a", "lora_b"))
+    unset = sorted(
+      k for k in fresh.keys() - given.keys() if k.rsplit("/", 1)[-1] not in ("lora_a", "lora_b")
+    )
     shapes = sorted(k for k in given.keys() & fresh.keys() if given[k].shape != fresh[k].shape)
     if unknown or unset or shapes:
-      raise ValueError(f"pretrained {name!r} weights do not fit the model: unknown {unknown[:5]}, "
-                       f"missing {unset[:5]}, wrong shape {shapes[:5]}")
+      raise ValueError(
+        f"pretrained {name!r} weights do not fit the model: unknown {unknown[:5]}, "
+        f"missing {unset[:5]}, wrong shape {shapes[:5]}"
+      )
     fresh.update({k: jnp.asarray(v, jnp.float32) for k, v in given.items()})
     params[name] = traverse_util.unflatten_dict(fresh, sep="/")
   return params

@@ -7,7 +7,8 @@ and output gradients (per-example norms without per-example gradients, see
 
 * what the weight gradient needs from the forward pass is sown into the
   ``"taps"`` collection (``sow`` is a no-op unless that collection is mutable):
-  ``Dense`` ``in`` (its input; ``lora_scale`` α/r with adapters), ``Embed`` ``ids`` (looked-up rows) and, for a
+  ``Dense`` ``in`` (its input; ``lora_scale`` α/r with adapters), ``Embed`` ``ids``
+  (looked-up rows) and, for a
   tied output layer, ``attend_in``/``attend_rows``, ``LayerNorm`` ``normalized``;
 * the layer output goes through :func:`perturb_output`, whose gradient is ∂L/∂y
   (a no-op unless a ``"perturbations"`` collection holding that entry is
@@ -42,6 +43,7 @@ class LoraConfig:
     targets: regular expressions searched in the Dense module path, e.g.
       ``("attention/self/(query|value)",)`` for BERT or ``("attn/c_attn",)`` for GPT-2.
   """
+
   rank: int = 8
   alpha: float = 16.0
   targets: tuple[str, ...] = ("query", "value")
@@ -74,6 +76,7 @@ def perturb_output(module: nn.Module, name: str, value: jax.Array) -> jax.Array:
 
 class Dense(nn.Module):
   """y = x W + b (+ LoRA), with W stored [d_in, d_out] as ``kernel``."""
+
   features: int
   use_bias: bool = True
   lora: LoraConfig | None = None
@@ -89,24 +92,28 @@ class Dense(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
     if self.lora is not None and self.lora.applies_to(self.scope.path):
-      a = self.param("lora_a", nn.initializers.he_uniform(), (x.shape[-1], self.lora.rank),
-                     jnp.float32)
+      a = self.param(
+        "lora_a", nn.initializers.he_uniform(), (x.shape[-1], self.lora.rank), jnp.float32
+      )
       b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), jnp.float32)
       self.sow(TAPS, "lora_scale", jnp.float32(self.lora.alpha / self.lora.rank))
-      y = y + (self.lora.alpha / self.lora.rank) * jnp.dot(jnp.dot(x.astype(dtype), a.astype(dtype)),
-                                                           b.astype(dtype))
+      y = y + (self.lora.alpha / self.lora.rank) * jnp.dot(
+        jnp.dot(x.astype(dtype), a.astype(dtype)), b.astype(dtype)
+      )
     return perturb_output(self, "out", y)
 
 
 class Embed(nn.Module):
   """A lookup table [num_embeddings, features] stored as ``embedding``."""
+
   num_embeddings: int
   features: int
   embedding_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
 
   def setup(self):
-    self.embedding = self.param("embedding", self.embedding_init,
-                                (self.num_embeddings, self.features), jnp.float32)
+    self.embedding = self.param(
+      "embedding", self.embedding_init, (self.num_embeddings, self.features), jnp.float32
+    )
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     self.sow(TAPS, "ids", ids)
@@ -129,12 +136,15 @@ class Embed(nn.Module):
 
 
 class LayerNorm(nn.Module):
-  """y = (x - mean) / sqrt(var + eps) * scale + bias over the last axis (params ``scale``, ``bias``).
+  """y = (x - mean) / sqrt(var + eps) * scale + bias over the last axis.
+
+  Parameters ``scale`` and ``bias``.
 
   Taps the normalized input x̂, so the per-example gradients Σ_t ∂L/∂y_t ⊙ x̂_t
   (scale) and Σ_t ∂L/∂y_t (bias) need no per-example backward pass. Statistics
   are computed in float32.
   """
+
   epsilon: float = 1e-6
 
   @nn.compact
@@ -157,10 +167,18 @@ def additive_attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax
   return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-                          dropout: nn.Dropout | None = None, deterministic: bool = True
-                          ) -> jax.Array:
-  """Softmax attention over [B, T, heads, head_dim] inputs with an additive [B, 1|heads, T, T] bias."""
+def dot_product_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  bias: jax.Array,
+  dropout: nn.Dropout | None = None,
+  deterministic: bool = True,
+) -> jax.Array:
+  """Softmax attention over [B, T, heads, head_dim] inputs.
+
+  The bias is additive, of shape [B, 1|heads, T, T].
+  """
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
   probs = jax.nn.softmax((scores + bias).astype(jnp.float32), axis=-1).astype(q.dtype)
   if dropout is not None:

@@ -21,17 +21,27 @@ PyTree = Any
 LORA_LEAVES = ("lora_a", "lora_b")
 # Presets of Dense module paths that get adapters (Hu et al. 2021: queries and values).
 LORA_TARGETS = {
-    "bert": ("attention/self/(query|value)",),
-    "roberta": ("attention/self/(query|value)",),
-    "gpt2": ("attn/c_attn",),
+  "bert": ("attention/self/(query|value)",),
+  "roberta": ("attention/self/(query|value)",),
+  "gpt2": ("attn/c_attn",),
 }
 
-__all__ = ["LoraConfig", "LORA_TARGETS", "trainable_mask", "has_adapters", "partition", "combine",
-           "count"]
+__all__ = [
+  "LoraConfig",
+  "LORA_TARGETS",
+  "trainable_mask",
+  "has_adapters",
+  "partition",
+  "combine",
+  "count",
+]
 
 
-def trainable_mask(params: PyTree, train: str = "all",
-                   head_patterns: Sequence[str] = ("^head/", "^pooler/", "^lm_head/")) -> PyTree:
+def trainable_mask(
+  params: PyTree,
+  train: str = "all",
+  head_patterns: Sequence[str] = ("^head/", "^pooler/", "^lm_head/"),
+) -> PyTree:
   """A bool tree like ``params``: True for the parameters to train.
 
   Args:
@@ -54,8 +64,9 @@ def trainable_mask(params: PyTree, train: str = "all",
     try:
       pattern = re.compile(train)
     except re.error as err:
-      raise ValueError(f"train must be 'all', 'lora', 'head' or a regular expression "
-                       f"(got {train!r}: {err})") from None
+      raise ValueError(
+        f"train must be 'all', 'lora', 'head' or a regular expression (got {train!r}: {err})"
+      ) from None
     keep = lambda path: bool(pattern.search(path))
   mask = {path: keep(path) for path in flat}
   if not any(mask.values()):

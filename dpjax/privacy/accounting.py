@@ -52,6 +52,7 @@ class Segment:
     dataset_size: N, needed for the truncated event and to check δ < 1/N.
     max_batch_size: M if the sample was truncated to M examples, else None.
   """
+
   sampling_prob: float
   noise_multiplier: float
   steps: int
@@ -59,10 +60,14 @@ class Segment:
   max_batch_size: int | None = None
 
   def __post_init__(self):
-    object.__setattr__(self, "sampling_prob",
-                       _validation.require_probability("sampling_prob", self.sampling_prob))
-    object.__setattr__(self, "noise_multiplier", _validation.require_non_negative(
-        "noise_multiplier", self.noise_multiplier))
+    object.__setattr__(
+      self, "sampling_prob", _validation.require_probability("sampling_prob", self.sampling_prob)
+    )
+    object.__setattr__(
+      self,
+      "noise_multiplier",
+      _validation.require_non_negative("noise_multiplier", self.noise_multiplier),
+    )
     _validation.require_int_in("steps", self.steps, 0)
     if self.dataset_size is not None:
       _validation.require_int_in("dataset_size", self.dataset_size, 1)
@@ -71,7 +76,7 @@ class Segment:
         raise ValueError("max_batch_size needs dataset_size (the truncated event depends on N)")
       _validation.require_int_in("max_batch_size", self.max_batch_size, 1, self.dataset_size)
 
-  def same_mechanism(self, other: "Segment") -> bool:
+  def same_mechanism(self, other: Segment) -> bool:
     """True if the two differ at most in their step counts."""
     return dataclasses.replace(self, steps=0) == dataclasses.replace(other, steps=0)
 
@@ -79,36 +84,46 @@ class Segment:
     """The dp_accounting event of this segment (all its steps)."""
     if self.max_batch_size is not None:
       step = dp_accounting.TruncatedSubsampledGaussianDpEvent(
-          dataset_size=self.dataset_size, sampling_probability=self.sampling_prob,
-          truncated_batch_size=self.max_batch_size, noise_multiplier=self.noise_multiplier)
+        dataset_size=self.dataset_size,
+        sampling_probability=self.sampling_prob,
+        truncated_batch_size=self.max_batch_size,
+        noise_multiplier=self.noise_multiplier,
+      )
     else:
       step = dp_accounting.PoissonSampledDpEvent(
-          self.sampling_prob, dp_accounting.GaussianDpEvent(self.noise_multiplier))
+        self.sampling_prob, dp_accounting.GaussianDpEvent(self.noise_multiplier)
+      )
     return dp_accounting.SelfComposedDpEvent(step, self.steps)
 
 
-def _make_accountant(accountant: str, pld_discretization: float,
-                     relation: str = NEIGHBORING_RELATION) -> dp_accounting.PrivacyAccountant:
+def _make_accountant(
+  accountant: str, pld_discretization: float, relation: str = NEIGHBORING_RELATION
+) -> dp_accounting.PrivacyAccountant:
   if relation == "replace_one":
     return pld_privacy_accountant.PLDAccountant(
-        dp_accounting.NeighboringRelation.REPLACE_ONE,
-        value_discretization_interval=pld_discretization)
+      dp_accounting.NeighboringRelation.REPLACE_ONE,
+      value_discretization_interval=pld_discretization,
+    )
   if accountant == "pld":
-    return pld_privacy_accountant.PLDAccountant(
-        value_discretization_interval=pld_discretization)
+    return pld_privacy_accountant.PLDAccountant(value_discretization_interval=pld_discretization)
   if accountant == "rdp":
     return rdp_privacy_accountant.RdpAccountant()
   raise ValueError(f"accountant must be one of {ACCOUNTANTS} (got {accountant!r})")
 
 
 @functools.lru_cache(maxsize=256)
-def _composed_accountant(segments: tuple[Segment, ...], accountant: str,
-                         pld_discretization: float,
-                         relation: str = NEIGHBORING_RELATION) -> dp_accounting.PrivacyAccountant:
+def _composed_accountant(
+  segments: tuple[Segment, ...],
+  accountant: str,
+  pld_discretization: float,
+  relation: str = NEIGHBORING_RELATION,
+) -> dp_accounting.PrivacyAccountant:
   acc = _make_accountant(accountant, pld_discretization, relation)
   if accountant == "rdp" and any(s.max_batch_size is not None for s in segments):
-    raise ValueError("accountant='rdp' cannot account a truncated batch (max_batch_size); "
-                     "use accountant='pld' or max_batch_size=None")
+    raise ValueError(
+      "accountant='rdp' cannot account a truncated batch (max_batch_size); "
+      "use accountant='pld' or max_batch_size=None"
+    )
   acc.compose(dp_accounting.ComposedDpEvent([s.dp_event() for s in segments if s.steps]))
   return acc
 
@@ -132,6 +147,7 @@ class PrivacyLedger:
     accountant: ``"pld"`` (default) or ``"rdp"``.
     pld_discretization: the PLD value discretization interval.
   """
+
   segments: tuple[Segment, ...] = ()
   accountant: str = "pld"
   pld_discretization: float = DEFAULT_PLD_DISCRETIZATION
@@ -152,7 +168,7 @@ class PrivacyLedger:
     sizes = {s.dataset_size for s in self.segments if s.dataset_size is not None}
     return min(sizes) if sizes else None
 
-  def record(self, segment: Segment) -> "PrivacyLedger":
+  def record(self, segment: Segment) -> PrivacyLedger:
     """A new ledger with ``segment`` appended (merged into the last one if equal)."""
     if not isinstance(segment, Segment):
       raise ValueError(f"record() takes a Segment (got {type(segment).__name__})")
@@ -191,45 +207,65 @@ class PrivacyLedger:
 
   def to_dict(self) -> dict[str, Any]:
     return {
-        "format": _LEDGER_FORMAT,
-        "neighboring_relation": NEIGHBORING_RELATION,
-        "accountant": self.accountant,
-        "pld_discretization": self.pld_discretization,
-        "segments": [dataclasses.asdict(s) for s in self.segments],
+      "format": _LEDGER_FORMAT,
+      "neighboring_relation": NEIGHBORING_RELATION,
+      "accountant": self.accountant,
+      "pld_discretization": self.pld_discretization,
+      "segments": [dataclasses.asdict(s) for s in self.segments],
     }
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
 
   @classmethod
-  def from_dict(cls, data: dict[str, Any]) -> "PrivacyLedger":
+  def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
     if data.get("format") != _LEDGER_FORMAT:
-      raise ValueError(f"unknown privacy ledger format {data.get('format')!r} "
-                       f"(this version reads format {_LEDGER_FORMAT})")
+      raise ValueError(
+        f"unknown privacy ledger format {data.get('format')!r} "
+        f"(this version reads format {_LEDGER_FORMAT})"
+      )
     if data.get("neighboring_relation") != NEIGHBORING_RELATION:
       raise ValueError(f"ledger neighboring_relation must be {NEIGHBORING_RELATION!r}")
-    return cls(segments=tuple(Segment(**s) for s in data["segments"]),
-               accountant=data["accountant"], pld_discretization=data["pld_discretization"])
+    return cls(
+      segments=tuple(Segment(**s) for s in data["segments"]),
+      accountant=data["accountant"],
+      pld_discretization=data["pld_discretization"],
+    )
 
   @classmethod
-  def from_json(cls, text: str) -> "PrivacyLedger":
+  def from_json(cls, text: str) -> PrivacyLedger:
     return cls.from_dict(json.loads(text))
 
 
-def compute_epsilon(noise_multiplier: float, sampling_prob: float, steps: int, delta: float,
-                    accountant: str = "pld", *, dataset_size: int | None = None,
-                    max_batch_size: int | None = None,
-                    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION) -> float:
+def compute_epsilon(
+  noise_multiplier: float,
+  sampling_prob: float,
+  steps: int,
+  delta: float,
+  accountant: str = "pld",
+  *,
+  dataset_size: int | None = None,
+  max_batch_size: int | None = None,
+  pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+) -> float:
   """ε(δ) of ``steps`` steps of the Poisson-subsampled Gaussian with rate q and noise σ."""
   segment = Segment(sampling_prob, noise_multiplier, steps, dataset_size, max_batch_size)
   ledger = PrivacyLedger(accountant=accountant, pld_discretization=pld_discretization)
   return ledger.record(segment).epsilon(delta)
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sampling_prob: float, steps: int,
-                    accountant: str = "pld", *, dataset_size: int | None = None,
-                    max_batch_size: int | None = None, rel_tolerance: float = 0.01,
-                    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION) -> float:
+def calibrate_noise(
+  target_epsilon: float,
+  delta: float,
+  sampling_prob: float,
+  steps: int,
+  accountant: str = "pld",
+  *,
+  dataset_size: int | None = None,
+  max_batch_size: int | None = None,
+  rel_tolerance: float = 0.01,
+  pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+) -> float:
   """The smallest noise multiplier σ whose ε(δ) is at most ``target_epsilon``.
 
   Returns σ with target·(1 - rel_tolerance) <= ε(σ) <= target, where ε(σ) is
@@ -245,8 +281,10 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_prob: float, s
   """
   _validation.require_positive("target_epsilon", target_epsilon)
   if target_epsilon > MAX_TARGET_EPSILON:
-    raise ValueError(f"target_epsilon must be in (0, {MAX_TARGET_EPSILON:g}] (got {target_epsilon!r}; "
-                     "for a non-private run disable DP instead)")
+    raise ValueError(
+      f"target_epsilon must be in (0, {MAX_TARGET_EPSILON:g}] (got {target_epsilon!r}; "
+      "for a non-private run disable DP instead)"
+    )
   _validation.require_delta(delta, dataset_size)
   _validation.require_probability("sampling_prob", sampling_prob)
   _validation.require_int_in("steps", steps, 1)
@@ -255,9 +293,16 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_prob: float, s
     raise ValueError(f"accountant must be one of {ACCOUNTANTS} (got {accountant!r})")
 
   def eps(sigma: float, discretization: float) -> float:
-    return compute_epsilon(sigma, sampling_prob, steps, delta, accountant,
-                           dataset_size=dataset_size, max_batch_size=max_batch_size,
-                           pld_discretization=discretization)
+    return compute_epsilon(
+      sigma,
+      sampling_prob,
+      steps,
+      delta,
+      accountant,
+      dataset_size=dataset_size,
+      max_batch_size=max_batch_size,
+      pld_discretization=discretization,
+    )
 
   fine = pld_discretization
   coarse = max(fine, 1e-2) if accountant == "pld" else fine
@@ -272,13 +317,15 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_prob: float, s
     eps_hi = eps(hi, fine)
   if eps_hi < target_epsilon * (1 - rel_tolerance):
     # The coarse grid was too pessimistic here: bisect on the fine grid.
-    lo, hi = _bisect_sigma(lambda s: eps(s, fine), target_epsilon, rel_width=1e-3,
-                           bracket=(lo * 0.9, hi))
+    lo, hi = _bisect_sigma(
+      lambda s: eps(s, fine), target_epsilon, rel_width=1e-3, bracket=(lo * 0.9, hi)
+    )
   return hi
 
 
-def _bisect_sigma(eps_fn, target: float, rel_width: float,
-                  bracket: tuple[float, float] | None = None) -> tuple[float, float]:
+def _bisect_sigma(
+  eps_fn, target: float, rel_width: float, bracket: tuple[float, float] | None = None
+) -> tuple[float, float]:
   """(lo, hi) with eps_fn(lo) > target >= eps_fn(hi) and hi / lo <= 1 + rel_width."""
   if bracket is None:
     hi = 1.0

@@ -60,8 +60,9 @@ class TappedLoss(Protocol):
 
   def __call__(self, params: PyTree, example: Mapping[str, jax.Array]) -> Any: ...
 
-  def batched(self, params: PyTree, batch: Mapping[str, jax.Array], perturbations: PyTree
-              ) -> tuple[jax.Array, Any, PyTree, PyTree]: ...
+  def batched(
+    self, params: PyTree, batch: Mapping[str, jax.Array], perturbations: PyTree
+  ) -> tuple[jax.Array, Any, PyTree, PyTree]: ...
 
   def perturbation_shapes(self, params: PyTree, batch: Mapping[str, jax.Array]) -> PyTree: ...
 
@@ -109,8 +110,9 @@ class LinearGrad:
 
   def weighted_sum(self, c: jax.Array, kept: jax.Array) -> jax.Array:
     if self.ghost:
-      return jnp.einsum("btm,btn->mn", _zero_rows(self.p, kept) * c[:, None, None],
-                        _zero_rows(self.q, kept))
+      return jnp.einsum(
+        "btm,btn->mn", _zero_rows(self.p, kept) * c[:, None, None], _zero_rows(self.q, kept)
+      )
     return jnp.einsum("b,bmn->mn", c, _zero_rows(self.per_example(), kept))
 
 
@@ -137,8 +139,9 @@ class TableGrad:
     num_rows: V.
   """
 
-  def __init__(self, rows: jax.Array | None, values: jax.Array | None,
-               dense: LinearGrad | None, num_rows: int):
+  def __init__(
+    self, rows: jax.Array | None, values: jax.Array | None, dense: LinearGrad | None, num_rows: int
+  ):
     self.rows = rows
     self.values = None if values is None else _f32(values)
     self.dense = dense
@@ -162,7 +165,7 @@ class TableGrad:
       total = jnp.sum(jnp.square(merged), (1, 2))
       if self.dense is not None:
         # ⟨Σ_u onehot(id_u)ᵀ m_u, PᵀQ⟩ = Σ_{u,s} P[s, id_u] (Q_s · m_u)
-        p_at = jnp.take_along_axis(self.dense.p, ids[:, None, :], axis=2)   # [B, S, U]
+        p_at = jnp.take_along_axis(self.dense.p, ids[:, None, :], axis=2)  # [B, S, U]
         qm = jnp.einsum("bsh,buh->bsu", self.dense.q, merged)
         total = total + 2.0 * jnp.sum(p_at * qm, (1, 2))
     if self.dense is not None:
@@ -189,13 +192,20 @@ def _one_use(taps: Mapping[str, Any], name: str, where: str):
   if value is None:
     return None
   if len(value) != 1:
-    raise BookkeepingError(f"layer {where!r} is applied {len(value)} times in one forward pass; "
-                           "the book-keeping backend needs one use per layer")
+    raise BookkeepingError(
+      f"layer {where!r} is applied {len(value)} times in one forward pass; "
+      "the book-keeping backend needs one use per layer"
+    )
   return value[0]
 
 
-def _layer_grads(where: str, params: Mapping[str, jax.Array], taps: Mapping[str, Any],
-                 douts: Mapping[str, jax.Array], trained: set[str]) -> dict[str, Any]:
+def _layer_grads(
+  where: str,
+  params: Mapping[str, jax.Array],
+  taps: Mapping[str, Any],
+  douts: Mapping[str, jax.Array],
+  trained: set[str],
+) -> dict[str, Any]:
   """The per-example gradient objects of the trained leaves of one layer."""
   out: dict[str, Any] = {}
   x = _one_use(taps, "in", where)
@@ -209,9 +219,9 @@ def _layer_grads(where: str, params: Mapping[str, jax.Array], taps: Mapping[str,
       scale = _one_use(taps, "lora_scale", where)
       a, b = _f32(params["lora_a"]), _f32(params["lora_b"])
       xf, dyf = _f32(x), _f32(dy)
-      if "lora_a" in trained:   # ∂/∂A = s · xᵀ (dy Bᵀ)
+      if "lora_a" in trained:  # ∂/∂A = s · xᵀ (dy Bᵀ)
         out["lora_a"] = LinearGrad(xf, scale * jnp.einsum("...o,ro->...r", dyf, b))
-      if "lora_b" in trained:   # ∂/∂B = s · (x A)ᵀ dy
+      if "lora_b" in trained:  # ∂/∂B = s · (x A)ᵀ dy
         out["lora_b"] = LinearGrad(scale * jnp.einsum("...i,ir->...r", xf, a), dyf)
     return out
   normalized = _one_use(taps, "normalized", where)
@@ -242,16 +252,22 @@ def _layer_grads(where: str, params: Mapping[str, jax.Array], taps: Mapping[str,
         values.append(jnp.einsum("bsk,bsh->bkh", dlogits, x))
     if "embedding" in trained:
       out["embedding"] = TableGrad(
-          jnp.concatenate(rows, 1) if rows else None,
-          jnp.concatenate(values, 1) if values else None, dense, table.shape[0])
+        jnp.concatenate(rows, 1) if rows else None,
+        jnp.concatenate(values, 1) if values else None,
+        dense,
+        table.shape[0],
+      )
     return out
   if "logits" in douts and "bias" in params:  # Output bias of an MLM head, maybe gathered.
     if "bias" in trained:
-      dlogits = jnp.sum(_f32(_rows_2d(douts["logits"])), 1)      # [B, k or V]
+      dlogits = jnp.sum(_f32(_rows_2d(douts["logits"])), 1)  # [B, k or V]
       chosen = _one_use(taps, "bias_rows", where)
       if chosen is not None:
-        dlogits = jnp.zeros((dlogits.shape[0], params["bias"].shape[0]),
-                            jnp.float32).at[:, chosen].add(dlogits)
+        dlogits = (
+          jnp.zeros((dlogits.shape[0], params["bias"].shape[0]), jnp.float32)
+          .at[:, chosen]
+          .add(dlogits)
+        )
       out["bias"] = DirectGrad(dlogits)
     return out
   return out
@@ -278,9 +294,14 @@ def trained_perturbations(shapes: PyTree, params: PyTree) -> PyTree:
   return traverse_util.unflatten_dict(keep, sep="/")
 
 
-def clipped_sum(loss_fn: TappedLoss, params: PyTree, batch: Mapping[str, jax.Array],
-                mask: jax.Array, rule: clipping.ClipRule, has_aux: bool
-                ) -> tuple[PyTree, tuple[Any, ...]]:
+def clipped_sum(
+  loss_fn: TappedLoss,
+  params: PyTree,
+  batch: Mapping[str, jax.Array],
+  mask: jax.Array,
+  rule: clipping.ClipRule,
+  has_aux: bool,
+) -> tuple[PyTree, tuple[Any, ...]]:
   """The clipped sum over one (micro)batch, as ``ClippedGradFn`` expects it.
 
   Returns:
@@ -306,13 +327,19 @@ def clipped_sum(loss_fn: TappedLoss, params: PyTree, batch: Mapping[str, jax.Arr
   dout_layers = _leaves_by_layer(douts)
   grads: dict[str, Any] = {}
   for where, leaves in trained.items():
-    found = _layer_grads(where, full_layers.get(where, {}), tap_layers.get(where, {}),
-                         dout_layers.get(where, {}), set(leaves))
+    found = _layer_grads(
+      where,
+      full_layers.get(where, {}),
+      tap_layers.get(where, {}),
+      dout_layers.get(where, {}),
+      set(leaves),
+    )
     for name in leaves:
       if name not in found:
         raise BookkeepingError(
-            f"parameter {where + '/' + name!r} is not used through a tapped layer (Dense, Embed, "
-            "LayerNorm of dpjax.models.layers); use backend='vmap' for this model")
+          f"parameter {where + '/' + name!r} is not used through a tapped layer (Dense, Embed, "
+          "LayerNorm of dpjax.models.layers); use backend='vmap' for this model"
+        )
       grads[f"{where}/{name}" if where else name] = found[name]
   sq_norms = {k: g.sq_norm() for k, g in grads.items()}
   # The clip rule sees the same tree structure (and paths) as the parameters.
@@ -326,16 +353,23 @@ def clipped_sum(loss_fn: TappedLoss, params: PyTree, batch: Mapping[str, jax.Arr
   return summed, (losses, safe.norms, safe.clipped, safe.kept, safe.nonfinite, loss_aux)
 
 
-def unsupported_reason(loss_fn: Callable[..., Any], params: PyTree,
-                       batch: Mapping[str, jax.Array]) -> str | None:
+def unsupported_reason(
+  loss_fn: Callable[..., Any], params: PyTree, batch: Mapping[str, jax.Array]
+) -> str | None:
   """Why ``loss_fn`` cannot use the book-keeping backend on this batch, or None if it can."""
   if not isinstance(loss_fn, TappedLoss):
-    return ("the loss does not expose its model's layers (a TappedLoss such as "
-            "dpjax.models.heads.classification_loss)")
+    return (
+      "the loss does not expose its model's layers (a TappedLoss such as "
+      "dpjax.models.heads.classification_loss)"
+    )
   mask = jnp.ones(jax.tree_util.tree_leaves(batch)[0].shape[:1], bool)
   try:
-    jax.eval_shape(lambda p, b, m: clipped_sum(loss_fn, p, b, m, clipping.FlatClip(1.0), False),
-                   params, batch, mask)
+    jax.eval_shape(
+      lambda p, b, m: clipped_sum(loss_fn, p, b, m, clipping.FlatClip(1.0), False),
+      params,
+      batch,
+      mask,
+    )
   except BookkeepingError as err:
     return str(err)
   return None

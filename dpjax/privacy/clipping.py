@@ -27,7 +27,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,7 @@ class ClipFactors(NamedTuple):
     norms: [B] L2 norm of each example's unclipped gradient (all leaves).
     clipped: [B] bool, True where the example's gradient was scaled down.
   """
+
   per_leaf: PyTree
   norms: jax.Array
   clipped: jax.Array
@@ -88,6 +89,7 @@ class FlatClip(ClipRule):
   Attributes:
     clip_norm: the bound C > 0 on each example's gradient norm; Δ = C.
   """
+
   clip_norm: float
 
   def __post_init__(self):
@@ -101,11 +103,12 @@ class FlatClip(ClipRule):
     norms = _total_norm(sq_norms)
     # C / max(||g||, C) == min(1, C / ||g||) and is finite at ||g|| = 0.
     factor = self.clip_norm / jnp.maximum(norms, self.clip_norm)
-    return ClipFactors(jax.tree_util.tree_map(lambda _: factor, sq_norms), norms,
-                       norms > self.clip_norm)
+    return ClipFactors(
+      jax.tree_util.tree_map(lambda _: factor, sq_norms), norms, norms > self.clip_norm
+    )
 
 
-GroupBy = Union[str, Sequence[str], Callable[[str], str]]
+GroupBy = str | Sequence[str] | Callable[[str], str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +135,7 @@ class PerLayerClip(ClipRule):
     weights: optional split weights per group name.
     bounds: optional explicit bound per group name.
   """
+
   clip_norm: float | None = None
   group_by: GroupBy = "layer"
   weights: Mapping[str, float] | None = None
@@ -139,8 +143,10 @@ class PerLayerClip(ClipRule):
 
   def __post_init__(self):
     if (self.clip_norm is None) == (self.bounds is None):
-      raise ValueError("PerLayerClip needs exactly one of clip_norm (a total bound to split) "
-                       "or bounds (a bound per group)")
+      raise ValueError(
+        "PerLayerClip needs exactly one of clip_norm (a total bound to split) "
+        "or bounds (a bound per group)"
+      )
     if self.clip_norm is not None:
       _validation.require_positive("clip_norm", self.clip_norm)
     if self.bounds is not None and self.weights is not None:
@@ -153,8 +159,10 @@ class PerLayerClip(ClipRule):
         # Freeze to a hashable, ordered form so the rule can be a static jit argument.
         object.__setattr__(self, field, tuple(sorted(value.items())))
     if isinstance(self.group_by, str) and self.group_by not in ("layer", "leaf"):
-      raise ValueError(f"group_by must be 'layer', 'leaf', a sequence of regular expressions "
-                       f"or a callable (got {self.group_by!r})")
+      raise ValueError(
+        f"group_by must be 'layer', 'leaf', a sequence of regular expressions "
+        f"or a callable (got {self.group_by!r})"
+      )
     if not isinstance(self.group_by, str) and not callable(self.group_by):
       object.__setattr__(self, "group_by", tuple(self.group_by))
 
@@ -175,8 +183,9 @@ class PerLayerClip(ClipRule):
     for pattern in self.group_by:
       if re.search(pattern, path):
         return pattern
-    raise ValueError(f"parameter {path!r} matches none of the PerLayerClip group patterns "
-                     f"{list(self.group_by)}")
+    raise ValueError(
+      f"parameter {path!r} matches none of the PerLayerClip group patterns {list(self.group_by)}"
+    )
 
   def group_bounds(self, groups: Sequence[str]) -> dict[str, float]:
     """The bound C_k of each group, for the groups present in a gradient tree."""
@@ -221,6 +230,7 @@ class AutomaticClip(ClipRule):
   Attributes:
     stability: γ > 0, keeps small gradients from being blown up (0.01 in the paper).
   """
+
   stability: float = 0.01
 
   def __post_init__(self):
@@ -233,8 +243,9 @@ class AutomaticClip(ClipRule):
   def factors(self, sq_norms: PyTree) -> ClipFactors:
     norms = _total_norm(sq_norms)
     factor = 1.0 / (norms + self.stability)
-    return ClipFactors(jax.tree_util.tree_map(lambda _: factor, sq_norms), norms,
-                       norms + self.stability > 1.0)
+    return ClipFactors(
+      jax.tree_util.tree_map(lambda _: factor, sq_norms), norms, norms + self.stability > 1.0
+    )
 
 
 def as_clip_rule(clip: float | ClipRule) -> ClipRule:
@@ -257,6 +268,7 @@ class ClippedSum(NamedTuple):
     nonfinite: [B] bool, True for real examples whose loss or gradient was NaN/inf;
       they are dropped from the sum so the sensitivity bound still holds.
   """
+
   grads: PyTree
   norms: jax.Array
   clipped: jax.Array
@@ -266,9 +278,11 @@ class ClippedSum(NamedTuple):
 
 def per_example_sq_norms(per_example_grads: PyTree) -> PyTree:
   """Squared L2 norm of each leaf per example, in float32: leaves [B, ...] -> [B]."""
+
   def sq(g):
     g = g.astype(jnp.float32)
     return jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
+
   return jax.tree_util.tree_map(sq, per_example_grads)
 
 
@@ -282,6 +296,7 @@ class SafeFactors(NamedTuple):
     kept: [B] bool, real rows with a finite loss and gradient.
     nonfinite: [B] bool, real rows with a NaN/inf loss or gradient.
   """
+
   per_leaf: PyTree
   norms: jax.Array
   clipped: jax.Array
@@ -289,8 +304,9 @@ class SafeFactors(NamedTuple):
   nonfinite: jax.Array
 
 
-def safe_clip_factors(sq_norms: PyTree, rule: ClipRule, mask: jax.Array | None = None,
-                      losses: jax.Array | None = None) -> SafeFactors:
+def safe_clip_factors(
+  sq_norms: PyTree, rule: ClipRule, mask: jax.Array | None = None, losses: jax.Array | None = None
+) -> SafeFactors:
   """``rule.factors`` on per-leaf squared norms ([B] leaves), after dropping bad rows.
 
   A row counts (``kept``) when it is real (mask True) and its loss and squared
@@ -310,12 +326,17 @@ def safe_clip_factors(sq_norms: PyTree, rule: ClipRule, mask: jax.Array | None =
   sq_norms = jax.tree_util.tree_map(lambda s: jnp.where(kept, s, 0.0), sq_norms)
   factors = rule.factors(sq_norms)
   per_leaf = jax.tree_util.tree_map(lambda f: jnp.where(kept, f, 0.0), factors.per_leaf)
-  return SafeFactors(per_leaf, jnp.where(kept, factors.norms, 0.0), factors.clipped & kept, kept,
-                     real & ~finite)
+  return SafeFactors(
+    per_leaf, jnp.where(kept, factors.norms, 0.0), factors.clipped & kept, kept, real & ~finite
+  )
 
 
-def clip_and_sum(per_example_grads: PyTree, rule: ClipRule, mask: jax.Array | None = None,
-                 losses: jax.Array | None = None) -> ClippedSum:
+def clip_and_sum(
+  per_example_grads: PyTree,
+  rule: ClipRule,
+  mask: jax.Array | None = None,
+  losses: jax.Array | None = None,
+) -> ClippedSum:
   """Clips each example's gradient with ``rule`` and sums over the batch.
 
   Padding rows (mask False) and examples with a non-finite loss or gradient add
@@ -347,6 +368,7 @@ def clip_and_sum(per_example_grads: PyTree, rule: ClipRule, mask: jax.Array | No
 
 class ClipPerExampleState(NamedTuple):
   """Statistics of the last call, for logging."""
+
   clipped_fraction: jax.Array
   mean_norm: jax.Array
 
@@ -382,8 +404,8 @@ def clip_per_example(clip: float | ClipRule) -> optax.GradientTransformationExtr
     result = clip_and_sum(updates, rule, mask)
     count = jnp.maximum(jnp.sum(result.kept), 1)
     new_state = ClipPerExampleState(
-        jnp.sum(result.clipped) / count,
-        jnp.sum(jnp.where(result.kept, result.norms, 0.0)) / count)
+      jnp.sum(result.clipped) / count, jnp.sum(jnp.where(result.kept, result.norms, 0.0)) / count
+    )
     return result.grads, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -71,14 +71,42 @@ _CHACHA_CONSTANTS = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 
 _TAIL_P = 0.02
 _TAIL_EDGES = (1.977883466088977, 2.6, 3.6, 5.5, 8.241870157608323)
 _TAIL_COEFFS = (
-    (2.5553395748138428, 0.4956062436103821, -0.005364976357668638, 0.0005528160254471004,
-     -5.927943857386708e-05, 6.686713277304079e-06, -7.675228061998496e-07),
-    (3.81878662109375, 0.7648363709449768, -0.006869279779493809, 0.0008689306559972465,
-     -0.00011376518523320556, 1.5745661585242487e-05, -2.193535465266905e-06),
-    (5.9944329261779785, 1.4049946069717407, -0.00987991038709879, 0.001676804618909955,
-     -0.00029326791991479695, 5.545824387809262e-05, -1.0380887033534236e-05),
-    (9.385162353515625, 1.9852858781814575, -0.007401841226965189, 0.001238355995155871,
-     -0.00021289908909238875, 3.9379254303639755e-05, -7.191718850663165e-06),
+  (
+    2.5553395748138428,
+    0.4956062436103821,
+    -0.005364976357668638,
+    0.0005528160254471004,
+    -5.927943857386708e-05,
+    6.686713277304079e-06,
+    -7.675228061998496e-07,
+  ),
+  (
+    3.81878662109375,
+    0.7648363709449768,
+    -0.006869279779493809,
+    0.0008689306559972465,
+    -0.00011376518523320556,
+    1.5745661585242487e-05,
+    -2.193535465266905e-06,
+  ),
+  (
+    5.9944329261779785,
+    1.4049946069717407,
+    -0.00987991038709879,
+    0.001676804618909955,
+    -0.00029326791991479695,
+    5.545824387809262e-05,
+    -1.0380887033534236e-05,
+  ),
+  (
+    9.385162353515625,
+    1.9852858781814575,
+    -0.007401841226965189,
+    0.001238355995155871,
+    -0.00021289908909238875,
+    3.9379254303639755e-05,
+    -7.191718850663165e-06,
+  ),
 )
 
 
@@ -89,6 +117,7 @@ class PrivatizerState(NamedTuple):
     step: number of updates privatized so far (int32 scalar).
     key: the 256-bit ChaCha20 noise key, uint32[8] (secret).
   """
+
   step: jax.Array
   key: jax.Array
 
@@ -100,8 +129,10 @@ def as_key(key: Any) -> np.ndarray:
       raise ValueError(f"key must be 32 bytes (got {len(key)})")
     return np.frombuffer(bytes(key), dtype="<u4").astype(np.uint32)
   if isinstance(key, int):
-    raise ValueError("key must be a 256-bit key (uint32[8] or 32 bytes), not an int seed; "
-                     "derive it from a dpjax.privacy.secret.RunSecret")
+    raise ValueError(
+      "key must be a 256-bit key (uint32[8] or 32 bytes), not an int seed; "
+      "derive it from a dpjax.privacy.secret.RunSecret"
+    )
   array = np.asarray(key)
   if array.dtype != np.uint32 or array.shape != (8,):
     raise ValueError(f"key must be uint32[8] (got dtype {array.dtype}, shape {array.shape})")
@@ -112,8 +143,9 @@ def _rotate_left(x: jax.Array, d: int) -> jax.Array:
   return (x << np.uint32(d)) | (x >> np.uint32(32 - d))
 
 
-def chacha_block(key: jax.Array, counter: jax.Array, nonce: tuple[Any, Any, Any],
-                 rounds: int = CHACHA_ROUNDS) -> list[jax.Array]:
+def chacha_block(
+  key: jax.Array, counter: jax.Array, nonce: tuple[Any, Any, Any], rounds: int = CHACHA_ROUNDS
+) -> list[jax.Array]:
   """The 16 output words of the ChaCha block function (RFC 8439, section 2.3).
 
   Written as plain elementwise uint32 operations (no loop, no 64-bit type), so
@@ -131,8 +163,7 @@ def chacha_block(key: jax.Array, counter: jax.Array, nonce: tuple[Any, Any, Any]
   counter = jnp.asarray(counter, jnp.uint32)
   words = [jnp.full_like(counter, np.uint32(c)) for c in _CHACHA_CONSTANTS]
   words += [jnp.broadcast_to(jnp.asarray(key[i], jnp.uint32), counter.shape) for i in range(8)]
-  words += [counter] + [jnp.broadcast_to(jnp.asarray(n, jnp.uint32), counter.shape)
-                        for n in nonce]
+  words += [counter] + [jnp.broadcast_to(jnp.asarray(n, jnp.uint32), counter.shape) for n in nonce]
   x = list(words)
 
   def quarter(a, b, c, d):
@@ -187,8 +218,11 @@ def standard_normal_from_words(w0: jax.Array, w1: jax.Array, w2: jax.Array) -> j
   upper = w0 >= np.uint32(2**31)
   a, b, c = (jnp.where(upper, ~w, w) for w in (w0, w1, w2))
   f = lambda w: w.astype(jnp.float32)
-  p = ((f(c) + np.float32(0.5)) * np.float32(2.0**-96) + f(b) * np.float32(2.0**-64)
-       + f(a) * np.float32(2.0**-32))
+  p = (
+    (f(c) + np.float32(0.5)) * np.float32(2.0**-96)
+    + f(b) * np.float32(2.0**-64)
+    + f(a) * np.float32(2.0**-32)
+  )
   central = np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(np.float32(1.0) - np.float32(2.0) * p)
   tail = _tail_inverse(jnp.sqrt(-jnp.log(p)))
   magnitude = jnp.where(p >= np.float32(_TAIL_P), central, tail)
@@ -263,8 +297,9 @@ def tail_probability(noise_multiplier: float, steps: int) -> float:
   return min(1.0, per_step * steps)
 
 
-def gaussian_privatizer(noise_multiplier: float, sensitivity: float,
-                        expected_batch_size: float, key: Any) -> optax.GradientTransformation:
+def gaussian_privatizer(
+  noise_multiplier: float, sensitivity: float, expected_batch_size: float, key: Any
+) -> optax.GradientTransformation:
   """Adds N(0, (σ·Δ)²) to a clipped sum once, snaps it, then divides by the expected batch size.
 
   Args:
@@ -298,7 +333,9 @@ def gaussian_privatizer(noise_multiplier: float, sensitivity: float,
       dtype = jnp.promote_types(g.dtype, jnp.float32)
       return snap(g.astype(dtype) + z.astype(dtype), grid) / jnp.asarray(denom, dtype)
 
-    return (jax.tree_util.tree_map(privatize, updates, noise),
-            PrivatizerState(state.step + 1, state.key))
+    return (
+      jax.tree_util.tree_map(privatize, updates, noise),
+      PrivatizerState(state.step + 1, state.key),
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -50,6 +50,7 @@ class ClippedGradAux:
     loss_aux: per-example auxiliary outputs of ``loss_fn`` when ``has_aux``.
     sensitivity: L2 sensitivity Δ of the clipped sum (a static Python float).
   """
+
   losses: jax.Array
   norms: jax.Array
   clipped: jax.Array
@@ -77,8 +78,9 @@ def check_finite(aux: ClippedGradAux, step: int | None = None) -> None:
   if count:
     where = "" if step is None else f" at step {step}"
     raise FloatingPointError(
-        f"{count} example(s) had a non-finite loss or gradient{where}; they were left out of "
-        "the clipped sum. Lower the learning rate or check the inputs.")
+      f"{count} example(s) had a non-finite loss or gradient{where}; they were left out of "
+      "the clipped sum. Lower the learning rate or check the inputs."
+    )
 
 
 class ClippedGradFn:
@@ -89,8 +91,14 @@ class ClippedGradFn:
   to :func:`dpjax.privacy.gaussian_privatizer` so noise matches clipping.
   """
 
-  def __init__(self, loss_fn: Callable[..., Any], rule: clipping.ClipRule, backend: str,
-               microbatch_size: int | None, has_aux: bool):
+  def __init__(
+    self,
+    loss_fn: Callable[..., Any],
+    rule: clipping.ClipRule,
+    backend: str,
+    microbatch_size: int | None,
+    has_aux: bool,
+  ):
     self.loss_fn = loss_fn
     self.clip_rule = rule
     self.backend = backend
@@ -121,8 +129,9 @@ class ClippedGradFn:
   def _microbatch(self, params: PyTree, batch: PyTree, mask: jax.Array, backend: str):
     """Clipped sum and statistics of one microbatch."""
     if backend == "bookkeeping":
-      return bookkeeping.clipped_sum(self.loss_fn, params, batch, mask, self.clip_rule,
-                                     self.has_aux)
+      return bookkeeping.clipped_sum(
+        self.loss_fn, params, batch, mask, self.clip_rule, self.has_aux
+      )
     grad_fn = jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)
 
     def one(example):
@@ -133,48 +142,68 @@ class ClippedGradFn:
     losses, loss_aux, grads = jax.vmap(one)(batch)
     result = clipping.clip_and_sum(grads, self.clip_rule, mask, losses)
     losses = jnp.where(result.kept, losses, 0.0)
-    return result.grads, (losses, result.norms, result.clipped, result.kept,
-                          result.nonfinite, loss_aux)
+    return result.grads, (
+      losses,
+      result.norms,
+      result.clipped,
+      result.kept,
+      result.nonfinite,
+      loss_aux,
+    )
 
-  def __call__(self, params: PyTree, batch: PyTree, mask: jax.Array | None = None
-               ) -> tuple[PyTree, ClippedGradAux]:
+  def __call__(
+    self, params: PyTree, batch: PyTree, mask: jax.Array | None = None
+  ) -> tuple[PyTree, ClippedGradAux]:
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
       raise ValueError("batch has no arrays")
     size = leaves[0].shape[0]
     for leaf in leaves:
       if leaf.shape[:1] != (size,):
-        raise ValueError(f"every batch array needs the same leading batch size {size} "
-                         f"(got shape {leaf.shape})")
+        raise ValueError(
+          f"every batch array needs the same leading batch size {size} (got shape {leaf.shape})"
+        )
     mask = jnp.ones([size], bool) if mask is None else jnp.asarray(mask).astype(bool)
     if mask.shape != (size,):
       raise ValueError(f"mask must have shape ({size},) (got {mask.shape})")
     micro = self.microbatch_size or size
     if size % micro:
-      raise ValueError(f"microbatch_size must divide the batch size {size} "
-                       f"(got microbatch_size={micro})")
+      raise ValueError(
+        f"microbatch_size must divide the batch size {size} (got microbatch_size={micro})"
+      )
     backend = self.resolved_backend(params, batch)
     if micro == size:
       grads, stats = self._microbatch(params, batch, mask, backend)
     else:
       init = jax.tree_util.tree_map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
-      grads, stats = scan_microbatches(lambda b, m: self._microbatch(params, b, m, backend),
-                                       batch, mask, micro, init)
+      grads, stats = scan_microbatches(
+        lambda b, m: self._microbatch(params, b, m, backend), batch, mask, micro, init
+      )
     losses, norms, clipped, kept, nonfinite, loss_aux = stats
     num = jnp.sum(kept)
     aux = ClippedGradAux(
-        losses=losses, norms=norms, clipped=clipped, mask=mask, num_examples=num,
-        clipped_fraction=jnp.sum(clipped) / jnp.maximum(num, 1),
-        nonfinite_count=jnp.sum(nonfinite), loss_aux=loss_aux,
-        sensitivity=self.sensitivity)
+      losses=losses,
+      norms=norms,
+      clipped=clipped,
+      mask=mask,
+      num_examples=num,
+      clipped_fraction=jnp.sum(clipped) / jnp.maximum(num, 1),
+      nonfinite_count=jnp.sum(nonfinite),
+      loss_aux=loss_aux,
+      sensitivity=self.sensitivity,
+    )
     if not isinstance(aux.nonfinite_count, jax.core.Tracer):
       check_finite(aux)  # Called eagerly: fail right here.
     return grads, aux
 
 
-def scan_microbatches(fn: Callable[[PyTree, jax.Array], tuple[PyTree, PyTree]], batch: PyTree,
-                      mask: jax.Array, microbatch_size: int, init: PyTree
-                      ) -> tuple[PyTree, PyTree]:
+def scan_microbatches(
+  fn: Callable[[PyTree, jax.Array], tuple[PyTree, PyTree]],
+  batch: PyTree,
+  mask: jax.Array,
+  microbatch_size: int,
+  init: PyTree,
+) -> tuple[PyTree, PyTree]:
   """Sums ``fn(batch_i, mask_i)[0]`` over microbatches with ``lax.scan``.
 
   ``fn`` returns (a tree to add up, per-example statistics with a leading
@@ -192,13 +221,16 @@ def scan_microbatches(fn: Callable[[PyTree, jax.Array], tuple[PyTree, PyTree]], 
   size = mask.shape[0]
   split = lambda x: x.reshape((size // microbatch_size, microbatch_size) + x.shape[1:])
   batch_mb, mask_mb = jax.tree_util.tree_map(split, batch), split(mask)
-  stats_shape = jax.eval_shape(lambda b, m: fn(b, m)[1],
-                               jax.tree_util.tree_map(lambda x: x[0], batch_mb), mask_mb[0])
+  stats_shape = jax.eval_shape(
+    lambda b, m: fn(b, m)[1], jax.tree_util.tree_map(lambda x: x[0], batch_mb), mask_mb[0]
+  )
 
   def body(total, xs):
     def skip(_):
-      return (jax.tree_util.tree_map(jnp.zeros_like, total),
-              jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape))
+      return (
+        jax.tree_util.tree_map(jnp.zeros_like, total),
+        jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape),
+      )
 
     summand, stats = jax.lax.cond(jnp.any(xs[1]), lambda _: fn(*xs), skip, None)
     return jax.tree_util.tree_map(jnp.add, total, summand), stats
@@ -208,9 +240,13 @@ def scan_microbatches(fn: Callable[[PyTree, jax.Array], tuple[PyTree, PyTree]], 
   return total, jax.tree_util.tree_map(merge, stats)
 
 
-def clipped_grad(loss_fn: Callable[..., Any], clip: float | clipping.ClipRule,
-                 backend: str = "auto", microbatch_size: int | None = None,
-                 has_aux: bool = False) -> ClippedGradFn:
+def clipped_grad(
+  loss_fn: Callable[..., Any],
+  clip: float | clipping.ClipRule,
+  backend: str = "auto",
+  microbatch_size: int | None = None,
+  has_aux: bool = False,
+) -> ClippedGradFn:
   """Builds the clipped-sum-of-per-example-gradients function for ``loss_fn``.
 
   Args:
@@ -240,7 +276,9 @@ def clipped_grad(loss_fn: Callable[..., Any], clip: float | clipping.ClipRule,
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
   if microbatch_size is not None and (
-      isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int)
-      or microbatch_size < 1):
-    raise ValueError(f"microbatch_size must be a positive integer or None (got {microbatch_size!r})")
+    isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size < 1
+  ):
+    raise ValueError(
+      f"microbatch_size must be a positive integer or None (got {microbatch_size!r})"
+    )
   return ClippedGradFn(loss_fn, rule, backend, microbatch_size, has_aux)

@@ -51,6 +51,7 @@ class SampledBatch:
     mask: bool [S], True for the real examples (the first ``size`` slots).
     size: number of real examples.
   """
+
   indices: np.ndarray
   mask: np.ndarray
   size: int
@@ -78,32 +79,45 @@ class PoissonSampler:
       random examples, and accounted with the truncated-Poisson event.
   """
 
-  def __init__(self, dataset_size: int, expected_batch_size: float, key: bytes, *,
-               batch_size_multiple: int = 1, shapes: tuple[int, ...] | str | None = None,
-               max_batch_size: int | None = None):
+  def __init__(
+    self,
+    dataset_size: int,
+    expected_batch_size: float,
+    key: bytes,
+    *,
+    batch_size_multiple: int = 1,
+    shapes: tuple[int, ...] | str | None = None,
+    max_batch_size: int | None = None,
+  ):
     self.dataset_size = _validation.require_int_in("dataset_size", dataset_size, 1)
     b = _validation.require_positive("expected_batch_size", expected_batch_size)
     if b > dataset_size:
-      raise ValueError(f"expected_batch_size must be in (0, dataset_size={dataset_size}] "
-                       f"(got {expected_batch_size!r})")
+      raise ValueError(
+        f"expected_batch_size must be in (0, dataset_size={dataset_size}] "
+        f"(got {expected_batch_size!r})"
+      )
     self.expected_batch_size = b
     self.sampling_prob = b / dataset_size
     if not isinstance(key, bytes) or len(key) < 16:
       raise ValueError("key must be a secret of at least 16 bytes (see dpjax.privacy.secret)")
     self._key = key
     self.batch_size_multiple = _validation.require_int_in(
-        "batch_size_multiple", batch_size_multiple, 1)
+      "batch_size_multiple", batch_size_multiple, 1
+    )
     if max_batch_size is not None:
       _validation.require_int_in("max_batch_size", max_batch_size, 1, dataset_size)
       if max_batch_size % batch_size_multiple:
-        raise ValueError(f"max_batch_size must be a multiple of batch_size_multiple="
-                         f"{batch_size_multiple} (got {max_batch_size})")
+        raise ValueError(
+          f"max_batch_size must be a multiple of batch_size_multiple="
+          f"{batch_size_multiple} (got {max_batch_size})"
+        )
     self.max_batch_size = max_batch_size
     binom = stats.binom(dataset_size, self.sampling_prob)
     single = shapes == "single"
     if single or shapes is None:
-      shapes = tuple(_round_up(int(binom.ppf(p)), batch_size_multiple)
-                     for p in _DEFAULT_SHAPE_QUANTILES)
+      shapes = tuple(
+        _round_up(int(binom.ppf(p)), batch_size_multiple) for p in _DEFAULT_SHAPE_QUANTILES
+      )
       if max_batch_size is not None:
         shapes = tuple(min(s, max_batch_size) for s in shapes) + (max_batch_size,)
       if single:
@@ -115,11 +129,13 @@ class PoissonSampler:
       for s in shapes:
         _validation.require_int_in("shapes[i]", s, 1)
         if s % batch_size_multiple:
-          raise ValueError(f"shapes must be multiples of batch_size_multiple="
-                           f"{batch_size_multiple} (got {s})")
+          raise ValueError(
+            f"shapes must be multiples of batch_size_multiple={batch_size_multiple} (got {s})"
+          )
       if max_batch_size is not None and max(shapes) < max_batch_size:
-        raise ValueError(f"shapes must include a size >= max_batch_size={max_batch_size} "
-                         f"(got {shapes})")
+        raise ValueError(
+          f"shapes must include a size >= max_batch_size={max_batch_size} (got {shapes})"
+        )
     self.shapes = tuple(sorted(set(shapes)))
     top = self.max_batch_size or self.shapes[-1]
     #: P(sample larger than the biggest shape) per step: an extra shape (no cap) or a
@@ -150,8 +166,12 @@ class PoissonSampler:
   def segment(self, noise_multiplier: float, steps: int = 1) -> accounting.Segment:
     """The accounting segment of ``steps`` steps of this sampler with noise σ."""
     return accounting.Segment(
-        sampling_prob=self.sampling_prob, noise_multiplier=noise_multiplier, steps=steps,
-        dataset_size=self.dataset_size, max_batch_size=self.max_batch_size)
+      sampling_prob=self.sampling_prob,
+      noise_multiplier=noise_multiplier,
+      steps=steps,
+      dataset_size=self.dataset_size,
+      max_batch_size=self.max_batch_size,
+    )
 
   def expected_padding_fraction(self) -> float:
     """E[(shape - n) / shape]: the share of computed rows that are padding."""
@@ -165,8 +185,10 @@ class PoissonSampler:
 
   def __repr__(self) -> str:
     cap = "" if self.max_batch_size is None else f", max_batch_size={self.max_batch_size}"
-    return (f"PoissonSampler(N={self.dataset_size}, q={self.sampling_prob:.6g}, "
-            f"shapes={self.shapes}{cap})")
+    return (
+      f"PoissonSampler(N={self.dataset_size}, q={self.sampling_prob:.6g}, "
+      f"shapes={self.shapes}{cap})"
+    )
 
 
 def steps_per_epoch(dataset_size: int, expected_batch_size: float) -> int:

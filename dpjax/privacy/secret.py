@@ -36,6 +36,7 @@ class RunSecret:
     fixed_seed: None for a secret from OS entropy; the public seed for an
       insecure fixed secret (no privacy guarantee).
   """
+
   value: bytes
   fixed_seed: int | None = None
 
@@ -44,12 +45,12 @@ class RunSecret:
       raise ValueError(f"a run secret is {SECRET_BYTES} bytes")
 
   @classmethod
-  def fresh(cls) -> "RunSecret":
+  def fresh(cls) -> RunSecret:
     """A new secret from the operating system's entropy (256 bits)."""
     return cls(os.urandom(SECRET_BYTES))
 
   @classmethod
-  def insecure_fixed(cls, seed: int) -> "RunSecret":
+  def insecure_fixed(cls, seed: int) -> RunSecret:
     """A secret that is a public function of ``seed``: reproducible, and NOT private."""
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
       raise ValueError(f"the fixed noise seed must be an integer >= 0 (got {seed!r})")
@@ -79,7 +80,7 @@ class RunSecret:
     return {"value": self.value.hex(), "fixed_seed": self.fixed_seed}
 
   @classmethod
-  def from_checkpoint(cls, data: dict) -> "RunSecret":
+  def from_checkpoint(cls, data: dict) -> RunSecret:
     try:
       return cls(bytes.fromhex(data["value"]), data.get("fixed_seed"))
     except (KeyError, TypeError, ValueError):

@@ -26,6 +26,7 @@ PyTree = Any
 @dataclasses.dataclass
 class Split:
   """An encoded dataset restricted to ``indices`` (the examples that make up the split)."""
+
   encoded: data_lib.EncodedDataset
   indices: np.ndarray
 
@@ -54,8 +55,7 @@ class GroupedBatches:
   (:func:`dpjax.parallel.balanced_order`).
   """
 
-  def __init__(self, split: Split, sampling_prob: float, microbatch_size: int,
-               num_shards: int = 1):
+  def __init__(self, split: Split, sampling_prob: float, microbatch_size: int, num_shards: int = 1):
     self.split = split
     self.multiple = microbatch_size * num_shards
     self.num_shards = num_shards
@@ -79,9 +79,9 @@ class GroupedBatches:
       chosen = positions[self.group_of[positions] == g]
       size = max(self.capacity[g], self._round(len(chosen)))
       padded = np.full(size, self.filler[g], np.int64)
-      padded[:len(chosen)] = chosen
+      padded[: len(chosen)] = chosen
       mask = np.zeros(size, bool)
-      mask[:len(chosen)] = True
+      mask[: len(chosen)] = True
       if self.num_shards > 1:
         order = parallel.balanced_order(size, self.num_shards)
         padded, mask = padded[order], mask[order]
@@ -103,11 +103,17 @@ def source_for(spec: str, c: ml_collections.ConfigDict) -> data_lib.Source:
   if spec.startswith("sst2:"):
     return data_lib.sst2(spec.split(":", 1)[1])
   if not Path(spec).is_file():
-    raise ConfigError(f"data file {spec!r} not found (config.data.train / config.data.eval take "
-                      "sst2:train, sst2:validation or a .tsv/.csv/.jsonl path)")
-  return data_lib.TextFileSource(spec, text_field=c.data.text_field,
-                                 label_field=c.data.label_field, num_labels=c.data.num_labels,
-                                 skip_bad_rows=c.data.skip_bad_rows)
+    raise ConfigError(
+      f"data file {spec!r} not found (config.data.train / config.data.eval take "
+      "sst2:train, sst2:validation or a .tsv/.csv/.jsonl path)"
+    )
+  return data_lib.TextFileSource(
+    spec,
+    text_field=c.data.text_field,
+    label_field=c.data.label_field,
+    num_labels=c.data.num_labels,
+    skip_bad_rows=c.data.skip_bad_rows,
+  )
 
 
 def template_for(c: ml_collections.ConfigDict) -> data_lib.PromptTemplate | None:
@@ -116,8 +122,16 @@ def template_for(c: ml_collections.ConfigDict) -> data_lib.PromptTemplate | None
   return data_lib.PromptTemplate(c.data.template, tuple(c.data.label_words))
 
 
-def load_split(spec: str, tokenizer, c: ml_collections.ConfigDict, cache_dir: Path | None, *,
-               fraction: float = 1.0, limit: int = 0, seed: int = 0) -> Split:
+def load_split(
+  spec: str,
+  tokenizer,
+  c: ml_collections.ConfigDict,
+  cache_dir: Path | None,
+  *,
+  fraction: float = 1.0,
+  limit: int = 0,
+  seed: int = 0,
+) -> Split:
   """Encodes a source and keeps a subset of its rows.
 
   ``fraction`` < 1 keeps the rows whose :func:`row_hash` is below it: a row is in
@@ -127,9 +141,14 @@ def load_split(spec: str, tokenizer, c: ml_collections.ConfigDict, cache_dir: Pa
   random rows (for public evaluation splits only: one row more in the file
   reshuffles the choice).
   """
-  encoded = data_lib.encode(source_for(spec, c), tokenizer, c.data.max_length,
-                            buckets=tuple(c.data.buckets), template=template_for(c),
-                            cache_dir=cache_dir)
+  encoded = data_lib.encode(
+    source_for(spec, c),
+    tokenizer,
+    c.data.max_length,
+    buckets=tuple(c.data.buckets),
+    template=template_for(c),
+    cache_dir=cache_dir,
+  )
   if encoded.labels is None:
     raise ConfigError(f"{spec} has no labels (config.data.label_field={c.data.label_field!r})")
   indices = np.arange(len(encoded))
@@ -137,8 +156,10 @@ def load_split(spec: str, tokenizer, c: ml_collections.ConfigDict, cache_dir: Pa
     threshold = int(fraction * 2**64)
     indices = np.array([i for i in indices if row_hash(encoded, i, seed) < threshold], np.int64)
     if len(indices) < 2:
-      raise ConfigError(f"config.data.train_fraction={fraction:g} keeps {len(indices)} of the "
-                        f"{len(encoded)} rows of {spec}; it must keep at least 2")
+      raise ConfigError(
+        f"config.data.train_fraction={fraction:g} keeps {len(indices)} of the "
+        f"{len(encoded)} rows of {spec}; it must keep at least 2"
+      )
   if 0 < limit < len(indices):
     indices = np.sort(np.random.default_rng(seed).choice(indices, limit, replace=False))
   return Split(encoded, indices)
@@ -166,31 +187,41 @@ def backbone_for(c: ml_collections.ConfigDict):
   if c.model.name == "tiny":
     _, _, tokenizer = pretrained.load("minilm")
     hidden = c.model.tiny_hidden
-    config = bert.BertConfig(hidden_size=hidden, num_hidden_layers=c.model.tiny_layers,
-                             num_attention_heads=max(1, hidden // 16),
-                             intermediate_size=4 * hidden)
+    config = bert.BertConfig(
+      hidden_size=hidden,
+      num_hidden_layers=c.model.tiny_layers,
+      num_attention_heads=max(1, hidden // 16),
+      intermediate_size=4 * hidden,
+    )
     return config, None, {}, tokenizer
   path = pretrained.resolve(c.model.name)
   model, params, tokenizer = pretrained.load(path)
   if not isinstance(model.config, bert.BertConfig):
-    raise ConfigError(f"config.model.name={c.model.name!r} is a {model.config.model_type} model; "
-                      "the classification tasks need a BERT-family encoder")
+    raise ConfigError(
+      f"config.model.name={c.model.name!r} is a {model.config.model_type} model; "
+      "the classification tasks need a BERT-family encoder"
+    )
   return model.config, params, pretrained.load_head_params(path), tokenizer
 
 
-def task_model(c: ml_collections.ConfigDict, backbone: bert.BertConfig,
-               label_word_ids: tuple[int, ...] | None):
+def task_model(
+  c: ml_collections.ConfigDict, backbone: bert.BertConfig, label_word_ids: tuple[int, ...] | None
+):
   if c.model.dropout:
-    backbone = dataclasses.replace(backbone, hidden_dropout_prob=float(c.model.dropout),
-                                   attention_probs_dropout_prob=float(c.model.dropout))
+    backbone = dataclasses.replace(
+      backbone,
+      hidden_dropout_prob=float(c.model.dropout),
+      attention_probs_dropout_prob=float(c.model.dropout),
+    )
   lora_cfg = lora_config(c, backbone.model_type)
   if c.model.task == "label_words":
     return heads.LabelWordClassifier(backbone, tuple(label_word_ids), lora=lora_cfg)
   return heads.SequenceClassifier(backbone, c.data.num_labels, c.model.pooling, lora=lora_cfg)
 
 
-def init_params(c: ml_collections.ConfigDict, model, example_batch, backbone_params,
-                head_params) -> tuple[PyTree, PyTree]:
+def init_params(
+  c: ml_collections.ConfigDict, model, example_batch, backbone_params, head_params
+) -> tuple[PyTree, PyTree]:
   """(trainable, frozen) parameters: pretrained where available, else seeded random."""
   rng = jax.random.PRNGKey(c.seed)
   batch = {k: jnp.asarray(v) for k, v in example_batch.items()}
@@ -199,8 +230,10 @@ def init_params(c: ml_collections.ConfigDict, model, example_batch, backbone_par
   else:
     params = heads.init_with_backbone(model, rng, batch, backbone_params, head_params)
   if c.model.train == "lora" and not lora.has_adapters(params):
-    raise ConfigError(f"config.model.lora_targets must match at least one Dense module path, "
-                      f"e.g. 'attention/self/query' (got {tuple(c.model.lora_targets)!r})")
+    raise ConfigError(
+      f"config.model.lora_targets must match at least one Dense module path, "
+      f"e.g. 'attention/self/query' (got {tuple(c.model.lora_targets)!r})"
+    )
   return lora.partition(params, lora.trainable_mask(params, c.model.train))
 
 
@@ -215,6 +248,7 @@ def clip_rule(c: ml_collections.ConfigDict) -> privacy.ClipRule:
 @dataclasses.dataclass(frozen=True)
 class PrivacyPlan:
   """What the run promises: (ε, δ) for N, B, steps; σ calibrated or given."""
+
   dataset_size: int
   expected_batch_size: float
   steps: int
@@ -232,28 +266,32 @@ def plan_privacy(c: ml_collections.ConfigDict, dataset_size: int) -> PrivacyPlan
   """Steps from epochs; δ = N^-1.1 by default; σ by calibration unless given."""
   batch = float(c.train.batch_size)
   if batch > dataset_size:
-    raise ConfigError(f"config.train.batch_size must be in (0, dataset_size={dataset_size}] "
-                      f"(got {batch:g})")
+    raise ConfigError(
+      f"config.train.batch_size must be in (0, dataset_size={dataset_size}] (got {batch:g})"
+    )
   steps = c.train.steps or max(1, round(c.train.epochs * dataset_size / batch))
   if not c.dp.enabled:
     return PrivacyPlan(dataset_size, batch, steps, 0.0, 0.0, float("inf"), c.dp.accountant)
   delta = c.dp.delta or privacy.default_delta(dataset_size)
   if delta >= 1.0 / dataset_size:
-    raise ConfigError(f"config.dp.delta must be < 1/dataset_size = {1 / dataset_size:.3g} "
-                      f"(got {delta:g})")
+    raise ConfigError(
+      f"config.dp.delta must be < 1/dataset_size = {1 / dataset_size:.3g} (got {delta:g})"
+    )
   q = batch / dataset_size
   if c.dp.noise_multiplier >= 0:
     sigma = float(c.dp.noise_multiplier)
   else:
-    sigma = privacy.calibrate_noise(c.dp.epsilon, delta, q, steps, c.dp.accountant,
-                                    dataset_size=dataset_size)
+    sigma = privacy.calibrate_noise(
+      c.dp.epsilon, delta, q, steps, c.dp.accountant, dataset_size=dataset_size
+    )
   tail = noise_lib.tail_probability(sigma, steps)
   if sigma > 0 and tail > 1e-3 * delta:
-    raise ConfigError(f"config.dp.noise_multiplier={sigma:.4g} is too small for the noise "
-                      f"generator's tails (P(tail event) = {tail:.2g} over {steps} steps must "
-                      f"be below 1e-3·delta = {1e-3 * delta:.2g}); use σ >= 0.3")
-  return PrivacyPlan(dataset_size, batch, steps, delta, sigma, float(c.dp.epsilon),
-                     c.dp.accountant)
+    raise ConfigError(
+      f"config.dp.noise_multiplier={sigma:.4g} is too small for the noise "
+      f"generator's tails (P(tail event) = {tail:.2g} over {steps} steps must "
+      f"be below 1e-3·delta = {1e-3 * delta:.2g}); use σ >= 0.3"
+    )
+  return PrivacyPlan(dataset_size, batch, steps, delta, sigma, float(c.dp.epsilon), c.dp.accountant)
 
 
 def optimizer(c: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
@@ -263,37 +301,51 @@ def optimizer(c: ml_collections.ConfigDict, steps: int) -> optax.GradientTransfo
     decay = optax.linear_schedule(lr, 0.0, max(1, steps - warmup))
   else:
     decay = optax.constant_schedule(lr)
-  schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup]) \
-      if warmup else decay
+  schedule = (
+    optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+    if warmup
+    else decay
+  )
   if c.train.optimizer == "sgd":
     return optax.sgd(schedule, momentum=c.train.momentum or None)
   return optax.adamw(schedule, weight_decay=c.train.weight_decay)
 
 
-def transform(c: ml_collections.ConfigDict, plan: PrivacyPlan, sensitivity: float,
-              noise_key: np.ndarray) -> optax.GradientTransformation:
+def transform(
+  c: ml_collections.ConfigDict, plan: PrivacyPlan, sensitivity: float, noise_key: np.ndarray
+) -> optax.GradientTransformation:
   """DP: privatizer (σ·Δ noise once, / B) then the optimizer; non-DP: the optimizer."""
   if not c.dp.enabled:
     return optimizer(c, plan.steps)
-  return optax.chain(privacy.gaussian_privatizer(plan.noise_multiplier, sensitivity,
-                                                 plan.expected_batch_size, key=noise_key),
-                     optimizer(c, plan.steps))
+  return optax.chain(
+    privacy.gaussian_privatizer(
+      plan.noise_multiplier, sensitivity, plan.expected_batch_size, key=noise_key
+    ),
+    optimizer(c, plan.steps),
+  )
 
 
 def abstract_state(c: ml_collections.ConfigDict, trainable: PyTree):
   """A TrainState with the structure of the run's (what a checkpoint restores into)."""
   from dpjax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+
   dummy = PrivacyPlan(1, 1.0, 1, 0.0, 0.0, 0.0, "pld")
   tx = transform(c, dummy, 1.0, np.zeros(8, np.uint32))
   state = step_lib.TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable))
   return jax.tree_util.tree_map(np.asarray, state)
 
 
-def steps_within_budget(ledger: privacy.PrivacyLedger, segment: privacy.Segment,
-                        target_epsilon: float, delta: float, wanted: int) -> int:
+def steps_within_budget(
+  ledger: privacy.PrivacyLedger,
+  segment: privacy.Segment,
+  target_epsilon: float,
+  delta: float,
+  wanted: int,
+) -> int:
   """The largest k <= wanted such that recording k more steps keeps ε(δ) <= target."""
-  fits = lambda k: ledger.record(
-      dataclasses.replace(segment, steps=k)).epsilon(delta) <= target_epsilon
+  fits = lambda k: (
+    ledger.record(dataclasses.replace(segment, steps=k)).epsilon(delta) <= target_epsilon
+  )
   if wanted <= 0 or fits(wanted):
     return max(wanted, 0)
   lo, hi = 0, wanted  # fits(lo) (ledger already within budget), not fits(hi)

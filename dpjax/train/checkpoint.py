@@ -32,8 +32,11 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=True,
+    )
     self.manager.wait_until_finished()
 
   def steps(self) -> list[int]:
@@ -46,8 +49,12 @@ class Checkpoints:
     for step in reversed(steps):
       error = None
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+          ),
+        )
         meta = dict(restored["meta"])
         if meta.get("step") != step or "ledger" not in meta:
           raise ValueError("metadata is incomplete")
@@ -57,10 +64,18 @@ class Checkpoints:
       if not parallel.any_process(error is not None):
         return restored["state"], meta
       quarantine = self.directory.parent / "checkpoints_unreadable" / str(step)
-      reason = (f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-                if error is not None else "unreadable on another process")
-      logging.warning("checkpoint %d in %s is unreadable (%s); moved to %s, trying the "
-                      "previous one", step, self.directory, reason, quarantine)
+      reason = (
+        f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+        if error is not None
+        else "unreadable on another process"
+      )
+      logging.warning(
+        "checkpoint %d in %s is unreadable (%s); moved to %s, trying the previous one",
+        step,
+        self.directory,
+        reason,
+        quarantine,
+      )
       if parallel.is_main_process():
         # Kept for inspection, but out of the way: the run will write this step again.
         quarantine.parent.mkdir(exist_ok=True)
@@ -70,8 +85,10 @@ class Checkpoints:
       self.manager.reload()
     unreadable = self.directory.parent / "checkpoints_unreadable"
     if steps or (unreadable.is_dir() and any(unreadable.iterdir())):
-      raise ConfigError(f"no checkpoint in {self.directory} can be read (see {unreadable}); "
-                        "refusing to restart with a fresh privacy ledger")
+      raise ConfigError(
+        f"no checkpoint in {self.directory} can be read (see {unreadable}); "
+        "refusing to restart with a fresh privacy ledger"
+      )
     return None
 
   def skipped_after(self, step: int) -> bool:

@@ -41,21 +41,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.resume = "same_config"
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "minilm"          # "minilm", a checkpoint directory, or "tiny" (random init)
-  c.model.task = "classify"        # classify | label_words
-  c.model.pooling = "mean"         # cls | mean | pooler (classify only)
-  c.model.train = "all"            # all | lora | head | a regex over "a/b/kernel" paths
+  c.model.name = "minilm"  # "minilm", a checkpoint directory, or "tiny" (random init)
+  c.model.task = "classify"  # classify | label_words
+  c.model.pooling = "mean"  # cls | mean | pooler (classify only)
+  c.model.train = "all"  # all | lora | head | a regex over "a/b/kernel" paths
   c.model.lora_rank = 8
   c.model.lora_alpha = 16.0
   # Regexes over Dense module paths that get adapters; () = the preset of the model type
   # (BERT: attention/self/(query|value)); e.g. ("layer_[345]/.*(query|value|dense)",).
   c.model.lora_targets = ()
-  c.model.dropout = 0.0            # >0: hidden and attention dropout, a key per example
-  c.model.tiny_hidden = 32         # architecture of name="tiny" (uses the MiniLM tokenizer)
+  c.model.dropout = 0.0  # >0: hidden and attention dropout, a key per example
+  c.model.tiny_hidden = 32  # architecture of name="tiny" (uses the MiniLM tokenizer)
   c.model.tiny_layers = 2
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = "sst2:train"      # sst2:train, or a .tsv/.csv/.jsonl file
+  c.data.train = "sst2:train"  # sst2:train, or a .tsv/.csv/.jsonl file
   c.data.eval = "sst2:validation"
   c.data.text_field = "sentence"
   c.data.label_field = "label"
@@ -67,36 +67,36 @@ def default_config() -> ml_collections.ConfigDict:
   # most that row)
   c.data.train_fraction = 1.0
   c.data.eval_limit = 0
-  c.data.template = ""             # label_words: e.g. "{text} It was [MASK] ."
+  c.data.template = ""  # label_words: e.g. "{text} It was [MASK] ."
   c.data.label_words = ("terrible", "great")
   c.data.skip_bad_rows = False
-  c.data.cache_dir = ""            # tokenized-data cache; "" = <workdir>/token_cache
+  c.data.cache_dir = ""  # tokenized-data cache; "" = <workdir>/token_cache
 
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = True
-  c.dp.epsilon = 8.0               # target ε; training never exceeds it
-  c.dp.delta = 0.0                 # 0: N^-1.1
-  c.dp.noise_multiplier = -1.0     # <0: calibrated from epsilon; >=0: given, ε is reported
-  c.dp.clip = "flat"               # flat | per_layer | automatic
+  c.dp.epsilon = 8.0  # target ε; training never exceeds it
+  c.dp.delta = 0.0  # 0: N^-1.1
+  c.dp.noise_multiplier = -1.0  # <0: calibrated from epsilon; >=0: given, ε is reported
+  c.dp.clip = "flat"  # flat | per_layer | automatic
   c.dp.clip_norm = 1.0
-  c.dp.accountant = "pld"          # pld | rdp
-  c.dp.backend = "auto"            # auto (bookkeeping when the model allows) | bookkeeping | vmap
+  c.dp.accountant = "pld"  # pld | rdp
+  c.dp.backend = "auto"  # auto (bookkeeping when the model allows) | bookkeeping | vmap
   c.dp.microbatch_size = 16
   # An integer makes noise and sampling a public function of it: reproducible, and NO
   # privacy guarantee (for tests and debugging; the summary says so). None: secret.
   c.dp.insecure_fixed_noise_seed = config_dict.placeholder(int)
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 256         # expected (Poisson) batch size B
+  c.train.batch_size = 256  # expected (Poisson) batch size B
   c.train.epochs = 1.0
-  c.train.steps = 0                # >0 overrides epochs
+  c.train.steps = 0  # >0 overrides epochs
   c.train.optimizer = "adamw"
   c.train.learning_rate = 1e-3
   c.train.weight_decay = 0.0
-  c.train.momentum = 0.9           # sgd only
+  c.train.momentum = 0.9  # sgd only
   c.train.warmup_steps = 0
-  c.train.schedule = "linear"      # linear decay to 0 | constant
-  c.train.eval_every_steps = 0     # 0: evaluate at the end only
+  c.train.schedule = "linear"  # linear decay to 0 | constant
+  c.train.eval_every_steps = 0  # 0: evaluate at the end only
   c.train.eval_batch_size = 64
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 50
@@ -108,10 +108,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Devices: a ("data", "fsdp") mesh over all devices of all processes (dpjax.parallel).
   c.parallel = ml_collections.ConfigDict()
-  c.parallel.data = -1             # examples split this many ways; -1 = devices / fsdp
-  c.parallel.fsdp = 1              # params + optimizer state split this many ways (ZeRO-3)
+  c.parallel.data = -1  # examples split this many ways; -1 = devices / fsdp
+  c.parallel.fsdp = 1  # params + optimizer state split this many ways (ZeRO-3)
   c.parallel.fsdp_min_size = 2**14  # smaller arrays stay replicated
-  c.parallel.rules = ()            # "REGEX=SPEC" overrides, e.g. "word_embeddings=fsdp,None"
+  c.parallel.rules = ()  # "REGEX=SPEC" overrides, e.g. "word_embeddings=fsdp,None"
   return c
 
 
@@ -152,8 +152,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     try:
       re.compile(c.model.train)
     except (re.error, TypeError):
-      raise _fail("model.train", c.model.train,
-                  f"one of {TRAINS} or a regular expression over parameter paths") from None
+      raise _fail(
+        "model.train",
+        c.model.train,
+        f"one of {TRAINS} or a regular expression over parameter paths",
+      ) from None
   _positive(c, "model.lora_rank", integer=True)
   _positive(c, "model.lora_alpha")
   targets = c.model.lora_targets
@@ -174,22 +177,29 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.max_length < 4:
     raise _fail("data.max_length", c.data.max_length, "an integer >= 4")
   buckets = tuple(c.data.buckets)
-  if not buckets or any(not isinstance(b, int) or b < 1 or b > c.data.max_length
-                        for b in buckets):
-    raise _fail("data.buckets", buckets, f"a non-empty tuple of lengths in [1, "
-                f"max_length={c.data.max_length}]")
+  if not buckets or any(not isinstance(b, int) or b < 1 or b > c.data.max_length for b in buckets):
+    raise _fail(
+      "data.buckets",
+      buckets,
+      f"a non-empty tuple of lengths in [1, max_length={c.data.max_length}]",
+    )
   fraction = c.data.train_fraction
-  if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
-      or not 0 < fraction <= 1):
+  if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
     raise _fail("data.train_fraction", fraction, "a number in (0, 1]")
   _positive(c, "data.eval_limit", allow_zero=True, integer=True)
   if c.model.task == "label_words":
     if "[MASK]" not in c.data.template and "<mask>" not in c.data.template:
-      raise _fail("data.template", c.data.template,
-                  "a prompt with {text} and one [MASK] (or <mask>) when model.task=label_words")
+      raise _fail(
+        "data.template",
+        c.data.template,
+        "a prompt with {text} and one [MASK] (or <mask>) when model.task=label_words",
+      )
     if len(tuple(c.data.label_words)) != c.data.num_labels:
-      raise _fail("data.label_words", tuple(c.data.label_words),
-                  f"one word per label (data.num_labels={c.data.num_labels})")
+      raise _fail(
+        "data.label_words",
+        tuple(c.data.label_words),
+        f"one word per label (data.num_labels={c.data.num_labels})",
+      )
   if c.dp.enabled:
     _positive(c, "dp.epsilon")
     if c.dp.delta != 0 and not 0 < c.dp.delta < 1:
@@ -199,8 +209,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _one_of(c, "dp.accountant", ("pld", "rdp"))
     _one_of(c, "dp.backend", ("auto", "bookkeeping", "vmap"))
     if c.dp.noise_multiplier < 0 and c.dp.noise_multiplier != -1.0:
-      raise _fail("dp.noise_multiplier", c.dp.noise_multiplier,
-                  ">= 0, or -1 to calibrate it from dp.epsilon")
+      raise _fail(
+        "dp.noise_multiplier", c.dp.noise_multiplier, ">= 0, or -1 to calibrate it from dp.epsilon"
+      )
   _positive(c, "dp.microbatch_size", integer=True)
   fixed = c.dp.insecure_fixed_noise_seed
   if fixed is not None and (not isinstance(fixed, int) or isinstance(fixed, bool) or fixed < 0):
@@ -255,6 +266,7 @@ def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
     if isinstance(a, dict) and isinstance(b, dict):
       out += differences(a, b, f"{name}.")
     elif (list(a) if isinstance(a, (list, tuple)) else a) != (
-        list(b) if isinstance(b, (list, tuple)) else b):
+      list(b) if isinstance(b, (list, tuple)) else b
+    ):
       out.append(name)
   return out

@@ -41,6 +41,7 @@ class ResumePlan:
     replay: True if executed steps past the checkpoint are recomputed with the same noise.
     charges: (segment fields, steps) of abandoned executions to add to the ledger.
   """
+
   attempt: int
   replay: bool
   charges: tuple[tuple[dict[str, Any], int], ...]
@@ -70,8 +71,13 @@ class PrivacyJournal:
         continue
     return out
 
-  def plan_resume(self, restored_step: int | None, restored_attempt: int | None,
-                  fingerprint: str, skipped_checkpoint: bool) -> ResumePlan:
+  def plan_resume(
+    self,
+    restored_step: int | None,
+    restored_attempt: int | None,
+    fingerprint: str,
+    skipped_checkpoint: bool,
+  ) -> ResumePlan:
     """What to do with the executions the journal knows and the checkpoint does not.
 
     Args:
@@ -83,8 +89,11 @@ class PrivacyJournal:
     records = self.records()
     if restored_step is None:  # no checkpoint: every execution on record is abandoned
       by_attempt = _group(records)
-      charges = tuple((r[-1]["segment"], r[-1]["step"] - r[0]["start"])
-                      for r in by_attempt.values() if r[-1]["step"] > r[0]["start"])
+      charges = tuple(
+        (r[-1]["segment"], r[-1]["step"] - r[0]["start"])
+        for r in by_attempt.values()
+        if r[-1]["step"] > r[0]["start"]
+      )
       return ResumePlan(max(by_attempt, default=-1) + 1, False, charges)
     by_attempt = _group(records)
     mine = by_attempt.get(restored_attempt, [])
@@ -100,13 +109,22 @@ class PrivacyJournal:
       return ResumePlan(restored_attempt, bool(charges), ())
     return ResumePlan(max(by_attempt, default=restored_attempt) + 1, False, tuple(charges))
 
-  def write_ahead(self, attempt: int, start: int, step: int, fingerprint: str,
-                  segment: dict[str, Any]) -> None:
+  def write_ahead(
+    self, attempt: int, start: int, step: int, fingerprint: str, segment: dict[str, Any]
+  ) -> None:
     """Durably records that ``attempt`` executed steps (start, step], before they are used."""
     if not self.writer or self._last == (attempt, step) or step <= start:
       return
-    line = json.dumps({"attempt": attempt, "start": start, "step": step,
-                       "fingerprint": fingerprint, "segment": segment}, sort_keys=True)
+    line = json.dumps(
+      {
+        "attempt": attempt,
+        "start": start,
+        "step": step,
+        "fingerprint": fingerprint,
+        "segment": segment,
+      },
+      sort_keys=True,
+    )
     with self.path.open("a") as f:
       f.write(line + "\n")
       f.flush()

@@ -37,8 +37,10 @@ class MetricsWriter:
 
   def __init__(self, workdir: str | Path, resume_step: int = 0):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"),
-                                     purge_step=resume_step or None)
+
+    self.tensorboard = SummaryWriter(
+      str(Path(workdir) / "tensorboard"), purge_step=resume_step or None
+    )
     self.path = Path(workdir) / "metrics.jsonl"
     self.private_path = Path(workdir) / PRIVATE_FILENAME
     for path in (self.path, self.private_path):

@@ -24,11 +24,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per row.")
 
 # (name, N, expected batch, steps, target ε)
 SETTINGS = [
-    ("SST-2 li2022 eps=3", 67349, 1024, 197, 3.0),
-    ("SST-2 li2022 eps=6.27", 67349, 1024, 197, 6.27),
-    ("SST-2 li2022 eps=8", 67349, 1024, 197, 8.0),
-    ("SST-2 B=32 1 epoch eps=8", 67349, 32, 2105, 8.0),
-    ("N=10k B=250 200 steps eps=1", 10000, 250, 200, 1.0),
+  ("SST-2 li2022 eps=3", 67349, 1024, 197, 3.0),
+  ("SST-2 li2022 eps=6.27", 67349, 1024, 197, 6.27),
+  ("SST-2 li2022 eps=8", 67349, 1024, 197, 8.0),
+  ("SST-2 B=32 1 epoch eps=8", 67349, 32, 2105, 8.0),
+  ("N=10k B=250 200 steps eps=1", 10000, 250, 200, 1.0),
 ]
 
 
@@ -44,10 +44,15 @@ def _median_seconds(fn, repeats):
 
 def _plain(target, delta, q, steps):
   make_event = lambda sigma: dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+  )
   return dp_accounting.calibrate_dp_mechanism(
-      pld_privacy_accountant.PLDAccountant, make_event, target, delta,
-      dp_accounting.LowerEndpointAndGuess(0.1, 1.0))
+    pld_privacy_accountant.PLDAccountant,
+    make_event,
+    target,
+    delta,
+    dp_accounting.LowerEndpointAndGuess(0.1, 1.0),
+  )
 
 
 def main(argv):
@@ -55,14 +60,16 @@ def main(argv):
   header = f"{'setting':32} {'acct':5} {'sigma':>8} {'eps':>8} {'gap':>7} {'seconds':>8}"
   print(header + (f" {'plain sigma':>11} {'plain s':>8}" if _COMPARE.value else ""))
   for name, n, batch, steps, target in SETTINGS:
-    q, delta = batch / n, n ** -1.1
+    q, delta = batch / n, n**-1.1
     for accountant in ("pld", "rdp"):
       seconds, sigma = _median_seconds(
-          lambda: calibrate_noise(target, delta, q, steps, accountant, dataset_size=n),
-          _REPEATS.value)
+        lambda: calibrate_noise(target, delta, q, steps, accountant, dataset_size=n), _REPEATS.value
+      )
       eps = compute_epsilon(sigma, q, steps, delta, accountant)
-      row = (f"{name:32} {accountant:5} {sigma:8.4f} {eps:8.4f} "
-             f"{(eps - target) / target:+7.2%} {seconds:8.2f}")
+      row = (
+        f"{name:32} {accountant:5} {sigma:8.4f} {eps:8.4f} "
+        f"{(eps - target) / target:+7.2%} {seconds:8.2f}"
+      )
       if _COMPARE.value and accountant == "pld":
         plain_seconds, plain_sigma = _median_seconds(lambda: _plain(target, delta, q, steps), 1)
         row += f" {plain_sigma:11.4f} {plain_seconds:8.2f}"

@@ -30,9 +30,17 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions of the noise pa
 def _minilm_tree() -> dict[str, jax.Array]:
   shapes = {"word": (30522, 384), "position": (512, 384), "type": (2, 384)}
   for layer in range(6):
-    for name, shape in (("q", (384, 384)), ("k", (384, 384)), ("v", (384, 384)),
-                        ("o", (384, 384)), ("in", (384, 1536)), ("out", (1536, 384)),
-                        ("in_bias", (1536,)), ("bias", (384,)), ("ln", (384,))):
+    for name, shape in (
+      ("q", (384, 384)),
+      ("k", (384, 384)),
+      ("v", (384, 384)),
+      ("o", (384, 384)),
+      ("in", (384, 1536)),
+      ("out", (1536, 384)),
+      ("in_bias", (1536,)),
+      ("bias", (384,)),
+      ("ln", (384,)),
+    ):
       shapes[f"{layer}/{name}"] = shape
   return {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
 
@@ -41,18 +49,23 @@ def quality(draws: int) -> None:
   key = jnp.asarray(RunSecret.fresh().noise_key())
   chunk = 10_000_000
   fn = jax.jit(noise.standard_normals, static_argnums=2)
-  parts = [np.asarray(fn(key, jnp.int32(i), min(chunk, draws - i * chunk)))
-           for i in range(-(-draws // chunk))]
+  parts = [
+    np.asarray(fn(key, jnp.int32(i), min(chunk, draws - i * chunk)))
+    for i in range(-(-draws // chunk))
+  ]
   z = np.concatenate(parts)
   n = z.size
-  print(f"draws {n:,}: mean {z.mean():+.2e} (s.e. {1 / np.sqrt(n):.1e}), var {z.var():.6f}, "
-        f"skew {stats.skew(z):+.2e}, excess kurtosis {stats.kurtosis(z):+.2e}")
+  print(
+    f"draws {n:,}: mean {z.mean():+.2e} (s.e. {1 / np.sqrt(n):.1e}), var {z.var():.6f}, "
+    f"skew {stats.skew(z):+.2e}, excess kurtosis {stats.kurtosis(z):+.2e}"
+  )
   print(f"KS vs N(0,1): p = {stats.kstest(z, 'norm').pvalue:.3f}")
   print("| |z| > | observed | expected | z-score |\n|---|---|---|---|")
   for level in (4.0, 5.0, 5.5, 6.0):
     expected = n * 2 * stats.norm.sf(level)
     observed = int(np.sum(np.abs(z) > level))
-    print(f"| {level} | {observed} | {expected:.1f} | {(observed - expected) / np.sqrt(expected):+.2f} |")
+    score = (observed - expected) / np.sqrt(expected)
+    print(f"| {level} | {observed} | {expected:.1f} | {score:+.2f} |")
   print(f"largest |z| seen {np.abs(z).max():.3f}; largest possible {noise.MAX_ABS_NORMAL:.4f}")
 
 
@@ -74,8 +87,10 @@ def cost(repeats: int) -> None:
     return jax.tree_util.tree_unflatten(treedef, out)
 
   print(f"\nnoise pass over a MiniLM-shaped tree ({size:,} coordinates), median of {repeats}:")
-  for name, fn in (("ChaCha20, 96 bits/draw, snapped (dpjax)", chacha),
-                   ("jax.random.normal (Threefry, 23 bits/draw)", threefry)):
+  for name, fn in (
+    ("ChaCha20, 96 bits/draw, snapped (dpjax)", chacha),
+    ("jax.random.normal (Threefry, 23 bits/draw)", threefry),
+  ):
     compiled = jax.jit(fn).lower(tree, jnp.int32(0), key).compile()
     jax.block_until_ready(compiled(tree, jnp.int32(0), key))
     times = []

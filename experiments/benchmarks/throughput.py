@@ -39,11 +39,15 @@ _MODEL = flags.DEFINE_enum("model", "minilm", MODELS, "Model shape (random weigh
 _BATCH = flags.DEFINE_integer("batch", 32, "Examples per step.")
 _SEQ = flags.DEFINE_integer("seq", 64, "Tokens per example.")
 _TRAIN = flags.DEFINE_string("train", "all", "What trains: all, lora, head (or a regex).")
-_MODES = flags.DEFINE_list("modes", ["nonprivate", "vmap:8", "vmap:32", "bookkeeping"],
-                           "dpjax modes: nonprivate[:mb], vmap:MB, bookkeeping[:MB].")
+_MODES = flags.DEFINE_list(
+  "modes",
+  ["nonprivate", "vmap:8", "vmap:32", "bookkeeping"],
+  "dpjax modes: nonprivate[:mb], vmap:MB, bookkeeping[:MB].",
+)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (compilation included).",
-                               lower_bound=1)
+_WARMUP = flags.DEFINE_integer(
+  "warmup", 2, "Untimed steps first (compilation included).", lower_bound=1
+)
 _PEERS = flags.DEFINE_bool("peers", False, "Also run Opacus and jax_privacy if installed.")
 _JSON = flags.DEFINE_string("json", None, "Write the rows to this JSON file.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one row and print it as JSON.")
@@ -95,12 +99,16 @@ class MemoryWatch:
     if self._thread is not None:
       self._thread.join()
     import jax  # pylint: disable=import-outside-toplevel
+
     device = jax.devices()[0]
     if device.platform != "cpu":
       stats = device.memory_stats() or {}
       return {"peak_memory_mb": stats.get("peak_bytes_in_use", 0) / 2**20}
-    return {"peak_memory_mb": self._peak / 2**20, "rss_before_steps_mb": self._start / 2**20,
-            "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+      "peak_memory_mb": self._peak / 2**20,
+      "rss_before_steps_mb": self._start / 2**20,
+      "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 WATCH = MemoryWatch()
@@ -123,15 +131,17 @@ def _dpjax_row(mode: str) -> dict:
   batch_size, seq = _BATCH.value, _SEQ.value
   lora_cfg = None
   if _TRAIN.value == "lora":
-    lora_cfg = layers.LoraConfig(8, 16.0, lora.LORA_TARGETS["gpt2" if _MODEL.value == "gpt2-small"
-                                                         else "bert"])
+    lora_cfg = layers.LoraConfig(
+      8, 16.0, lora.LORA_TARGETS["gpt2" if _MODEL.value == "gpt2-small" else "bert"]
+    )
   if _MODEL.value == "gpt2-small":
     cfg = gpt2.GPT2Config()
     model = gpt2.GPT2LMHeadModel(cfg, lora_cfg)
     data = make_batch(batch_size, seq, cfg.vocab_size)
     data = {k: data[k] for k in ("input_ids", "attention_mask")}
     params = jax.jit(lambda r: model.init(r, data["input_ids"], data["attention_mask"])["params"])(
-        jax.random.PRNGKey(0))
+      jax.random.PRNGKey(0)
+    )
     make_loss = heads.lm_loss
   else:
     shape = MINILM if _MODEL.value == "minilm" else BERT_BASE
@@ -148,34 +158,56 @@ def _dpjax_row(mode: str) -> dict:
     grad_fn = step_lib.nonprivate_grad(loss_fn, micro)
     tx, mean_of_sum = adam, True
   else:
-    grad_fn = privacy.clipped_grad(loss_fn, CLIP_NORM, backend=name, microbatch_size=micro,
-                                   has_aux=True)
-    tx = optax.chain(privacy.gaussian_privatizer(NOISE_MULTIPLIER, grad_fn.sensitivity,
-                                                 batch_size, RunSecret.fresh().noise_key()), adam)
+    grad_fn = privacy.clipped_grad(
+      loss_fn, CLIP_NORM, backend=name, microbatch_size=micro, has_aux=True
+    )
+    tx = optax.chain(
+      privacy.gaussian_privatizer(
+        NOISE_MULTIPLIER, grad_fn.sensitivity, batch_size, RunSecret.fresh().noise_key()
+      ),
+      adam,
+    )
     mean_of_sum = False
   state = step_lib.TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable))
   batches = ({k: jnp.asarray(v) for k, v in data.items()},)
   masks = (jnp.ones([batch_size], bool),)
-  step = jax.jit(lambda s, b, m: step_lib.train_step(s, b, m, grad_fn=grad_fn, tx=tx,
-                                                     mean_of_sum=mean_of_sum),
-                 donate_argnums=0)
+  step = jax.jit(
+    lambda s, b, m: step_lib.train_step(s, b, m, grad_fn=grad_fn, tx=tx, mean_of_sum=mean_of_sum),
+    donate_argnums=0,
+  )
   state, metrics, _ = common.time_steps(step, state, (batches, masks), _WARMUP.value, 0)
   WATCH.start()
   state, metrics, times = common.time_steps(step, state, (batches, masks), 0, _STEPS.value)
   median = statistics.median(times)
-  return {"system": "dpjax", "mode": mode, "median_step_seconds": median,
-          "examples_per_second": batch_size / median, "step_seconds": times,
-          "device": jax.devices()[0].device_kind, "loss": float(metrics["loss"])}
+  return {
+    "system": "dpjax",
+    "mode": mode,
+    "median_step_seconds": median,
+    "examples_per_second": batch_size / median,
+    "step_seconds": times,
+    "device": jax.devices()[0].device_kind,
+    "loss": float(metrics["loss"]),
+  }
 
 
 def _peer_row(mode: str) -> dict:
   from experiments.benchmarks import peers  # pylint: disable=import-outside-toplevel
+
   system, _, peer_mode = mode.partition("/")
   shape = MINILM if _MODEL.value == "minilm" else BERT_BASE
   data = make_batch(_BATCH.value, _SEQ.value, shape["vocab_size"])
-  row = peers.run_peer(system, peer_mode, batch=data, config=shape, steps=_STEPS.value,
-                       warmup=_WARMUP.value, clip_norm=CLIP_NORM,
-                       noise_multiplier=NOISE_MULTIPLIER, seed=0, on_timed_start=WATCH.start)
+  row = peers.run_peer(
+    system,
+    peer_mode,
+    batch=data,
+    config=shape,
+    steps=_STEPS.value,
+    warmup=_WARMUP.value,
+    clip_norm=CLIP_NORM,
+    noise_multiplier=NOISE_MULTIPLIER,
+    seed=0,
+    on_timed_start=WATCH.start,
+  )
   return {"system": system, "mode": peer_mode, **row}
 
 
@@ -196,13 +228,13 @@ def _run_isolated(mode: str) -> dict:
 
 
 _COLUMNS = [
-    ("system", "<12", "", lambda r: r["system"]),
-    ("mode", "<18", "", lambda r: r["mode"]),
-    ("step s", ">8", ".3f", lambda r: r["median_step_seconds"]),
-    ("ex/s", ">8", ".1f", lambda r: r["examples_per_second"]),
-    ("peak MB", ">9", ".0f", lambda r: r["peak_memory_mb"]),
-    ("time x", ">7", ".2f", lambda r: r.get("ratio_vs_nonprivate")),
-    ("mem x", ">6", ".2f", lambda r: r.get("memory_ratio_vs_nonprivate")),
+  ("system", "<12", "", lambda r: r["system"]),
+  ("mode", "<18", "", lambda r: r["mode"]),
+  ("step s", ">8", ".3f", lambda r: r["median_step_seconds"]),
+  ("ex/s", ">8", ".1f", lambda r: r["examples_per_second"]),
+  ("peak MB", ">9", ".0f", lambda r: r["peak_memory_mb"]),
+  ("time x", ">7", ".2f", lambda r: r.get("ratio_vs_nonprivate")),
+  ("mem x", ">6", ".2f", lambda r: r.get("memory_ratio_vs_nonprivate")),
 ]
 
 
@@ -217,21 +249,31 @@ def main(argv):
       print("--peers compares BERT-type models only; skipping peers for gpt2-small")
     else:
       from experiments.benchmarks import peers  # pylint: disable=import-outside-toplevel
+
       for system, peer_mode in peers.PEERS:
         reason = peers.available(system)
         if reason:
           print(f"skipping {system}: {reason}")
         else:
           modes.append(f"{system}/{peer_mode}")
-  print(f"model={_MODEL.value} batch={_BATCH.value} seq={_SEQ.value} train={_TRAIN.value} "
-        f"steps={_STEPS.value} (median) warmup={_WARMUP.value} "
-        f"cpus={os.cpu_count()}", flush=True)
+  print(
+    f"model={_MODEL.value} batch={_BATCH.value} seq={_SEQ.value} train={_TRAIN.value} "
+    f"steps={_STEPS.value} (median) warmup={_WARMUP.value} "
+    f"cpus={os.cpu_count()}",
+    flush=True,
+  )
   rows = []
   for mode in modes:
     rows.append(_run_isolated(mode))
     print(f"  done {mode}", flush=True)
-  base = next((r for r in rows if r["system"] == "dpjax" and r["mode"].startswith("nonprivate")
-               and "error" not in r), None)
+  base = next(
+    (
+      r
+      for r in rows
+      if r["system"] == "dpjax" and r["mode"].startswith("nonprivate") and "error" not in r
+    ),
+    None,
+  )
   for r in rows:
     if base is not None and "error" not in r:
       r["ratio_vs_nonprivate"] = r["median_step_seconds"] / base["median_step_seconds"]

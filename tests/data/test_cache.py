@@ -50,8 +50,9 @@ def test_hit_gives_identical_arrays(data_file, minilm, tmp_path, count_tokenize)
   first = encode(TextFileSource(data_file), minilm, 32, template=template, cache_dir=tmp_path / "c")
   files = list((tmp_path / "c").iterdir())
   assert len(files) == 1 and files[0].suffix == ".npz"
-  second = encode(TextFileSource(data_file), minilm, 32, template=template,
-                  cache_dir=tmp_path / "c")
+  second = encode(
+    TextFileSource(data_file), minilm, 32, template=template, cache_dir=tmp_path / "c"
+  )
   assert len(count_tokenize) == 1
   _same(first, second)
   _same(first, encode(TextFileSource(data_file), minilm, 32, template=template))
@@ -59,8 +60,9 @@ def test_hit_gives_identical_arrays(data_file, minilm, tmp_path, count_tokenize)
 
 def test_user_ids_survive_the_cache(tmp_path, minilm, count_tokenize):
   path = tmp_path / "d.jsonl"
-  path.write_text('{"sentence": "good", "label": 1, "user": "a"}\n'
-                  '{"sentence": "bad", "label": 0, "user": "bb"}\n')
+  path.write_text(
+    '{"sentence": "good", "label": 1, "user": "a"}\n{"sentence": "bad", "label": 0, "user": "bb"}\n'
+  )
   first = encode(TextFileSource(path, user_field="user"), minilm, 8, cache_dir=tmp_path / "c")
   second = encode(TextFileSource(path, user_field="user"), minilm, 8, cache_dir=tmp_path / "c")
   assert len(count_tokenize) == 1
@@ -73,8 +75,13 @@ def test_changed_inputs_miss(data_file, minilm, tmp_path, count_tokenize):
   encode(TextFileSource(data_file), minilm, 32, cache_dir=cache_dir)
   encode(TextFileSource(data_file), minilm, 48, cache_dir=cache_dir)
   encode(TextFileSource(data_file), minilm, 32, template=PromptTemplate(), cache_dir=cache_dir)
-  encode(TextFileSource(data_file), minilm, 32, cache_dir=cache_dir,
-         template=PromptTemplate(label_words=("bad", "good")))
+  encode(
+    TextFileSource(data_file),
+    minilm,
+    32,
+    cache_dir=cache_dir,
+    template=PromptTemplate(label_words=("bad", "good")),
+  )
   uncased = minilm.to_str().replace('"lowercase":true', '"lowercase":false')
   assert uncased != minilm.to_str()
   encode(TextFileSource(data_file), type(minilm).from_str(uncased), 32, cache_dir=cache_dir)
@@ -84,16 +91,18 @@ def test_changed_inputs_miss(data_file, minilm, tmp_path, count_tokenize):
   # One changed row: a miss, and the new arrays reflect the change.
   before = encode(TextFileSource(data_file), minilm, 32, cache_dir=cache_dir)
   assert len(count_tokenize) == 5
-  data_file.write_bytes(data_file.read_bytes().replace(b"one long string of cliches",
-                                                       b"one short string of cliches", 1))
+  data_file.write_bytes(
+    data_file.read_bytes().replace(b"one long string of cliches", b"one short string of cliches", 1)
+  )
   after = encode(TextFileSource(data_file), minilm, 32, cache_dir=cache_dir)
   assert len(count_tokenize) == 6
   assert minilm.decode(after.token_ids(0).tolist()) == "one short string of cliches."
   assert np.array_equal(before.token_ids(1), after.token_ids(1))
 
 
-def test_padding_settings_and_buckets_do_not_change_the_key(data_file, minilm, tmp_path,
-                                                            count_tokenize):
+def test_padding_settings_and_buckets_do_not_change_the_key(
+  data_file, minilm, tmp_path, count_tokenize
+):
   encode(TextFileSource(data_file), minilm, 32, cache_dir=tmp_path)
   minilm.no_padding()
   encode(TextFileSource(data_file), minilm, 32, buckets=(8, 16), cache_dir=tmp_path)

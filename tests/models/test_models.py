@@ -10,12 +10,26 @@ from dpjax import privacy
 from dpjax.models import bert, gpt2, heads, lora
 from dpjax.privacy.secret import RunSecret
 
-TINY_BERT = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
-TINY_ROBERTA = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                               num_attention_heads=2, intermediate_size=32,
-                               max_position_embeddings=20, type_vocab_size=1, pad_token_id=1,
-                               position_offset=2, model_type="roberta")
+TINY_BERT = bert.BertConfig(
+  vocab_size=50,
+  hidden_size=16,
+  num_hidden_layers=2,
+  num_attention_heads=2,
+  intermediate_size=32,
+  max_position_embeddings=16,
+)
+TINY_ROBERTA = bert.BertConfig(
+  vocab_size=50,
+  hidden_size=16,
+  num_hidden_layers=1,
+  num_attention_heads=2,
+  intermediate_size=32,
+  max_position_embeddings=20,
+  type_vocab_size=1,
+  pad_token_id=1,
+  position_offset=2,
+  model_type="roberta",
+)
 TINY_GPT2 = gpt2.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
 
 
@@ -24,8 +38,12 @@ def text_batch(n=4, length=8, seed=0, pad_id=0):
   lengths = rng.integers(3, length + 1, n)
   mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
   ids = np.where(mask == 1, rng.integers(3, 50, (n, length)), pad_id).astype(np.int32)
-  return {"input_ids": ids, "attention_mask": mask, "label": rng.integers(0, 2, n).astype(np.int32),
-          "mask_position": (lengths - 2).astype(np.int32)}
+  return {
+    "input_ids": ids,
+    "attention_mask": mask,
+    "label": rng.integers(0, 2, n).astype(np.int32),
+    "mask_position": (lengths - 2).astype(np.int32),
+  }
 
 
 def task(kind):
@@ -33,12 +51,16 @@ def task(kind):
   batch = text_batch(pad_id=1 if kind == "roberta_cls" else 0)
   if kind == "gpt2_lm":
     model = gpt2.GPT2LMHeadModel(TINY_GPT2)
-    params = model.init(jax.random.PRNGKey(0), batch["input_ids"], batch["attention_mask"])["params"]
+    params = model.init(jax.random.PRNGKey(0), batch["input_ids"], batch["attention_mask"])[
+      "params"
+    ]
     return model, params, {k: batch[k] for k in ("input_ids", "attention_mask")}, heads.lm_loss
-  model = {"bert_cls": heads.SequenceClassifier(TINY_BERT, 2, "cls"),
-           "bert_pooler": heads.SequenceClassifier(TINY_BERT, 2, "pooler"),
-           "roberta_cls": heads.SequenceClassifier(TINY_ROBERTA, 2, "mean"),
-           "bert_label_words": heads.LabelWordClassifier(TINY_BERT, (7, 9))}[kind]
+  model = {
+    "bert_cls": heads.SequenceClassifier(TINY_BERT, 2, "cls"),
+    "bert_pooler": heads.SequenceClassifier(TINY_BERT, 2, "pooler"),
+    "roberta_cls": heads.SequenceClassifier(TINY_ROBERTA, 2, "mean"),
+    "bert_label_words": heads.LabelWordClassifier(TINY_BERT, (7, 9)),
+  }[kind]
   params = model.init(jax.random.PRNGKey(0), batch)["params"]
   return model, params, batch, heads.classification_loss
 
@@ -56,7 +78,7 @@ def test_vmap_clipped_sum_runs_and_matches_per_example_grads(kind):
   # Reference: jax.grad of example 0 alone, clipped by hand.
   example = jax.tree_util.tree_map(lambda x: x[0], batch)
   g0 = jax.grad(lambda p: loss_fn(p, example)[0])(params)
-  norm0 = float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree_util.tree_leaves(g0))))
+  norm0 = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g0))))
   np.testing.assert_allclose(float(aux.norms[0]), norm0, rtol=1e-4)
   only0, _ = jax.jit(grad_fn)(params, batch, np.array([1, 0, 0, 0], bool))
   want = jax.tree_util.tree_map(lambda g: g * min(1.0, 0.1 / norm0), g0)
@@ -78,13 +100,20 @@ def test_lora_trains_only_adapters_and_head_and_frozen_params_never_change():
   assert any("query/lora_a" in n for n in names) and not any("key/lora" in n for n in names)
   assert lora.count(trainable) < 0.2 * lora.count(params)
   # LoRA starts as the pretrained function: B = 0.
-  assert all(np.all(np.asarray(x) == 0) for p, x in jax.tree_util.tree_flatten_with_path(trainable)[0]
-             if str(p[-1].key) == "lora_b")
+  assert all(
+    np.all(np.asarray(x) == 0)
+    for p, x in jax.tree_util.tree_flatten_with_path(trainable)[0]
+    if str(p[-1].key) == "lora_b"
+  )
 
   loss_fn = heads.classification_loss(model, frozen)
   grad_fn = privacy.clipped_grad(loss_fn, 1.0, has_aux=True)
-  tx = optax.chain(privacy.gaussian_privatizer(1.0, grad_fn.sensitivity, 4.0, key=RunSecret.insecure_fixed(0).noise_key()),
-                   optax.adam(1e-2))
+  tx = optax.chain(
+    privacy.gaussian_privatizer(
+      1.0, grad_fn.sensitivity, 4.0, key=RunSecret.insecure_fixed(0).noise_key()
+    ),
+    optax.adam(1e-2),
+  )
   opt_state = tx.init(trainable)
 
   @jax.jit
@@ -102,8 +131,10 @@ def test_lora_trains_only_adapters_and_head_and_frozen_params_never_change():
     for key in path:
       after = after[key.key]
     np.testing.assert_array_equal(before, after)
-  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(trainable),
-                                                      jax.tree_util.tree_leaves(new_trainable))]
+  changed = [
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(new_trainable))
+  ]
   assert all(changed)
 
 

@@ -30,8 +30,9 @@ def max_err(a, b):
 def test_minilm_matches_transformers():
   model, params, tokenizer = pretrained.load("minilm")
   want = expected("minilm")
-  hidden = model.apply({"params": params}, want["input_ids"], want["attention_mask"],
-                       want["token_type_ids"])
+  hidden = model.apply(
+    {"params": params}, want["input_ids"], want["attention_mask"], want["token_type_ids"]
+  )
   assert max_err(hidden, want["last_hidden_state"]) < ATOL
   pooler = pretrained.load_head_params("minilm")["pooler"]
   pooled = bert.BertPooler(model.config).apply({"params": pooler}, hidden)
@@ -44,7 +45,7 @@ def test_minilm_matches_transformers():
   # The tokenizer is the checkpoint's: it reproduces the fixture's ids.
   first = tokenizer.encode("a gorgeous , witty , seductive movie .").ids
   real = want["input_ids"][0][want["attention_mask"][0] == 1]
-  np.testing.assert_array_equal(first[:len(real)], real)
+  np.testing.assert_array_equal(first[: len(real)], real)
 
 
 def test_roberta_matches_transformers():
@@ -72,8 +73,9 @@ def test_bert_mlm_head_matches_transformers():
   logits = bert.BertMaskedLMHead(model.config).apply({"params": head}, hidden, decoder)
   assert max_err(logits, want["logits"]) < ATOL
   # Restricting to a few vocabulary ids (label words) gives the same numbers.
-  few = bert.BertMaskedLMHead(model.config).apply({"params": head}, hidden, decoder,
-                                                  jnp.array([5, 40]))
+  few = bert.BertMaskedLMHead(model.config).apply(
+    {"params": head}, hidden, decoder, jnp.array([5, 40])
+  )
   np.testing.assert_allclose(few, np.asarray(logits)[..., [5, 40]], atol=1e-5)
 
 
@@ -95,7 +97,8 @@ def test_parity_detects_a_single_wrong_tensor():
   broken = jax_tree_set(params, ("encoder", "layer_1", "output", "LayerNorm", "bias"), 0.0)
   hidden_broken = model.apply({"params": broken}, want["input_ids"], want["attention_mask"])
   assert max_err(hidden_broken, want["last_hidden_state"]) > 100 * max_err(
-      hidden, want["last_hidden_state"])
+    hidden, want["last_hidden_state"]
+  )
 
 
 def jax_tree_set(params, path, value):
@@ -118,7 +121,8 @@ def test_missing_extra_and_misshapen_tensors_are_listed(tmp_path):
   path, tensors = _copy_fixture(tmp_path)
   del tensors["bert.encoder.layer.1.attention.self.key.bias"]
   tensors["bert.embeddings.word_embeddings.weight"] = tensors[
-      "bert.embeddings.word_embeddings.weight"][:, :16].copy()
+    "bert.embeddings.word_embeddings.weight"
+  ][:, :16].copy()
   save_file(tensors, path / "model.safetensors")
   with pytest.raises(pretrained.CheckpointError) as err:
     pretrained.load(path, with_tokenizer=False)

@@ -12,8 +12,8 @@ import optax
 from dpjax import parallel, privacy
 from dpjax.models import bert, heads
 from dpjax.privacy import clipping, noise
-from dpjax.train import step as step_lib
 from dpjax.privacy.secret import RunSecret
+from dpjax.train import step as step_lib
 from tests import tiny_models
 
 CONFIG = bert.BertConfig(**tiny_models.TINY_BERT_SHAPE)
@@ -29,10 +29,15 @@ def one_step(backend, data, fsdp, devices):
   mesh = parallel.make_mesh(data, fsdp, jax.devices()[:devices])
   model = heads.SequenceClassifier(CONFIG, 2, "mean")
   params = model.init(jax.random.PRNGKey(0), rows(1, 4, 0))["params"]
-  grad_fn = privacy.clipped_grad(heads.classification_loss(model), 0.5, backend, MICRO,
-                                 has_aux=True)
-  tx = optax.chain(privacy.gaussian_privatizer(1.0, grad_fn.sensitivity, 12.0, key=RunSecret.insecure_fixed(3).noise_key()),
-                   optax.sgd(1.0))
+  grad_fn = privacy.clipped_grad(
+    heads.classification_loss(model), 0.5, backend, MICRO, has_aux=True
+  )
+  tx = optax.chain(
+    privacy.gaussian_privatizer(
+      1.0, grad_fn.sensitivity, 12.0, key=RunSecret.insecure_fixed(3).noise_key()
+    ),
+    optax.sgd(1.0),
+  )
   state = step_lib.TrainState(np.zeros([], np.int32), params, tx.init(params))
   shardings = parallel.shardings(state, mesh, min_size=0)
   state = parallel.put(state, shardings)
@@ -43,15 +48,23 @@ def one_step(backend, data, fsdp, devices):
     host = {k: v[:size] for k, v in rows(32, length, seed).items()}  # same rows on every mesh
     mask = np.arange(size) < real
     order = parallel.balanced_order(size, parallel.batch_size_multiple(mesh))
-    b, m = parallel.global_rows(lambda p, host=host: {k: v[p] for k, v in host.items()},
-                                order, mask[order], parallel.batch_sharding(mesh))
+    b, m = parallel.global_rows(
+      lambda p, host=host: {k: v[p] for k, v in host.items()},
+      order,
+      mask[order],
+      parallel.batch_sharding(mesh),
+    )
     batches.append(b)
     masks.append(m)
-  step = jax.jit(functools.partial(step_lib.train_step, grad_fn=parallel.sharded_grad_fn(
-      grad_fn, mesh), tx=tx), out_shardings=(shardings, parallel.replicated(mesh)))
+  step = jax.jit(
+    functools.partial(step_lib.train_step, grad_fn=parallel.sharded_grad_fn(grad_fn, mesh), tx=tx),
+    out_shardings=(shardings, parallel.replicated(mesh)),
+  )
   new_state, metrics = step(state, tuple(batches), tuple(masks))
-  out = {f"param/{clipping.path_to_str(p)}": np.asarray(v)
-         for p, v in jax.tree_util.tree_leaves_with_path(new_state.params)}
+  out = {
+    f"param/{clipping.path_to_str(p)}": np.asarray(v)
+    for p, v in jax.tree_util.tree_leaves_with_path(new_state.params)
+  }
   out["examples"] = np.asarray(metrics["examples"])
   out["privatizer_step"] = np.asarray(new_state.opt_state[0].step)
   return out
@@ -63,11 +76,13 @@ def sharded_noise(fsdp):
   template = {"w": jnp.zeros([64, 32]), "b": jnp.zeros([7])}
   spec = parallel.shardings(template, mesh, min_size=0)
   # The key is an argument, as in the privatizer's state: a constant key would be folded.
-  fn = jax.jit(lambda key: noise.noise_for_step(key, jnp.asarray(5), template, 1.0),
-               out_shardings=spec)
+  fn = jax.jit(
+    lambda key: noise.noise_for_step(key, jnp.asarray(5), template, 1.0), out_shardings=spec
+  )
   result = fn(jnp.asarray(RunSecret.insecure_fixed(3).noise_key()))
   return {f"noise{fsdp}/{k}": np.asarray(v) for k, v in result.items()} | {
-      f"noise{fsdp}/w_shards": np.asarray(len(result["w"].sharding.device_set))}
+    f"noise{fsdp}/w_shards": np.asarray(len(result["w"].sharding.device_set))
+  }
 
 
 def main(path):
@@ -75,8 +90,9 @@ def main(path):
   out = {}
   for backend in ("vmap", "bookkeeping"):
     for name, (data, fsdp, devices) in MESHES.items():
-      out.update({f"{backend}/{name}/{k}": v
-                  for k, v in one_step(backend, data, fsdp, devices).items()})
+      out.update(
+        {f"{backend}/{name}/{k}": v for k, v in one_step(backend, data, fsdp, devices).items()}
+      )
   for fsdp in (1, 8):
     out.update(sharded_noise(fsdp))
   np.savez(path, **out)

@@ -23,12 +23,18 @@ ROOT = Path(__file__).resolve().parents[2]
 # count), constant learning rate (the schedule does not either): a run stopped at
 # step 4 and resumed to 6 is the same run as one straight to 6.
 FLAGS = [
-    "--config.data.buckets=(16,)", "--config.data.max_length=16", "--config.data.train_fraction=0.004",
-    "--config.data.eval_limit=64", "--config.train.batch_size=32", "--config.dp.microbatch_size=8",
-    "--config.dp.noise_multiplier=1.0", "--config.train.schedule=constant",
-    "--config.train.checkpoint_every_steps=2", "--config.train.log_every_steps=2",
-    # Two runs are compared bit for bit: they must share their (here public) noise seed.
-    "--config.dp.insecure_fixed_noise_seed=11",
+  "--config.data.buckets=(16,)",
+  "--config.data.max_length=16",
+  "--config.data.train_fraction=0.004",
+  "--config.data.eval_limit=64",
+  "--config.train.batch_size=32",
+  "--config.dp.microbatch_size=8",
+  "--config.dp.noise_multiplier=1.0",
+  "--config.train.schedule=constant",
+  "--config.train.checkpoint_every_steps=2",
+  "--config.train.log_every_steps=2",
+  # Two runs are compared bit for bit: they must share their (here public) noise seed.
+  "--config.dp.insecure_fixed_noise_seed=11",
 ]
 
 
@@ -39,17 +45,27 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith("SLURM_") and k not in ("XLA_FLAGS", "TPU_WORKER_HOSTNAMES")}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith("SLURM_") and k not in ("XLA_FLAGS", "TPU_WORKER_HOSTNAMES")
+  }
   env["PYTHON"] = sys.executable
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
 
 def _two_processes(workdir: Path, cache: Path, *flags: str) -> None:
-  cmd = [str(ROOT / "launch/multiprocess.sh"), "--config=experiments/sst2.py:tiny",
-         f"--workdir={workdir}", "--num_processes=2", f"--port={_free_port()}", *FLAGS,
-         f"--config.data.cache_dir={cache}", *flags]
+  cmd = [
+    str(ROOT / "launch/multiprocess.sh"),
+    "--config=experiments/sst2.py:tiny",
+    f"--workdir={workdir}",
+    "--num_processes=2",
+    f"--port={_free_port()}",
+    *FLAGS,
+    f"--config.data.cache_dir={cache}",
+    *flags,
+  ]
   result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
 
@@ -61,9 +77,22 @@ def _summary(workdir: Path) -> dict:
 def _one_process(workdir: Path, cache: Path, *flags: str) -> None:
   env = _env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   result = subprocess.run(
-      [sys.executable, "-m", "dpjax.main", "--config=experiments/sst2.py:tiny",
-       f"--workdir={workdir}", *FLAGS, f"--config.data.cache_dir={cache}", *flags],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "dpjax.main",
+      "--config=experiments/sst2.py:tiny",
+      f"--workdir={workdir}",
+      *FLAGS,
+      f"--config.data.cache_dir={cache}",
+      *flags,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr
 
 

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from dpjax import parallel
 
@@ -58,20 +58,28 @@ def test_balanced_order_gives_every_device_its_share_of_real_rows_padding_last(r
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
   out = tmp_path_factory.mktemp("eight") / "results.npz"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  subprocess.run([sys.executable, "-m", "tests.parallel.eight_devices", str(out)], cwd=ROOT,
-                 env=env, check=True, timeout=900)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }
+  subprocess.run(
+    [sys.executable, "-m", "tests.parallel.eight_devices", str(out)],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    timeout=900,
+  )
   return dict(np.load(out))
 
 
 @pytest.mark.parametrize("backend", ["vmap", "bookkeeping"])
 @pytest.mark.parametrize("mesh", ["data8", "data2_fsdp4"])
 def test_dp_step_on_eight_devices_equals_the_one_device_step(eight_devices, backend, mesh):
-  one = {k.split("/", 2)[2]: v for k, v in eight_devices.items()
-         if k.startswith(f"{backend}/one/")}
-  many = {k.split("/", 2)[2]: v for k, v in eight_devices.items()
-          if k.startswith(f"{backend}/{mesh}/")}
+  one = {k.split("/", 2)[2]: v for k, v in eight_devices.items() if k.startswith(f"{backend}/one/")}
+  many = {
+    k.split("/", 2)[2]: v for k, v in eight_devices.items() if k.startswith(f"{backend}/{mesh}/")
+  }
   assert one.keys() == many.keys() and len(one) > 5
   assert int(many["examples"]) == int(one["examples"]) == 16  # padding rows not counted
   assert int(many["privatizer_step"]) == 1  # noise drawn once for both groups
@@ -89,6 +97,5 @@ def test_vmap_and_bookkeeping_steps_agree_on_eight_devices(eight_devices):
 def test_noise_is_identical_whatever_the_sharding(eight_devices):
   assert int(eight_devices["noise8/w_shards"]) == 8 and int(eight_devices["noise1/w_shards"]) == 8
   for leaf in ("w", "b"):
-    np.testing.assert_array_equal(eight_devices[f"noise8/{leaf}"],
-                                  eight_devices[f"noise1/{leaf}"])
+    np.testing.assert_array_equal(eight_devices[f"noise8/{leaf}"], eight_devices[f"noise1/{leaf}"])
   assert 0.9 < np.std(eight_devices["noise8/w"]) < 1.1

@@ -10,7 +10,7 @@ from dpjax.privacy import PrivacyLedger, Segment, calibrate_noise, compute_epsil
 
 N = 67349
 Q = 1024 / N
-DELTA = N ** -1.1
+DELTA = N**-1.1
 
 
 def _direct(accountant, events, delta):
@@ -22,13 +22,17 @@ def _direct(accountant, events, delta):
 
 def _poisson(q, sigma, steps):
   return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+  )
 
 
-@pytest.mark.parametrize("name, accountant", [
+@pytest.mark.parametrize(
+  "name, accountant",
+  [
     ("pld", pld_privacy_accountant.PLDAccountant),
     ("rdp", rdp_privacy_accountant.RdpAccountant),
-])
+  ],
+)
 def test_ledger_equals_dp_accounting_across_segments_and_resumes(name, accountant):
   ledger = PrivacyLedger(accountant=name)
   # 60 steps one by one (as a training loop records them), then a change of σ, then 40 more.
@@ -50,7 +54,8 @@ def test_truncated_batches_are_accounted_with_the_truncated_event():
   n, q, cap = 2000, 0.05, 110
   ledger = PrivacyLedger().record(Segment(q, 1.0, 20, n, max_batch_size=cap))
   event = dp_accounting.SelfComposedDpEvent(
-      dp_accounting.TruncatedSubsampledGaussianDpEvent(n, q, cap, 1.0), 20)
+    dp_accounting.TruncatedSubsampledGaussianDpEvent(n, q, cap, 1.0), 20
+  )
   want = _direct(pld_privacy_accountant.PLDAccountant, [event], 1e-5)
   assert ledger.epsilon(1e-5) == pytest.approx(want, rel=1e-12)
   with pytest.raises(ValueError, match="accountant='rdp' cannot account a truncated batch"):
@@ -76,24 +81,31 @@ def test_calibrated_sigma_meets_target_within_one_percent(accountant, target):
 def test_non_private_and_empty_ledgers():
   assert PrivacyLedger().epsilon(1e-5) == 0.0
   assert PrivacyLedger().record(Segment(0.1, 0.0, 5)).epsilon(1e-5) == np.inf
-  assert default_delta(N) == pytest.approx(N ** -1.1) and default_delta(N) < 1 / N
+  assert default_delta(N) == pytest.approx(N**-1.1) and default_delta(N) < 1 / N
 
 
-@pytest.mark.parametrize("call, message", [
+@pytest.mark.parametrize(
+  "call, message",
+  [
     (lambda: calibrate_noise(0.0, 1e-6, 0.01, 10), "target_epsilon must be a finite number > 0"),
     (lambda: calibrate_noise(1e6, 1e-6, 0.01, 10), r"target_epsilon must be in \(0, 100\]"),
     (lambda: calibrate_noise(1.0, 0.0, 0.01, 10), r"delta must be in \(0, 1\)"),
     (lambda: calibrate_noise(1.0, 1.5, 0.01, 10), r"delta must be in \(0, 1\)"),
-    (lambda: calibrate_noise(1.0, 1e-3, 0.01, 10, dataset_size=1000),
-     "delta must be < 1/dataset_size = 0.001"),
+    (
+      lambda: calibrate_noise(1.0, 1e-3, 0.01, 10, dataset_size=1000),
+      "delta must be < 1/dataset_size = 0.001",
+    ),
     (lambda: calibrate_noise(1.0, 1e-6, 1.5, 10), r"sampling_prob must be in \(0, 1\]"),
     (lambda: calibrate_noise(1.0, 1e-6, 0.0, 10), r"sampling_prob must be in \(0, 1\]"),
     (lambda: calibrate_noise(1.0, 1e-6, 0.01, 10, "moments"), "accountant must be one of"),
     (lambda: Segment(0.1, -1.0, 3), "noise_multiplier must be a finite number >= 0"),
-    (lambda: PrivacyLedger().record(Segment(0.1, 1.0, 3, 100)).epsilon(0.02),
-     "delta must be < 1/dataset_size"),
+    (
+      lambda: PrivacyLedger().record(Segment(0.1, 1.0, 3, 100)).epsilon(0.02),
+      "delta must be < 1/dataset_size",
+    ),
     (lambda: PrivacyLedger.from_dict({"format": 99}), "unknown privacy ledger format"),
-])
+  ],
+)
 def test_bad_arguments(call, message):
   with pytest.raises(ValueError, match=message):
     call()

@@ -12,9 +12,9 @@ from dpjax.privacy import bookkeeping
 from tests.models.test_models import TINY_BERT, TINY_GPT2, task, text_batch
 
 RULES = {
-    "flat": privacy.FlatClip(0.1),
-    "per_layer": privacy.PerLayerClip(0.1, group_by="layer"),
-    "automatic": privacy.AutomaticClip(0.01),
+  "flat": privacy.FlatClip(0.1),
+  "per_layer": privacy.PerLayerClip(0.1, group_by="layer"),
+  "automatic": privacy.AutomaticClip(0.01),
 }
 MASK = np.array([1, 1, 0, 1], bool)
 
@@ -22,8 +22,9 @@ MASK = np.array([1, 1, 0, 1], bool)
 def both_backends(loss_fn, params, batch, rule, mask=MASK, microbatch=None):
   out = {}
   for backend in ("vmap", "bookkeeping"):
-    fn = privacy.clipped_grad(loss_fn, rule, backend=backend, microbatch_size=microbatch,
-                              has_aux=True)
+    fn = privacy.clipped_grad(
+      loss_fn, rule, backend=backend, microbatch_size=microbatch, has_aux=True
+    )
     out[backend] = jax.jit(fn)(params, batch, mask)
   return out["vmap"], out["bookkeeping"]
 
@@ -31,11 +32,13 @@ def both_backends(loss_fn, params, batch, rule, mask=MASK, microbatch=None):
 def assert_same(reference, fast, atol=2e-6, rtol=2e-4):
   (g_ref, aux_ref), (g_fast, aux_fast) = reference, fast
   assert jax.tree_util.tree_structure(g_ref) == jax.tree_util.tree_structure(g_fast)
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_ref)[0],
-                          jax.tree_util.tree_leaves(g_fast)):
+  for (path, a), b in zip(
+    jax.tree_util.tree_flatten_with_path(g_ref)[0], jax.tree_util.tree_leaves(g_fast)
+  ):
     assert b.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=atol, rtol=rtol,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(b), np.asarray(a), atol=atol, rtol=rtol, err_msg=jax.tree_util.keystr(path)
+    )
   np.testing.assert_allclose(aux_fast.norms, aux_ref.norms, rtol=max(rtol, 1e-4), atol=atol)
   np.testing.assert_array_equal(aux_fast.clipped, aux_ref.clipped)
   np.testing.assert_allclose(aux_fast.losses, aux_ref.losses, rtol=max(rtol, 1e-5), atol=atol)
@@ -59,8 +62,7 @@ def test_full_fine_tuning_equals_vmap(kind, rule):
 @pytest.mark.parametrize("kind", ["bert_cls", "gpt2_lm"])
 def test_microbatches_and_automatic_clipping_equal_vmap(kind):
   model, params, batch, make_loss = task(kind)
-  reference, fast = both_backends(make_loss(model), params, batch, RULES["automatic"],
-                                  microbatch=2)
+  reference, fast = both_backends(make_loss(model), params, batch, RULES["automatic"], microbatch=2)
   assert_same(reference, fast)
 
 
@@ -76,12 +78,14 @@ def test_lora_and_partial_training_equal_vmap(family, train):
   else:
     model = gpt2.GPT2LMHeadModel(TINY_GPT2, cfg)
     batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    params = model.init(jax.random.PRNGKey(0), batch["input_ids"],
-                        batch["attention_mask"])["params"]
+    params = model.init(jax.random.PRNGKey(0), batch["input_ids"], batch["attention_mask"])[
+      "params"
+    ]
     make_loss = heads.lm_loss
   # LoRA B starts at 0, where the A gradient vanishes; move off it so both adapters count.
   params = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 0.1 if jax.tree_util.keystr(p).endswith("['lora_b']") else x, params)
+    lambda p, x: x + 0.1 if jax.tree_util.keystr(p).endswith("['lora_b']") else x, params
+  )
   pattern = "lora" if train == "lora" else ("^head/" if family == "bert" else "h_1/")
   trainable, frozen = lora.partition(params, lora.trainable_mask(params, pattern))
   reference, fast = both_backends(make_loss(model, frozen), trainable, batch, RULES["per_layer"])
@@ -95,8 +99,9 @@ def test_repeated_tokens_and_tied_embeddings_add_up_before_the_norm():
   ids = np.array([[5, 5, 7, 5, 9, 7, 5, 5], [3, 4, 3, 4, 3, 4, 3, 4]], np.int32)
   batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
   params = model.init(jax.random.PRNGKey(2), ids, batch["attention_mask"])["params"]
-  reference, fast = both_backends(heads.lm_loss(model), params, batch, privacy.FlatClip(1e3),
-                                  mask=np.ones(2, bool))
+  reference, fast = both_backends(
+    heads.lm_loss(model), params, batch, privacy.FlatClip(1e3), mask=np.ones(2, bool)
+  )
   assert_same(reference, fast)
 
 
@@ -112,28 +117,28 @@ def test_ghost_and_direct_norms_agree():
   for ghost in (True, False):
     grad.ghost = ghost
     results.append((grad.sq_norm(), grad.weighted_sum(c, kept)))
-    np.testing.assert_allclose(results[-1][0], np.sum(want ** 2, (1, 2)), rtol=1e-5)
-    np.testing.assert_allclose(results[-1][1], np.einsum("b,bmn->mn", c, want), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(results[-1][0], np.sum(want**2, (1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(
+      results[-1][1], np.einsum("b,bmn->mn", c, want), rtol=1e-5, atol=1e-6
+    )
   assert bookkeeping.ghost_is_cheaper(64, 384, 1536) and not bookkeeping.ghost_is_cheaper(
-      512, 64, 64)
+    512, 64, 64
+  )
 
 
 def test_each_example_contributes_at_most_the_clip_norm():
   model, params, batch, make_loss = task("bert_label_words")
-  fn = jax.jit(privacy.clipped_grad(make_loss(model), 0.05, backend="bookkeeping",
-                                    has_aux=True))
+  fn = jax.jit(privacy.clipped_grad(make_loss(model), 0.05, backend="bookkeeping", has_aux=True))
   for i in range(4):
     only = np.arange(4) == i
     grads, _ = fn(params, batch, only)
-    norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(grads))))
+    norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grads))))
     assert 0.05 * 0.999 < norm <= 0.05 * (1 + 1e-5)
 
 
 def test_padding_rows_contribute_exactly_zero():
   model, params, batch, make_loss = task("bert_cls")
-  fn = jax.jit(privacy.clipped_grad(make_loss(model), 0.1, backend="bookkeeping",
-                                    has_aux=True))
+  fn = jax.jit(privacy.clipped_grad(make_loss(model), 0.1, backend="bookkeeping", has_aux=True))
   garbage = {k: v.copy() for k, v in batch.items()}
   garbage["input_ids"][2] = 42
   garbage["label"][2] = 1 - garbage["label"][2]
@@ -156,8 +161,9 @@ def test_norms_are_float32_under_bfloat16_compute():
   model = Bf16Classifier()
   batch = text_batch()
   params = model.init(jax.random.PRNGKey(0), batch)["params"]
-  reference, fast = both_backends(heads.classification_loss(model), params, batch,
-                                  privacy.FlatClip(0.1))
+  reference, fast = both_backends(
+    heads.classification_loss(model), params, batch, privacy.FlatClip(0.1)
+  )
   assert fast[1].norms.dtype == jnp.float32
   # bf16 activations: both backends agree to bf16 precision, not float32's.
   assert_same(reference, fast, atol=2e-3, rtol=3e-2)
@@ -178,8 +184,10 @@ def test_auto_falls_back_to_vmap_and_bookkeeping_explains_what_it_cannot_run():
       return dense(dense(x))[:, :2]
 
   batch = text_batch()
-  cases = ((Untapped(), "flax_dense/(kernel|bias)' is not used through a tapped layer"),
-           (TwiceUsed(), "'shared' is applied 2 times"))
+  cases = (
+    (Untapped(), "flax_dense/(kernel|bias)' is not used through a tapped layer"),
+    (TwiceUsed(), "'shared' is applied 2 times"),
+  )
   for model, message in cases:
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
     loss_fn = heads.classification_loss(model)
@@ -194,4 +202,5 @@ def test_auto_falls_back_to_vmap_and_bookkeeping_explains_what_it_cannot_run():
   assert plain.resolved_backend({"w": jnp.ones(3)}, {"x": jnp.ones((2, 3))}) == "vmap"
   model, params, batch, make_loss = task("bert_cls")
   assert privacy.clipped_grad(make_loss(model), 1.0).resolved_backend(params, batch) == (
-      "bookkeeping")
+    "bookkeeping"
+  )

@@ -42,8 +42,8 @@ def test_same_key_and_step_same_noise_different_step_or_key_different_noise():
   tx = gaussian_privatizer(1.0, 1.0, 1.0, key=KEY)
   s0 = tx.init(zeros)
   a, s1 = _privatize(tx, zeros, s0)
-  b, _ = _privatize(tx, zeros, s0)       # Replay of step 0 (a resumed run).
-  c, _ = _privatize(tx, zeros, s1)       # Step 1.
+  b, _ = _privatize(tx, zeros, s0)  # Replay of step 0 (a resumed run).
+  c, _ = _privatize(tx, zeros, s1)  # Step 1.
   other = RunSecret.insecure_fixed(8).noise_key()
   d, _ = _privatize(tx, zeros, s0._replace(key=jnp.asarray(other)))
   np.testing.assert_array_equal(a["w"], b["w"])
@@ -82,14 +82,17 @@ def test_noise_is_drawn_in_float32_for_bfloat16_gradients():
   assert np.std(values) == pytest.approx(1e-3, rel=0.05)
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     ((-0.1, 1.0, 10.0, KEY), "noise_multiplier must be a finite number >= 0"),
     ((1.0, 0.0, 10.0, KEY), "sensitivity must be a finite number > 0"),
     ((1.0, 1.0, 0.0, KEY), "expected_batch_size must be a finite number > 0"),
     ((1.0, 1.0, 10.0, 0), "not an int seed"),
     ((1.0, 1.0, 10.0, np.zeros(2, np.uint32)), "key must be uint32"),
     ((1.0, 1.0, 10.0, b"short"), "key must be 32 bytes"),
-])
+  ],
+)
 def test_bad_arguments(args, message):
   with pytest.raises(ValueError, match=message):
     gaussian_privatizer(*args)
@@ -98,10 +101,13 @@ def test_bad_arguments(args, message):
 def test_chacha20_block_matches_rfc8439_test_vector():
   """RFC 8439 section 2.3.2: key 00..1f, nonce 00:00:00:09:00:00:00:4a:00:00:00:00, counter 1."""
   key = np.frombuffer(bytes(range(32)), "<u4").astype(np.uint32)
-  out = noise.chacha_block(jnp.asarray(key), jnp.asarray([1], jnp.uint32),
-                           (0x09000000, 0x4A000000, 0))
-  want = ("e4e7f110 15593bd1 1fdd0f50 c47120a3 c7f4d1c7 0368c033 9aaa2204 4e6cd4c3 "
-          "466482d2 09aa9f07 05d7c214 a2028bd9 d19c12b5 b94e16de e883d0cb 4e3c50a2").split()
+  out = noise.chacha_block(
+    jnp.asarray(key), jnp.asarray([1], jnp.uint32), (0x09000000, 0x4A000000, 0)
+  )
+  want = (
+    "e4e7f110 15593bd1 1fdd0f50 c47120a3 c7f4d1c7 0368c033 9aaa2204 4e6cd4c3 "
+    "466482d2 09aa9f07 05d7c214 a2028bd9 d19c12b5 b94e16de e883d0cb 4e3c50a2"
+  ).split()
   assert [f"{int(w[0]):08x}" for w in out] == want
 
 
@@ -122,8 +128,9 @@ def test_normal_from_96_bits_is_accurate_over_the_whole_range_including_the_tail
   values = [int.from_bytes(rng.bytes(12), "little") >> int(d) for d in rng.integers(0, 96, 3000)]
   values += [2**96 - 1 - v for v in values[:1500]]
   values += [int.from_bytes(rng.bytes(12), "little") for _ in range(1500)]
-  words = np.array([[(v >> 64) & 0xFFFFFFFF, (v >> 32) & 0xFFFFFFFF, v & 0xFFFFFFFF]
-                    for v in values], np.uint32).T
+  words = np.array(
+    [[(v >> 64) & 0xFFFFFFFF, (v >> 32) & 0xFFFFFFFF, v & 0xFFFFFFFF] for v in values], np.uint32
+  ).T
   z = np.asarray(jax.jit(noise.standard_normal_from_words)(*map(jnp.asarray, words)))
   want = _exact_normal(words)
   assert np.abs(want).max() > 9  # the sample reaches deep into the tails
@@ -140,13 +147,22 @@ def test_largest_normal_the_generator_can_return_is_beyond_eleven_sigma():
   # The tail event a truncation at z_max opens is negligible at any realistic length.
   assert noise.tail_probability(0.5, 10**6) < 1e-12
   assert noise.tail_probability(0.5, 10**6) == pytest.approx(
-      1e6 * 2 * stats.norm.sf(noise.MAX_ABS_NORMAL - 2.0))
+    1e6 * 2 * stats.norm.sf(noise.MAX_ABS_NORMAL - 2.0)
+  )
   assert noise.tail_probability(0.05, 10) == 1.0
 
 
 def test_ten_million_draws_have_gaussian_moments_ks_and_tail_counts():
-  draws = np.concatenate([np.asarray(jax.jit(noise.standard_normals, static_argnums=2)(
-      jnp.asarray(KEY), jnp.int32(step), 2_000_000)) for step in range(5)])
+  draws = np.concatenate(
+    [
+      np.asarray(
+        jax.jit(noise.standard_normals, static_argnums=2)(
+          jnp.asarray(KEY), jnp.int32(step), 2_000_000
+        )
+      )
+      for step in range(5)
+    ]
+  )
   n = draws.size
   assert abs(draws.mean()) < 5 / math.sqrt(n)
   assert draws.var() == pytest.approx(1.0, abs=5 * math.sqrt(2 / n))
@@ -168,8 +184,9 @@ def test_snapped_outputs_have_no_holes_for_any_shift_of_the_sum():
   stddev = 3.0
   grid = noise.snap_grid(stddev)
   assert grid == 2.0 ** (2 - noise.SNAP_BITS)
-  z = np.asarray(jax.jit(noise.standard_normals, static_argnums=2)(jnp.asarray(KEY),
-                                                                   jnp.int32(0), 4_000_000))
+  z = np.asarray(
+    jax.jit(noise.standard_normals, static_argnums=2)(jnp.asarray(KEY), jnp.int32(0), 4_000_000)
+  )
   for shift in (0.0, grid / 3, 0.1234567):
     y = np.asarray(noise.snap(jnp.asarray(shift + stddev * z, jnp.float32), grid))
     cells = np.round(y / grid)

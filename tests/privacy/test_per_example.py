@@ -10,9 +10,9 @@ from tests import tiny_models
 
 PROBLEMS = {"mlp": tiny_models.mlp_problem, "transformer": tiny_models.transformer_problem}
 RULES = {
-    "flat": FlatClip(0.5),
-    "per_layer": PerLayerClip(0.5, group_by="layer"),
-    "automatic": AutomaticClip(0.01),
+  "flat": FlatClip(0.5),
+  "per_layer": PerLayerClip(0.5, group_by="layer"),
+  "automatic": AutomaticClip(0.01),
 }
 
 
@@ -58,8 +58,11 @@ def test_vmap_equals_python_loop(problem, rule_name, microbatch):
 def test_removing_any_example_moves_sum_by_at_most_sensitivity(rule_name):
   loss_fn, params, batch = tiny_models.transformer_problem(batch=8, seed=3)
   # Large gradients so that most examples are clipped (the bound must be tight, not vacuous).
-  rule = {"flat": FlatClip(1e-3), "per_layer": PerLayerClip(1e-3),
-          "automatic": AutomaticClip(1e-3)}[rule_name]
+  rule = {
+    "flat": FlatClip(1e-3),
+    "per_layer": PerLayerClip(1e-3),
+    "automatic": AutomaticClip(1e-3),
+  }[rule_name]
   fn = jax.jit(clipped_grad(loss_fn, rule))
   full, _ = fn(params, batch, np.ones(8, bool))
   changes = []
@@ -92,9 +95,10 @@ def test_padding_rows_change_nothing_and_all_padding_is_exactly_zero():
 
 def test_per_layer_groups_each_respect_their_bound():
   loss_fn, params, batch = tiny_models.transformer_problem(batch=1, seed=1)
-  rule = PerLayerClip(bounds={"^embed": 1e-3, "^pos": 2e-3, "^attn": 1e-3, "^ln": 1e-3,
-                              "^mlp": 1e-3, "^head": 3e-3},
-                      group_by=("^embed", "^pos", "^attn", "^ln", "^mlp", "^head"))
+  rule = PerLayerClip(
+    bounds={"^embed": 1e-3, "^pos": 2e-3, "^attn": 1e-3, "^ln": 1e-3, "^mlp": 1e-3, "^head": 3e-3},
+    group_by=("^embed", "^pos", "^attn", "^ln", "^mlp", "^head"),
+  )
   got, _ = clipped_grad(loss_fn, rule)(params, batch)
   bounds = dict(rule.bounds)
   for name, sub in got.items():
@@ -137,13 +141,16 @@ def test_microbatches_of_padding_only_are_skipped_but_counted_correctly():
   assert int(aux.num_examples) == 2
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     ({"clip": 0.0}, "clip_norm must be a finite number > 0"),
     ({"clip": -1.0}, "clip_norm must be a finite number > 0"),
     ({"clip": "1"}, "clip must be a positive float or a ClipRule"),
     ({"clip": 1.0, "backend": "magic"}, "backend must be one of"),
     ({"clip": 1.0, "microbatch_size": 0}, "microbatch_size must be a positive integer"),
-])
+  ],
+)
 def test_bad_arguments_raise_one_line_errors(kwargs, message):
   loss_fn, _, _ = tiny_models.mlp_problem()
   with pytest.raises(ValueError, match=message):
@@ -152,6 +159,9 @@ def test_bad_arguments_raise_one_line_errors(kwargs, message):
 
 def test_microbatch_not_dividing_batch_is_rejected():
   loss_fn, params, batch = tiny_models.mlp_problem(batch=8)
-  with pytest.raises(ValueError, match=r"microbatch_size must divide the batch size 8 \(got "
-                                       r"microbatch_size=3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"microbatch_size must divide the batch size 8 \(got "
+    r"microbatch_size=3\)",
+  ):
     clipped_grad(loss_fn, 1.0, microbatch_size=3)(params, batch)

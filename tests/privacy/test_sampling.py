@@ -35,16 +35,21 @@ def test_inclusion_rate_and_batch_size_distribution():
   assert sizes.var() == pytest.approx(binom.var(), rel=0.1)
   edges = np.arange(binom.ppf(0.005), binom.ppf(0.995) + 1)
   observed = np.array([np.sum(sizes == k) for k in edges])
-  assert stats.chisquare(observed, binom.pmf(edges) * steps * observed.sum()
-                         / (binom.pmf(edges) * steps).sum()).pvalue > 1e-4
+  assert (
+    stats.chisquare(
+      observed, binom.pmf(edges) * steps * observed.sum() / (binom.pmf(edges) * steps).sum()
+    ).pvalue
+    > 1e-4
+  )
 
 
 def test_deterministic_from_key_and_step():
   a, b = PoissonSampler(1000, 50, key=KEYS[5]), PoissonSampler(1000, 50, key=KEYS[5])
   for step in (0, 1, 99):
     np.testing.assert_array_equal(a.sample(step).indices, b.sample(step).indices)
-  assert not np.array_equal(a.sample(1).indices[a.sample(1).mask],
-                            a.sample(2).indices[a.sample(2).mask])
+  assert not np.array_equal(
+    a.sample(1).indices[a.sample(1).mask], a.sample(2).indices[a.sample(2).mask]
+  )
   c = PoissonSampler(1000, 50, key=KEYS[6])
   assert not np.array_equal(a.sample(0).indices, c.sample(0).indices)
 
@@ -59,7 +64,7 @@ def test_static_shapes_padding_and_mask():
     batch = sampler.sample(step)
     assert batch.indices.shape == batch.mask.shape
     assert len(batch.mask) in sampler.shapes
-    assert batch.mask.sum() == batch.size and batch.mask[:batch.size].all()
+    assert batch.mask.sum() == batch.size and batch.mask[: batch.size].all()
     assert np.all(batch.indices[~batch.mask] == 0)
     assert np.all(batch.indices[batch.mask] < 10_000)
     seen.add(len(batch.mask))
@@ -83,16 +88,25 @@ def test_untruncated_overflow_gets_a_bigger_shape_not_a_truncation():
   assert batch.size > 64 and len(batch.mask) == -(-batch.size // 32) * 32
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     ({"dataset_size": 0, "expected_batch_size": 1}, r"dataset_size must be an integer in \[1\]"),
-    ({"dataset_size": 10, "expected_batch_size": 11},
-     r"expected_batch_size must be in \(0, dataset_size=10\]"),
+    (
+      {"dataset_size": 10, "expected_batch_size": 11},
+      r"expected_batch_size must be in \(0, dataset_size=10\]",
+    ),
     ({"dataset_size": 10, "expected_batch_size": 0}, "expected_batch_size must be a finite"),
-    ({"dataset_size": 10, "expected_batch_size": 2, "max_batch_size": 11},
-     r"max_batch_size must be an integer in \[1, 10\]"),
-    ({"dataset_size": 100, "expected_batch_size": 2, "batch_size_multiple": 4, "shapes": (6,)},
-     "shapes must be multiples of batch_size_multiple=4"),
-])
+    (
+      {"dataset_size": 10, "expected_batch_size": 2, "max_batch_size": 11},
+      r"max_batch_size must be an integer in \[1, 10\]",
+    ),
+    (
+      {"dataset_size": 100, "expected_batch_size": 2, "batch_size_multiple": 4, "shapes": (6,)},
+      "shapes must be multiples of batch_size_multiple=4",
+    ),
+  ],
+)
 def test_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):
     PoissonSampler(key=KEYS[0], **kwargs)
@@ -102,8 +116,9 @@ def test_single_shape_keeps_only_the_largest_default_shape():
   full = PoissonSampler(10_000, 64, key=KEYS[0], batch_size_multiple=8)
   single = PoissonSampler(10_000, 64, key=KEYS[0], batch_size_multiple=8, shapes="single")
   assert single.shapes == (full.shapes[-1],)
-  np.testing.assert_array_equal(single.sample(3).indices[single.sample(3).mask],
-                                full.sample(3).indices[full.sample(3).mask])
+  np.testing.assert_array_equal(
+    single.sample(3).indices[single.sample(3).mask], full.sample(3).indices[full.sample(3).mask]
+  )
 
 
 def test_short_or_integer_keys_are_refused():

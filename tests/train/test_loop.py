@@ -40,13 +40,14 @@ def tiny(token_cache, **overrides):
 def tensorboard_scalars(logdir):
   """{tag: [(step, value)]} read back from the TFRecord event files."""
   from tensorboardX.proto import event_pb2
+
   scalars = {}
   for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
     data = path.read_bytes()
     offset = 0
     while offset < len(data):
-      length = int.from_bytes(data[offset:offset + 8], "little")
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      length = int.from_bytes(data[offset : offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
       offset += 16 + length
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -55,9 +56,19 @@ def tensorboard_scalars(logdir):
 
 def run_main(workdir, *args, timeout=300):
   return subprocess.run(
-      [sys.executable, "-m", "dpjax.main", "--config=experiments/sst2.py:tiny",
-       f"--workdir={workdir}", *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    [
+      sys.executable,
+      "-m",
+      "dpjax.main",
+      "--config=experiments/sst2.py:tiny",
+      f"--workdir={workdir}",
+      *args,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
@@ -66,12 +77,13 @@ def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
   assert on_disk == json.loads(json.dumps(summary))
   n, b = summary["dataset_size"], 64
   assert 400 < n < 640 and summary["sampling_prob"] == pytest.approx(b / n)
-  assert summary["delta"] == pytest.approx(n ** -1.1)
+  assert summary["delta"] == pytest.approx(n**-1.1)
   assert summary["steps"] == 16 and summary["accountant"] == "pld"
   assert 0.99 * 8.0 <= summary["epsilon"] <= 8.0
   # ε is the ledger's: recompute it from (q, σ, steps) with dp_accounting.
-  assert summary["epsilon"] == pytest.approx(privacy.compute_epsilon(
-      summary["noise_multiplier"], b / n, 16, summary["delta"]), rel=1e-9)
+  assert summary["epsilon"] == pytest.approx(
+    privacy.compute_epsilon(summary["noise_multiplier"], b / n, 16, summary["delta"]), rel=1e-9
+  )
   assert summary["eval"]["count"] == 64 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
   assert len(summary["params_sha256"]) == 64 and summary["params_global_norm"] > 0
   assert not summary["stopped_by_budget"] and not summary["preempted"]
@@ -80,8 +92,9 @@ def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
     assert private not in summary
   assert summary["guarantee"].startswith("(epsilon, delta)-DP for add/remove")
   assert summary["neighboring_relation"] == "add_or_remove_one" and "N" in summary["public"]
-  assert summary["epsilon_replace_one"] == pytest.approx(_replace_one_epsilon(
-      summary["noise_multiplier"], b / n, 16, summary["delta"]), rel=1e-9)
+  assert summary["epsilon_replace_one"] == pytest.approx(
+    _replace_one_epsilon(summary["noise_multiplier"], b / n, 16, summary["delta"]), rel=1e-9
+  )
   assert summary["epsilon_replace_one"] > summary["epsilon"]
   assert summary["noise"]["max_abs_normal"] > 11 and summary["noise"]["tail_probability"] < 1e-12
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -103,10 +116,15 @@ def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
 def _replace_one_epsilon(sigma, q, steps, delta):
   import dp_accounting
   from dp_accounting.pld import pld_privacy_accountant
-  acc = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE,
-                                             value_discretization_interval=1e-4)
-  acc.compose(dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+
+  acc = pld_privacy_accountant.PLDAccountant(
+    dp_accounting.NeighboringRelation.REPLACE_ONE, value_discretization_interval=1e-4
+  )
+  acc.compose(
+    dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
+  )
   return acc.get_epsilon(delta)
 
 
@@ -121,9 +139,20 @@ def test_sigkill_then_resume_gives_identical_params_and_epsilon(tmp_path, token_
 
   killed_dir = tmp_path / "b"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "dpjax.main", "--config=experiments/sst2.py:tiny",
-       f"--workdir={killed_dir}", *steps, cache, evals],
-      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    [
+      sys.executable,
+      "-m",
+      "dpjax.main",
+      "--config=experiments/sst2.py:tiny",
+      f"--workdir={killed_dir}",
+      *steps,
+      cache,
+      evals,
+    ],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     ckpts = killed_dir / "checkpoints"
@@ -145,10 +174,22 @@ def test_sigkill_then_resume_gives_identical_params_and_epsilon(tmp_path, token_
 
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, token_cache):
   proc = subprocess.Popen(
-      [sys.executable, "-m", "dpjax.main", "--config=experiments/sst2.py:tiny",
-       f"--workdir={tmp_path}", "--config.train.steps=400", "--config.train.checkpoint_every_steps=0",
-       f"--config.data.cache_dir={token_cache}", "--config.data.eval_limit=64"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    [
+      sys.executable,
+      "-m",
+      "dpjax.main",
+      "--config=experiments/sst2.py:tiny",
+      f"--workdir={tmp_path}",
+      "--config.train.steps=400",
+      "--config.train.checkpoint_every_steps=0",
+      f"--config.data.cache_dir={token_cache}",
+      "--config.data.eval_limit=64",
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   deadline = time.time() + 240
   while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
     time.sleep(0.05)
@@ -162,7 +203,8 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, token_cache):
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous_never_to_a_fresh_ledger(
-    tmp_path, token_cache):
+  tmp_path, token_cache
+):
   fixed = {"dp.noise_multiplier": 0.7, "dp.epsilon": 50.0}
   loop.train_and_evaluate(tiny(token_cache, **fixed, **{"train.steps": 16}), tmp_path)
   for f in (tmp_path / "checkpoints" / "16").rglob("*"):
@@ -175,9 +217,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_never_to_a_fresh_ledge
   q = 64 / summary["dataset_size"]
   assert summary["steps"] == 20 and summary["ledger_steps"] == 24
   assert summary["epsilon"] == pytest.approx(
-      privacy.compute_epsilon(0.7, q, 24, summary["delta"]), rel=1e-9)
+    privacy.compute_epsilon(0.7, q, 24, summary["delta"]), rel=1e-9
+  )
   assert (tmp_path / "checkpoints_unreadable" / "16").is_dir()  # Kept aside, not deleted.
-  journal = [json.loads(l) for l in (tmp_path / "privacy_journal.jsonl").read_text().splitlines()]
+  journal_text = (tmp_path / "privacy_journal.jsonl").read_text()
+  journal = [json.loads(line) for line in journal_text.splitlines()]
   assert {(r["attempt"], r["start"]) for r in journal} == {(0, 0), (1, 12)}
   assert max(r["step"] for r in journal if r["attempt"] == 0) == 16
   meta = json.loads((tmp_path / "checkpoints" / "20" / "meta" / "metadata").read_text())
@@ -196,27 +240,40 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_never_to_a_fresh_ledge
 
 
 def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_cache):
-  c = tiny(token_cache, **{"dp.noise_multiplier": 0.8, "dp.epsilon": 3.0, "train.steps": 60,
-                           "train.private_metrics": True})
+  c = tiny(
+    token_cache,
+    **{
+      "dp.noise_multiplier": 0.8,
+      "dp.epsilon": 3.0,
+      "train.steps": 60,
+      "train.private_metrics": True,
+    },
+  )
   summary = loop.train_and_evaluate(c, tmp_path)
   # Asked for, the private batch statistics go to their own file, tag and plot, labelled.
-  private = [json.loads(l) for l in (tmp_path / "private_metrics.jsonl").read_text().splitlines()]
+  private_text = (tmp_path / "private_metrics.jsonl").read_text()
+  private = [json.loads(line) for line in private_text.splitlines()]
   assert {r["split"] for r in private} == {"train", "run"} and private[-1]["examples_seen"] > 0
-  public = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  public = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert not any("loss" in r and r["split"] != "eval" for r in public)
-  assert any(t.startswith("private_not_covered_by_dp/") for t in tensorboard_scalars(
-      tmp_path / "tensorboard"))
+  assert any(
+    t.startswith("private_not_covered_by_dp/")
+    for t in tensorboard_scalars(tmp_path / "tensorboard")
+  )
   assert "private_loss.png" in {p.name for p in report.write_plots(tmp_path)}
   assert summary["stopped_by_budget"] and 0 < summary["steps"] < 60
   assert summary["epsilon"] <= 3.0
-  one_more = privacy.compute_epsilon(0.8, summary["sampling_prob"], summary["steps"] + 1,
-                                    summary["delta"])
+  one_more = privacy.compute_epsilon(
+    0.8, summary["sampling_prob"], summary["steps"] + 1, summary["delta"]
+  )
   assert one_more > 3.0  # It stopped at the last step that fits, not earlier.
   with pytest.raises(ConfigError, match="target epsilon 3 is already spent"):
     loop.train_and_evaluate(c, tmp_path)
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--config.dp.epsilonn=3"], "epsilonn"),
     (["--config.train.batch_size=abc"], "batch_size"),
     (["--config.dp.epsilon=-1"], "config.dp.epsilon must be a number > 0"),
@@ -225,11 +282,13 @@ def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_c
     (["--config.data.train_fraction=1.5"], "config.data.train_fraction must be a number in (0, 1]"),
     (["--config.data.train_limit=5"], "train_limit"),
     (["--config.dp.insecure_fixed_noise_seed=-3"], "dp.insecure_fixed_noise_seed must be None"),
-])
+  ],
+)
 def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
   result = run_main(tmp_path / "w", *args, timeout=120)
   assert result.returncode == 2, result.stderr[-1000:]
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:") or "Error" in l]
+  stderr_lines = result.stderr.splitlines()
+  lines = [line for line in stderr_lines if line.startswith("error:") or "Error" in line]
   assert len(lines) == 1 and message in lines[0], result.stderr[-1000:]
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()
@@ -256,7 +315,9 @@ def test_workdir_of_another_config_and_unwritable_workdir_are_refused(tmp_path, 
 def test_lora_targets_choose_the_adapted_modules():
   import numpy as np
   from flax import traverse_util
-  from dpjax.train import builders, config as config_lib
+
+  from dpjax.train import builders
+  from dpjax.train import config as config_lib
 
   c = sst2.get_config("tiny")
   c.model.train = "lora"
@@ -264,12 +325,19 @@ def test_lora_targets_choose_the_adapted_modules():
   config_lib.validate(c)
   backbone, _, _, _ = builders.backbone_for(c)
   model = builders.task_model(c, backbone, None)
-  batch = {"input_ids": np.ones((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32),
-           "token_type_ids": np.zeros((1, 8), np.int32), "label": np.zeros(1, np.int32)}
+  batch = {
+    "input_ids": np.ones((1, 8), np.int32),
+    "attention_mask": np.ones((1, 8), np.int32),
+    "token_type_ids": np.zeros((1, 8), np.int32),
+    "label": np.zeros(1, np.int32),
+  }
   trainable, frozen = builders.init_params(c, model, batch, None, {})
   adapted = {p.rsplit("/", 1)[0] for p in traverse_util.flatten_dict(trainable, sep="/")}
-  assert adapted == {"backbone/encoder/layer_1/attention/self/query",
-                     "backbone/encoder/layer_1/intermediate/dense", "head"}
+  assert adapted == {
+    "backbone/encoder/layer_1/attention/self/query",
+    "backbone/encoder/layer_1/intermediate/dense",
+    "head",
+  }
   assert "lora_a" not in str(traverse_util.flatten_dict(frozen, sep="/").keys())
   c.model.lora_targets = ("no_such_module",)
   with pytest.raises(ConfigError, match=r"config.model.lora_targets must match at least one"):
@@ -284,16 +352,21 @@ def test_every_sst2_variant_is_valid_and_its_adapters_exist_in_minilm(variant):
   import jax
   import numpy as np
   from flax import traverse_util
+
   from dpjax.models import bert
-  from dpjax.train import builders, config as config_lib
+  from dpjax.train import builders
+  from dpjax.train import config as config_lib
 
   c = sst2.get_config(variant)
   config_lib.validate(c)
   if c.model.train != "lora":
     return
   model = builders.task_model(c, bert.BertConfig(), None)  # the defaults are MiniLM's shape
-  batch = {"input_ids": np.ones((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32),
-           "token_type_ids": np.zeros((1, 8), np.int32)}
+  batch = {
+    "input_ids": np.ones((1, 8), np.int32),
+    "attention_mask": np.ones((1, 8), np.int32),
+    "token_type_ids": np.zeros((1, 8), np.int32),
+  }
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))["params"]
   adapted = sorted(p[:-1] for p in traverse_util.flatten_dict(shapes) if p[-1] == "lora_a")
   layers = {p[2] for p in adapted}
@@ -307,6 +380,7 @@ def test_evaluate_equals_scoring_one_example_at_a_time(tmp_path):
   """Length-sorted, padded eval batches give the same sums as each example alone."""
   import numpy as np
   import optax
+
   from dpjax.models import lora
   from dpjax.train import builders
 
@@ -324,7 +398,9 @@ def test_evaluate_equals_scoring_one_example_at_a_time(tmp_path):
   for i in range(len(split)):
     example = split.batch(np.array([i]))
     logits = model.apply({"params": params}, example)
-    losses.append(float(optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])[0]))
+    losses.append(
+      float(optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])[0])
+    )
     correct.append(float(np.argmax(logits[0]) == example["label"][0]))
   for batch_size in (3, 8, 64):
     result = loop.evaluate(params, model, split, batch_size)
@@ -338,12 +414,21 @@ def test_evaluate_cli_scores_a_labelled_file(tmp_path, token_cache):
   loop.train_and_evaluate(tiny(token_cache, **{"train.steps": 4}), workdir)
   data = tmp_path / "mine.tsv"
   data.write_text("sentence\tlabel\na wonderful film\t1\na dull , lifeless mess\t0\nfine\t1\n")
-  result = subprocess.run([sys.executable, "-m", "dpjax.evaluate", f"--workdir={workdir}",
-                           f"--data={data}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-m", "dpjax.evaluate", f"--workdir={workdir}", f"--data={data}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   scores = json.loads(result.stdout.strip().splitlines()[-1])
   assert scores["count"] == 3 and scores["step"] == 4 and 0 <= scores["accuracy"] <= 1
-  bad = subprocess.run([sys.executable, "-m", "dpjax.evaluate", f"--workdir={tmp_path / 'none'}",
-                        f"--data={data}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    [sys.executable, "-m", "dpjax.evaluate", f"--workdir={tmp_path / 'none'}", f"--data={data}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode == 2 and bad.stderr.startswith("error:")

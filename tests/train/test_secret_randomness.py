@@ -1,4 +1,7 @@
-"""The randomness of a run is secret: fresh per run, only in checkpoints, re-keyed on unsafe resume."""
+"""The randomness of a run is secret: fresh per run, only in checkpoints.
+
+A resume that may repeat a step's noise on other gradients re-keys it.
+"""
 
 import base64
 import json
@@ -8,7 +11,8 @@ import numpy as np
 import pytest
 
 from dpjax.privacy.secret import RunSecret
-from dpjax.train import builders, journal as journal_lib, loop
+from dpjax.train import builders, loop
+from dpjax.train import journal as journal_lib
 from experiments import sst2
 
 
@@ -47,9 +51,14 @@ def _forms(secret: RunSecret) -> list[bytes]:
   values = [secret.value, secret.noise_key(0).tobytes(), secret.sampling_key(0)]
   forms = []
   for value in values:
-    forms += [value, value.hex().encode(), value.hex().upper().encode(),
-              str(int.from_bytes(value, "little")).encode(),
-              str(int.from_bytes(value, "big")).encode(), base64.b64encode(value)]
+    forms += [
+      value,
+      value.hex().encode(),
+      value.hex().upper().encode(),
+      str(int.from_bytes(value, "little")).encode(),
+      str(int.from_bytes(value, "big")).encode(),
+      base64.b64encode(value),
+    ]
   forms += [str(int(w)).encode() for w in secret.noise_key(0)]  # each 32-bit word
   return forms
 
@@ -70,12 +79,15 @@ def test_secret_is_in_checkpoints_only(runs):
       assert form not in data, f"{path} holds a form of the run secret"
   assert scanned >= 5  # config.json, summary.json, metrics, journal, tensorboard, token cache
   # The checkpoint does hold it (needed for an exact resume).
-  assert secret.value.hex().encode() in (
-      workdir / "checkpoints" / "4" / "meta" / "metadata").read_bytes()
+  assert (
+    secret.value.hex().encode()
+    in (workdir / "checkpoints" / "4" / "meta" / "metadata").read_bytes()
+  )
 
 
 def test_exported_model_has_no_secret_and_no_private_statistic(runs, tmp_path):
   from dpjax import export  # pylint: disable=import-outside-toplevel
+
   workdir, _ = runs["fresh_a"]
   meta = json.loads((workdir / "checkpoints" / "4" / "meta" / "metadata").read_text())
   forms = _forms(RunSecret.from_checkpoint(meta["secret"]))
@@ -105,16 +117,26 @@ def test_subset_of_a_file_changes_by_at_most_the_removed_row(tmp_path):
   assert 240 < len(full) < 360
   removed_kept = 0
   for removed in range(0, 1000, 37):
-    smaller = kept(rows[:removed] + rows[removed + 1:])
+    smaller = kept(rows[:removed] + rows[removed + 1 :])
     assert smaller <= full and len(full - smaller) <= 1  # at most the removed row leaves
     removed_kept += len(full - smaller)
   assert removed_kept > 0  # some removed rows were in the subset (the check is not vacuous)
 
 
 def _record(attempt, start, step, fingerprint="f"):
-  return {"attempt": attempt, "start": start, "step": step, "fingerprint": fingerprint,
-          "segment": {"sampling_prob": 0.1, "noise_multiplier": 1.0, "dataset_size": 100,
-                      "max_batch_size": None, "steps": 0}}
+  return {
+    "attempt": attempt,
+    "start": start,
+    "step": step,
+    "fingerprint": fingerprint,
+    "segment": {
+      "sampling_prob": 0.1,
+      "noise_multiplier": 1.0,
+      "dataset_size": 100,
+      "max_batch_size": None,
+      "steps": 0,
+    },
+  }
 
 
 def _journal(tmp_path, records):

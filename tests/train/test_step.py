@@ -9,8 +9,8 @@ import optax
 
 from dpjax import privacy
 from dpjax.models import bert, heads
-from dpjax.train import step as step_lib
 from dpjax.privacy.secret import RunSecret
+from dpjax.train import step as step_lib
 from tests import tiny_models
 
 CONFIG = bert.BertConfig(**tiny_models.TINY_BERT_SHAPE)
@@ -23,10 +23,15 @@ def setup(dropout=0.0, sigma=0.0):
   cfg = bert.BertConfig(**{**CONFIG.__dict__, "hidden_dropout_prob": dropout})
   model = heads.SequenceClassifier(cfg, 2, "mean")
   params = model.init(jax.random.PRNGKey(0), batch(1, 4, 0))["params"]
-  grad_fn = privacy.clipped_grad(heads.classification_loss(model), 0.5, microbatch_size=2,
-                                 has_aux=True)
-  tx = optax.chain(privacy.gaussian_privatizer(sigma, grad_fn.sensitivity, 8.0, key=RunSecret.insecure_fixed(3).noise_key()),
-                   optax.sgd(1.0))
+  grad_fn = privacy.clipped_grad(
+    heads.classification_loss(model), 0.5, microbatch_size=2, has_aux=True
+  )
+  tx = optax.chain(
+    privacy.gaussian_privatizer(
+      sigma, grad_fn.sensitivity, 8.0, key=RunSecret.insecure_fixed(3).noise_key()
+    ),
+    optax.sgd(1.0),
+  )
   state = step_lib.TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
   return state, grad_fn, tx
 
@@ -53,10 +58,14 @@ def test_dropout_keys_are_per_example_and_reproducible():
   state, grad_fn, tx = setup(dropout=0.3)
   data = (batch(4, 6, 1),)
   masks = (np.ones(4, bool),)
-  run = lambda seed: jax.jit(functools.partial(step_lib.train_step, grad_fn=grad_fn, tx=tx,
-                                               dropout_seed=seed))(state, data, masks)[0].params
+  run = lambda seed: (
+    jax.jit(functools.partial(step_lib.train_step, grad_fn=grad_fn, tx=tx, dropout_seed=seed))(
+      state, data, masks
+    )[0].params
+  )
   plain = jax.jit(functools.partial(step_lib.train_step, grad_fn=grad_fn, tx=tx))(
-      state, data, masks)[0].params
+    state, data, masks
+  )[0].params
   leaves = lambda p: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(p)])
   np.testing.assert_array_equal(leaves(run(5)), leaves(run(5)))
   assert not np.allclose(leaves(run(5)), leaves(run(6)))
@@ -70,8 +79,9 @@ def test_nonprivate_gradient_is_the_plain_sum_over_real_examples():
   data = batch(6, 4, 3)
   mask = np.array([1, 1, 1, 0, 0, 0], bool)  # The last microbatch is all padding (skipped).
   got, aux = jax.jit(step_lib.nonprivate_grad(loss_fn, microbatch_size=2))(state.params, data, mask)
-  total = lambda p: sum(loss_fn(p, jax.tree_util.tree_map(lambda x: x[i], data))[0]
-                        for i in range(3))
+  total = lambda p: sum(
+    loss_fn(p, jax.tree_util.tree_map(lambda x: x[i], data))[0] for i in range(3)
+  )
   want = jax.grad(total)(state.params)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
