@@ -2,13 +2,15 @@
 
     python -m dpjax.evaluate --workdir=DIR --data=FILE.tsv [--batch_size=64]
 
-Prints JSON: accuracy, loss, count, the checkpoint step and the run's ε.
+Prints JSON: accuracy, loss, count, the checkpoint step, and the run's ε and δ (from
+the checkpoint's ledger and plan, as ``summary.json`` states them).
 Evaluation touches only the given file (and the public pretrained weights).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from absl import app, flags
 from dpjax import privacy
 from dpjax.data import DataError
 from dpjax.models.pretrained import CheckpointError
-from dpjax.train import builders, loop
+from dpjax.train import splits
+from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
 from dpjax.trained import load_trained
 
@@ -30,15 +33,21 @@ def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> di
   """Restores the latest checkpoint of ``workdir`` and evaluates it on ``data``."""
   trained = load_trained(workdir)
   c = trained.config
-  split = builders.load_split(data, trained.tokenizer, c, None)
-  result = loop.evaluate(trained.params, trained.model, split, batch_size)
+  split = splits.load_split(data, trained.tokenizer, c, None)
+  result = task_lib.evaluate(trained.params, trained.model, split, batch_size)
+  plan = trained.mechanism
+  if "delta" not in plan:
+    raise ConfigError(f"{workdir}'s checkpoint does not state its privacy plan (delta)")
   ledger = privacy.PrivacyLedger.from_dict(trained.ledger)
-  delta = c.dp.delta or privacy.default_delta(ledger.dataset_size or 2)
+  # ε and δ exactly as the run reports them: the ledger at the run's own δ.
+  epsilon = ledger.epsilon(plan["delta"]) if ledger.steps else 0.0
   result.update(
     {
       "step": trained.step,
       "data": data,
-      "epsilon": ledger.epsilon(delta) if c.dp.enabled else "inf",
+      "epsilon": epsilon if math.isfinite(epsilon) else str(epsilon),
+      "delta": plan["delta"],
+      "guarantee": plan.get("guarantee"),
     }
   )
   return result

@@ -114,31 +114,32 @@ def broadcast_bytes(value: bytes) -> bytes:
 # ----------------------------------------------------------------------------- mesh
 
 
-def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, int]:
-  """Resolves (data, fsdp) for ``num_devices``; at most one of them may be -1 (= the rest)."""
+def mesh_shape(num_devices: int, data: int | None = None, fsdp: int | None = 1) -> tuple[int, int]:
+  """Resolves (data, fsdp) for ``num_devices``; at most one may be None (= the rest)."""
   for name, value in (("data", data), ("fsdp", fsdp)):
-    if not isinstance(value, int) or isinstance(value, bool) or not (value == -1 or value >= 1):
-      raise ParallelError(f"config.parallel.{name} must be -1 or an integer >= 1 (got {value!r})")
-  if data == -1 and fsdp == -1:
-    raise ParallelError("config.parallel.data and config.parallel.fsdp cannot both be -1")
-  if data == -1 or fsdp == -1:
-    known = fsdp if data == -1 else data
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+      raise ParallelError(f"{name} must be None or an integer >= 1 (got {value!r})")
+  if data is None and fsdp is None:
+    raise ParallelError("fsdp must be an integer >= 1 when data is None (got None)")
+  if data is None or fsdp is None:
+    known = fsdp if data is None else data
     if num_devices % known:
       raise ParallelError(
-        f"config.parallel.{'fsdp' if data == -1 else 'data'} must divide the "
-        f"{num_devices} devices (got {known})"
+        f"{'fsdp' if data is None else 'data'} must divide the {num_devices} devices (got {known})"
       )
     rest = num_devices // known
-    return (rest, fsdp) if data == -1 else (data, rest)
+    return (rest, fsdp) if data is None else (data, rest)
   if data * fsdp != num_devices:
     raise ParallelError(
-      f"config.parallel.data * config.parallel.fsdp must equal the {num_devices} "
-      f"devices (got {data} * {fsdp})"
+      f"data must be {num_devices} // fsdp so that data * fsdp is the {num_devices} devices "
+      f"(got data={data}, fsdp={fsdp})"
     )
   return data, fsdp
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+  data: int | None = None, fsdp: int | None = 1, devices: Sequence[Any] | None = None
+) -> Mesh:
   """A ``("data", "fsdp")`` mesh over ``devices`` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(len(devices), data, fsdp)
@@ -174,8 +175,7 @@ def parse_rules(rules: Sequence[str | Rule]) -> list[Rule]:
     if isinstance(rule, str):
       if "=" not in rule:
         raise ParallelError(
-          f"config.parallel.rules entry {rule!r} must look like 'REGEX=SPEC', "
-          "e.g. 'word_embeddings=fsdp,None'"
+          f"rules entry {rule!r} must look like 'REGEX=SPEC', e.g. 'word_embeddings=fsdp,None'"
         )
       regex, spec = rule.rsplit("=", 1)
       rule = (regex, parse_spec(spec))
@@ -183,7 +183,7 @@ def parse_rules(rules: Sequence[str | Rule]) -> list[Rule]:
     try:
       re.compile(regex)
     except re.error as err:
-      raise ParallelError(f"config.parallel.rules: bad regex {regex!r} ({err})") from None
+      raise ParallelError(f"rules entry has a bad regex {regex!r} ({err})") from None
     parsed.append((regex, spec))
   return parsed
 

@@ -17,11 +17,12 @@ from typing import Any
 
 import flax.linen as nn
 import ml_collections
-import numpy as np
 import tokenizers
 
 from dpjax.models import lora
-from dpjax.train import builders, checkpoint
+from dpjax.train import checkpoint, optimizer
+from dpjax.train import config as config_lib
+from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
 
 PyTree = Any
@@ -39,6 +40,8 @@ class Trained:
     step: the checkpoint's step.
     tokenizer: the tokenizer the run encoded its data with.
     ledger: the privacy ledger saved with the checkpoint (``PrivacyLedger.to_dict``).
+    mechanism: the run's plan as the checkpoint stated it (``Mechanism.public_facts``):
+      δ, σ, q, the accountant and the budget.
   """
 
   config: ml_collections.ConfigDict
@@ -47,6 +50,7 @@ class Trained:
   step: int
   tokenizer: tokenizers.Tokenizer
   ledger: dict[str, Any]
+  mechanism: dict[str, Any]
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -64,32 +68,6 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     raise ConfigError(f"{config_file} is not a dpjax config: {err}") from None
 
 
-def label_word_ids(
-  c: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer
-) -> tuple[int, ...] | None:
-  """The token id of each label word (as the data layer computes it); None for ``classify``."""
-  template = builders.template_for(c)
-  if template is None:
-    return None
-  try:
-    return template.label_word_ids(tokenizer)
-  except ValueError as err:
-    raise ConfigError(f"config.data.label_words: {err}") from None
-
-
-def example_batch(c: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """A one-row batch with every input the task model reads (for ``init``: shapes only)."""
-  ids = np.zeros((1, 2), np.int32)
-  batch = {
-    "input_ids": ids,
-    "attention_mask": np.ones_like(ids),
-    "token_type_ids": np.zeros_like(ids),
-  }
-  if c.model.task == "label_words":
-    batch["mask_position"] = np.zeros((1,), np.int32)
-  return batch
-
-
 def _restore(
   workdir: Path, c: ml_collections.ConfigDict, trainable: PyTree
 ) -> tuple[Any, dict[str, Any]]:
@@ -102,7 +80,9 @@ def _restore(
     raise ConfigError(f"{workdir} has no checkpoint yet")
   ckpts = checkpoint.Checkpoints(workdir, c.train.keep_checkpoints)
   try:
-    restored = ckpts.restore_latest(builders.abstract_state(c, trainable))
+    restored = ckpts.restore_latest(
+      optimizer.abstract_state(config_lib.mechanism_spec(c), c, trainable)
+    )
   finally:
     ckpts.close()
   if restored is None:
@@ -119,15 +99,14 @@ def load_trained(workdir: str | Path) -> Trained:
   """
   workdir = Path(workdir)
   c = read_config(workdir)
-  backbone, backbone_params, head_params, tokenizer = builders.backbone_for(c)
-  model = builders.task_model(c, backbone, label_word_ids(c, tokenizer))
-  trainable, frozen = builders.init_params(c, model, example_batch(c), backbone_params, head_params)
-  state, meta = _restore(workdir, c, trainable)
+  task = task_lib.build(c)
+  state, meta = _restore(workdir, c, task.trainable)
   return Trained(
     config=c,
-    model=model,
-    params=lora.combine(state.params, frozen),
+    model=task.model,
+    params=lora.combine(state.params, task.frozen),
     step=int(meta["step"]),
-    tokenizer=tokenizer,
+    tokenizer=task.tokenizer,
     ledger=meta["ledger"],
+    mechanism=meta.get("mechanism", {}),
   )

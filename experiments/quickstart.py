@@ -53,44 +53,42 @@ def run(
     logits = model.apply({"params": params}, example["x"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
 
-  delta = privacy.default_delta(n)
-  secret = RunSecret.fresh()  # the noise and the sample must be unpredictable
-  sampler = privacy.PoissonSampler(
-    n, expected_batch_size, key=secret.sampling_key(), batch_size_multiple=50
+  # One object owns the mechanism: δ = N^-1.1, σ calibrated to the target, the clip rule,
+  # the sampler, the privatizer and the accounting, all keyed by a fresh OS-entropy secret.
+  spec = privacy.MechanismSpec(
+    clip=privacy.FlatClip(clip_norm), target_epsilon=target_epsilon, microbatch_size=50
   )
-  steps = epochs * privacy.steps_per_epoch(n, expected_batch_size)
-  sigma = privacy.calibrate_noise(
-    target_epsilon, delta, sampler.sampling_prob, steps, dataset_size=n
-  )
-  grad_fn = privacy.clipped_grad(loss_fn, clip_norm, microbatch_size=50)
-  tx = optax.chain(
-    privacy.gaussian_privatizer(
-      sigma, grad_fn.sensitivity, expected_batch_size, key=secret.noise_key()
-    ),
-    optax.sgd(learning_rate, momentum=0.9),
-  )
+  mechanism = privacy.make_mechanism(
+    spec,
+    dataset_size=n,
+    expected_batch_size=expected_batch_size,
+    steps=privacy.steps_for_epochs(epochs, n, expected_batch_size),
+  ).keyed(RunSecret.fresh())
+  sampler = mechanism.sampler(batch_size_multiple=50)
+  grad_fn = mechanism.grad_fn(loss_fn, has_aux=False)
+  tx = optax.chain(mechanism.privatizer(), optax.sgd(learning_rate, momentum=0.9))
   opt_state = tx.init(params)
 
   @jax.jit
   def train_step(params, opt_state, batch, mask):
-    grads, aux = grad_fn(params, batch, mask)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    grads, aux = grad_fn(params, batch, mask)  # clipped sum
+    updates, opt_state = tx.update(grads, opt_state, params)  # + noise once, / B, SGD
     return optax.apply_updates(params, updates), opt_state, aux
 
-  ledger = privacy.PrivacyLedger()
-  for step in range(steps):
+  ledger = mechanism.empty_ledger()
+  for step in range(mechanism.steps):
     sample = sampler.sample(step)
     batch = jax.tree_util.tree_map(lambda a: a[sample.indices], train)
     params, opt_state, aux = train_step(params, opt_state, batch, sample.mask)
     privacy.check_finite(aux, step)
-    ledger = ledger.record(sampler.segment(sigma))
+    ledger = mechanism.record(ledger)
 
   logits = model.apply({"params": params}, test["x"])
   accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test["y"]))
   return {
-    "epsilon": ledger.epsilon(delta),
-    "delta": delta,
-    "noise_multiplier": sigma,
+    "epsilon": mechanism.epsilon(ledger),
+    "delta": mechanism.delta,
+    "noise_multiplier": mechanism.noise_multiplier,
     "steps": ledger.steps,
     "test_accuracy": accuracy,
   }

@@ -18,9 +18,10 @@ from dpjax.privacy.clipping import (
   clip_and_sum,
   clip_per_example,
 )
+from dpjax.privacy.mechanism import Mechanism, MechanismSpec, make_mechanism
 from dpjax.privacy.noise import gaussian_privatizer
 from dpjax.privacy.per_example import ClippedGradAux, check_finite, clipped_grad
-from dpjax.privacy.sampling import PoissonSampler, SampledBatch, steps_per_epoch
+from dpjax.privacy.sampling import PoissonSampler, SampledBatch, steps_for_epochs, steps_per_epoch
 
 __all__ = [
   "AutomaticClip",
@@ -40,5 +41,9 @@ __all__ = [
   "compute_epsilon",
   "default_delta",
   "gaussian_privatizer",
+  "make_mechanism",
+  "Mechanism",
+  "MechanismSpec",
+  "steps_for_epochs",
   "steps_per_epoch",
 ]

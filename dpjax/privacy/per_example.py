@@ -21,6 +21,7 @@ supports it and vmap otherwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -195,6 +196,50 @@ class ClippedGradFn:
     if not isinstance(aux.nonfinite_count, jax.core.Tracer):
       check_finite(aux)  # Called eagerly: fail right here.
     return grads, aux
+
+
+def summed_grad(
+  loss_fn: Callable[..., Any], microbatch_size: int | None = None, has_aux: bool = False
+) -> Callable[..., tuple[PyTree, ClippedGradAux]]:
+  """``(params, batch, mask) -> (gradient SUM, aux)`` without clipping: the non-private baseline.
+
+  One batched backward pass per microbatch (no per-example gradients). The aux
+  has the fields of :func:`clipped_grad`'s: ``norms`` are not computed (zeros),
+  nothing is clipped, and ``sensitivity`` is inf (an unclipped sum has no bound).
+  """
+  if not callable(loss_fn):
+    raise ValueError(f"loss_fn must be callable (got {loss_fn!r})")
+
+  def total_loss(params, batch, mask):
+    out = jax.vmap(lambda ex: loss_fn(params, ex))(batch)
+    losses, loss_aux = out if has_aux else (out, None)
+    losses = jnp.where(mask, losses, 0.0)
+    return jnp.sum(losses), (losses, loss_aux)
+
+  grad_total = jax.grad(total_loss, has_aux=True)
+
+  def fn(params, batch, mask=None):
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    mask = jnp.ones([size], bool) if mask is None else jnp.asarray(mask).astype(bool)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
+    total, (losses, loss_aux) = scan_microbatches(
+      lambda b, m: grad_total(params, b, m), batch, mask, microbatch_size or size, zeros
+    )
+    aux = ClippedGradAux(
+      losses=losses,
+      norms=jnp.zeros([size]),
+      clipped=jnp.zeros([size], bool),
+      mask=mask,
+      num_examples=jnp.sum(mask),
+      clipped_fraction=jnp.zeros([]),
+      nonfinite_count=jnp.sum(mask & ~jnp.isfinite(losses)),
+      loss_aux=loss_aux,
+      sensitivity=math.inf,
+    )
+    return total, aux
+
+  fn.sensitivity = math.inf
+  return fn
 
 
 def scan_microbatches(

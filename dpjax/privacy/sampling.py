@@ -191,6 +191,18 @@ class PoissonSampler:
     )
 
 
+def steps_for_epochs(epochs: float, dataset_size: int, expected_batch_size: float) -> int:
+  """The steps of ``epochs`` passes: floor(epochs·N/B + 1/2), at least 1.
+
+  Poisson sampling sees each example ``epochs`` times in expectation. Halves
+  round up (2.5 -> 3), unlike Python's ``round``.
+  """
+  _validation.require_non_negative("epochs", epochs)
+  _validation.require_int_in("dataset_size", dataset_size, 1)
+  _validation.require_positive("batch_size", expected_batch_size)
+  return max(1, int(math.floor(epochs * dataset_size / expected_batch_size + 0.5)))
+
+
 def steps_per_epoch(dataset_size: int, expected_batch_size: float) -> int:
-  """round(N / B): the number of Poisson steps that see each example once in expectation."""
-  return max(1, int(math.floor(dataset_size / expected_batch_size + 0.5)))
+  """The steps of one pass (:func:`steps_for_epochs` with one epoch)."""
+  return steps_for_epochs(1.0, dataset_size, expected_batch_size)

@@ -14,16 +14,32 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from dpjax import parallel
+from dpjax import parallel, privacy
+from dpjax.models import heads
 from dpjax.models import lora as lora_lib
+from dpjax.privacy import accounting, mechanism, per_example
 
+# Choices that belong to the training driver; the library's own (poolings, accountants,
+# backends) are imported from the modules that read them.
 CLIPS = ("flat", "per_layer", "automatic")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("linear", "constant")
 TASKS = ("classify", "label_words")
 TRAINS = ("all", "lora", "head")
 RESUME = ("same_config", "allow_changes")
-POOLINGS = ("cls", "mean", "pooler")
+
+# Library argument names -> the config keys they come from (for one-line errors).
+_KEY_OF_ARGUMENT = {
+  "batch_size": "train.batch_size",
+  "delta": "dp.delta",
+  "noise_multiplier": "dp.noise_multiplier",
+  "target_epsilon": "dp.epsilon",
+  "epsilon_budget": "dp.epsilon_budget",
+  "steps": "train.steps",
+  "data": "parallel.data",
+  "fsdp": "parallel.fsdp",
+  "rules": "parallel.rules",
+}
 
 
 class ConfigError(ValueError):
@@ -66,17 +82,23 @@ def default_config() -> ml_collections.ConfigDict:
   # fraction; the kept rows ARE the dataset (adding/removing a file row changes them by at
   # most that row)
   c.data.train_fraction = 1.0
-  c.data.eval_limit = 0
+  c.data.eval_limit = config_dict.placeholder(int)  # None: the whole eval split
   c.data.template = ""  # label_words: e.g. "{text} It was [MASK] ."
   c.data.label_words = ("terrible", "great")
   c.data.skip_bad_rows = False
-  c.data.cache_dir = ""  # tokenized-data cache; "" = <workdir>/token_cache
+  c.data.cache_dir = config_dict.placeholder(str)  # token cache; None: <workdir>/token_cache
 
   c.dp = ml_collections.ConfigDict()
-  c.dp.enabled = True
-  c.dp.epsilon = 8.0  # target ε; training never exceeds it
-  c.dp.delta = 0.0  # 0: N^-1.1
-  c.dp.noise_multiplier = -1.0  # <0: calibrated from epsilon; >=0: given, ε is reported
+  c.dp.enabled = True  # False: the non-private baseline (same loop, ε = inf)
+  # Target ε: σ is calibrated so that the planned steps spend exactly this much
+  # (not used when dp.noise_multiplier is given).
+  c.dp.epsilon = 8.0
+  # σ given instead of calibrated: ε is then reported, not targeted.
+  c.dp.noise_multiplier = config_dict.placeholder(float)
+  # Hard budget: training stops before ε would exceed it. None: dp.epsilon when σ is
+  # calibrated; no budget when σ is given.
+  c.dp.epsilon_budget = config_dict.placeholder(float)
+  c.dp.delta = config_dict.placeholder(float)  # None: N^-1.1; must be < 1/N
   c.dp.clip = "flat"  # flat | per_layer | automatic
   c.dp.clip_norm = 1.0
   c.dp.accountant = "pld"  # pld | rdp
@@ -89,7 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256  # expected (Poisson) batch size B
   c.train.epochs = 1.0
-  c.train.steps = 0  # >0 overrides epochs
+  c.train.steps = config_dict.placeholder(int)  # given: overrides epochs
   c.train.optimizer = "adamw"
   c.train.learning_rate = 1e-3
   c.train.weight_decay = 0.0
@@ -108,9 +130,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Devices: a ("data", "fsdp") mesh over all devices of all processes (dpjax.parallel).
   c.parallel = ml_collections.ConfigDict()
-  c.parallel.data = -1  # examples split this many ways; -1 = devices / fsdp
-  c.parallel.fsdp = 1  # params + optimizer state split this many ways (ZeRO-3)
-  c.parallel.fsdp_min_size = 2**14  # smaller arrays stay replicated
+  c.parallel.data = config_dict.placeholder(int)  # examples split this many ways; None: the rest
+  c.parallel.fsdp = 1  # params + optimizer state split this many ways (ZeRO-3); None: the rest
+  c.parallel.fsdp_min_size = parallel.DEFAULT_FSDP_MIN_SIZE  # smaller arrays stay replicated
   c.parallel.rules = ()  # "REGEX=SPEC" overrides, e.g. "word_embeddings=fsdp,None"
   return c
 
@@ -135,6 +157,19 @@ def _positive(c, key: str, allow_zero: bool = False, integer: bool = False) -> N
     raise _fail(key, value, f"{kind} {'>= 0' if allow_zero else '> 0'}")
 
 
+def _optional(c, key: str, check) -> None:
+  """Runs ``check(key)`` unless the value is None (a placeholder left unset)."""
+  if _get(c, key) is not None:
+    check(key)
+
+
+def _in_open_unit_interval(c, key: str) -> None:
+  value = _get(c, key)
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not number or not 0 < value < 1:
+    raise _fail(key, value, "in (0, 1), or None")
+
+
 def _get(c, key: str) -> Any:
   node = c
   for part in key.split("."):
@@ -147,7 +182,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive(c, "seed", allow_zero=True, integer=True)
   _one_of(c, "resume", RESUME)
   _one_of(c, "model.task", TASKS)
-  _one_of(c, "model.pooling", POOLINGS)
+  _one_of(c, "model.pooling", heads.POOLINGS)
   if c.model.train not in TRAINS:
     try:
       re.compile(c.model.train)
@@ -186,7 +221,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   fraction = c.data.train_fraction
   if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
     raise _fail("data.train_fraction", fraction, "a number in (0, 1]")
-  _positive(c, "data.eval_limit", allow_zero=True, integer=True)
+  _optional(c, "data.eval_limit", lambda key: _positive(c, key, integer=True))
   if c.model.task == "label_words":
     if "[MASK]" not in c.data.template and "<mask>" not in c.data.template:
       raise _fail(
@@ -200,18 +235,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
         tuple(c.data.label_words),
         f"one word per label (data.num_labels={c.data.num_labels})",
       )
+  if not isinstance(c.dp.enabled, bool):
+    raise _fail("dp.enabled", c.dp.enabled, "True or False")
   if c.dp.enabled:
     _positive(c, "dp.epsilon")
-    if c.dp.delta != 0 and not 0 < c.dp.delta < 1:
-      raise _fail("dp.delta", c.dp.delta, "in (0, 1), or 0 for dataset_size**-1.1")
+    if c.dp.epsilon > accounting.MAX_TARGET_EPSILON:
+      raise _fail(
+        "dp.epsilon",
+        c.dp.epsilon,
+        f"in (0, {accounting.MAX_TARGET_EPSILON:g}] (for no privacy, set dp.enabled=False)",
+      )
+    _optional(c, "dp.delta", lambda key: _in_open_unit_interval(c, key))
+    _optional(c, "dp.noise_multiplier", lambda key: _positive(c, key, allow_zero=True))
+    _optional(c, "dp.epsilon_budget", lambda key: _positive(c, key))
     _one_of(c, "dp.clip", CLIPS)
     _positive(c, "dp.clip_norm")
-    _one_of(c, "dp.accountant", ("pld", "rdp"))
-    _one_of(c, "dp.backend", ("auto", "bookkeeping", "vmap"))
-    if c.dp.noise_multiplier < 0 and c.dp.noise_multiplier != -1.0:
-      raise _fail(
-        "dp.noise_multiplier", c.dp.noise_multiplier, ">= 0, or -1 to calibrate it from dp.epsilon"
-      )
+    _one_of(c, "dp.accountant", accounting.ACCOUNTANTS)
+    _one_of(c, "dp.backend", per_example.BACKENDS)
   _positive(c, "dp.microbatch_size", integer=True)
   fixed = c.dp.insecure_fixed_noise_seed
   if fixed is not None and (not isinstance(fixed, int) or isinstance(fixed, bool) or fixed < 0):
@@ -220,9 +260,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise _fail("train.private_metrics", c.train.private_metrics, "True or False")
   _positive(c, "train.batch_size")
   _positive(c, "train.epochs", allow_zero=True)
-  _positive(c, "train.steps", allow_zero=True, integer=True)
-  if c.train.steps == 0 and c.train.epochs == 0:
-    raise _fail("train.epochs", 0, "> 0 when train.steps is 0")
+  _optional(c, "train.steps", lambda key: _positive(c, key, integer=True))
+  if c.train.steps is None and c.train.epochs == 0:
+    raise _fail("train.epochs", 0, "> 0 when train.steps is None")
   _one_of(c, "train.optimizer", OPTIMIZERS)
   _positive(c, "train.learning_rate")
   _positive(c, "train.weight_decay", allow_zero=True)
@@ -234,16 +274,54 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ("eval_batch_size", "log_every_steps", "keep_checkpoints"):
     _positive(c, f"train.{key}", integer=True)
   for key in ("data", "fsdp"):
-    value = c.parallel[key]
-    if not isinstance(value, int) or isinstance(value, bool) or not (value == -1 or value >= 1):
-      raise _fail(f"parallel.{key}", value, "-1 (the remaining devices) or an integer >= 1")
-  if c.parallel.data == -1 and c.parallel.fsdp == -1:
-    raise _fail("parallel.fsdp", -1, "an integer >= 1 when parallel.data is -1")
+    _optional(c, f"parallel.{key}", lambda key: _positive(c, key, integer=True))
+  if c.parallel.data is None and c.parallel.fsdp is None:
+    raise _fail("parallel.fsdp", None, "an integer >= 1 when parallel.data is None")
   _positive(c, "parallel.fsdp_min_size", allow_zero=True, integer=True)
   try:
     parallel.parse_rules(tuple(c.parallel.rules))
   except parallel.ParallelError as err:
-    raise ConfigError(str(err)) from None
+    raise config_error(err) from None
+
+
+def clip_rule(c: ml_collections.ConfigDict) -> privacy.ClipRule:
+  """The clip rule of ``dp.clip`` with bound ``dp.clip_norm``."""
+  if c.dp.clip == "automatic":
+    return privacy.AutomaticClip()
+  if c.dp.clip == "per_layer":
+    return privacy.PerLayerClip(c.dp.clip_norm)
+  return privacy.FlatClip(c.dp.clip_norm)
+
+
+def mechanism_spec(c: ml_collections.ConfigDict) -> mechanism.MechanismSpec:
+  """What ``config.dp`` asks of the mechanism (calibrated later, once N is known)."""
+  return mechanism.MechanismSpec(
+    private=bool(c.dp.enabled),
+    clip=clip_rule(c),
+    target_epsilon=float(c.dp.epsilon),
+    noise_multiplier=c.dp.noise_multiplier,
+    epsilon_budget=c.dp.epsilon_budget,
+    delta=c.dp.delta,
+    accountant=c.dp.accountant,
+    backend=c.dp.backend,
+    microbatch_size=c.dp.microbatch_size,
+  )
+
+
+def planned_steps(c: ml_collections.ConfigDict, dataset_size: int) -> int:
+  """``train.steps``, or ``train.epochs`` passes (:func:`dpjax.privacy.steps_for_epochs`)."""
+  if c.train.steps is not None:
+    return int(c.train.steps)
+  return privacy.steps_for_epochs(c.train.epochs, dataset_size, float(c.train.batch_size))
+
+
+def config_error(err: ValueError) -> ConfigError:
+  """A library ``ValueError`` about an argument, restated with the config key it came from."""
+  message = str(err)
+  for argument, key in _KEY_OF_ARGUMENT.items():
+    if message.startswith((f"{argument} must", f"{argument}=", f"{argument} entry")):
+      return ConfigError(f"config.{key}{message[len(argument) :]}")
+  return ConfigError(message)
 
 
 def lora_config(c: ml_collections.ConfigDict, model_type: str) -> lora_lib.LoraConfig | None:

@@ -2,14 +2,17 @@
 
 The loop, as in the algorithm box of DP-SGD:
 
-    plan: N, B, steps, δ -> σ (calibrated for the target ε)
-    restore the latest checkpoint (state + ledger) if the workdir has one
-    for step t until the plan or the privacy budget ends:
-        indices, mask = PoissonSampler(secret key).sample(t)    # rate q = B/N
-        state = train_step(state, batch(indices), mask)         # clip, sum, noise once, / B
-        ledger = ledger.record(one step of (q, σ))
-        every k steps: metrics, eval on the held-out split, checkpoint (state + ledger)
-    write summary.json with ε from the ledger, δ, σ, accuracy and a hash of the params
+    mechanism = make_mechanism(config.dp, N, B, steps)      # δ, σ (calibrated), budget
+    restore the latest checkpoint (state, ledger, secret) if the workdir has one
+    mechanism = mechanism.keyed(secret, attempt)             # the journal picks the attempt
+    for step t until the plan or the budget ends:
+        sample = mechanism.sampler().sample(t)               # Poisson, rate q = B/N
+        state = train_step(state, batch(sample))             # clipped sum -> noise once, / B
+        ledger = mechanism.record(ledger)
+        every k steps: public metrics, eval on the held-out split, checkpoint
+    write summary.json: ε from the ledger, the mechanism's public facts, eval, params hash
+
+The non-private baseline runs the same lines with a non-private mechanism.
 """
 
 from __future__ import annotations
@@ -32,14 +35,14 @@ import optax
 from absl import logging
 
 from dpjax import parallel, privacy
-from dpjax.models import heads, lora
-from dpjax.privacy import noise as noise_lib
+from dpjax.models import lora
 from dpjax.privacy.secret import RunSecret
-from dpjax.train import builders, checkpoint
+from dpjax.train import batching, checkpoint, optimizer, splits
 from dpjax.train import config as config_lib
 from dpjax.train import journal as privacy_journal
 from dpjax.train import metrics as metrics_lib
 from dpjax.train import step as step_lib
+from dpjax.train import task as task_lib
 
 PyTree = Any
 
@@ -52,11 +55,8 @@ def params_sha256(params: PyTree) -> str:
   return digest.hexdigest()
 
 
-def _prepare_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
-  """Checks the workdir is writable and holds no run of a different config.
-
-  Every process checks; only process 0 writes ``config.json``.
-  """
+def _check_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
+  """Checks the workdir is writable and holds no run of a different config (writes nothing)."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / f".write_test_{jax.process_index()}"
@@ -65,19 +65,36 @@ def _prepare_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
   except OSError as err:
     raise config_lib.ConfigError(f"workdir {workdir} is not writable ({err.strerror})") from None
   saved = workdir / "config.json"
-  new = json.loads(c.to_json())
   if saved.exists():
-    changed = config_lib.differences(json.loads(saved.read_text()), new)
+    changed = config_lib.differences(json.loads(saved.read_text()), json.loads(c.to_json()))
     if changed and c.resume != "allow_changes":
       raise config_lib.ConfigError(
         f"workdir {workdir} holds a run with a different config ({', '.join(changed[:6])}); "
         "use a new workdir, or --config.resume=allow_changes to continue it with this config"
       )
+
+
+def _write_config(workdir: Path, c: ml_collections.ConfigDict) -> None:
+  """Writes ``config.json`` (process 0), once the run's plan is known to be valid."""
   if not parallel.is_main_process():
     return
+  saved = workdir / "config.json"
   tmp = saved.with_suffix(".tmp")
-  tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
+  tmp.write_text(json.dumps(json.loads(c.to_json()), indent=2, sort_keys=True))
   tmp.replace(saved)
+
+
+def _plan(c: ml_collections.ConfigDict, dataset_size: int) -> privacy.Mechanism:
+  """The run's calibrated mechanism (no secret yet); a bad value is one ConfigError."""
+  try:
+    return privacy.make_mechanism(
+      config_lib.mechanism_spec(c),
+      dataset_size=dataset_size,
+      expected_batch_size=float(c.train.batch_size),
+      steps=config_lib.planned_steps(c, dataset_size),
+    )
+  except ValueError as err:
+    raise config_lib.config_error(err) from None
 
 
 class _StopFlag:
@@ -95,34 +112,6 @@ class _StopFlag:
   def __exit__(self, *exc):
     if self.previous is not None:
       signal.signal(signal.SIGTERM, self.previous)
-
-
-def evaluate(params: PyTree, model, split: builders.Split, batch_size: int) -> dict[str, float]:
-  """Accuracy and mean loss over a split, in fixed-size padded batches.
-
-  Examples are visited shortest first, so each batch is padded to the bucket of
-  its own longest example rather than of the split's (the sums do not depend on
-  the order).
-  """
-  if len(split) == 0:
-    return {"accuracy": float("nan"), "loss": float("nan"), "count": 0}
-  fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
-  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-  by_length = np.argsort(split.encoded.lengths[split.indices], kind="stable")
-  for start in range(0, len(split), batch_size):
-    positions = by_length[start : start + batch_size]
-    mask = np.zeros(batch_size, bool)
-    mask[: len(positions)] = True
-    # Padding rows repeat the batch's first (shortest) example: they never lengthen it.
-    padded = np.concatenate([positions, np.full(batch_size - len(positions), positions[0])])
-    out = fn(params, split.batch(padded), mask)
-    for key in totals:
-      totals[key] += float(out[key])
-  return {
-    "accuracy": totals["correct"] / totals["count"],
-    "loss": totals["loss_sum"] / totals["count"],
-    "count": int(totals["count"]),
-  }
 
 
 def _progress(step: int, total: int, epsilon: float, private: dict[str, float] | None) -> None:
@@ -182,29 +171,8 @@ def _fingerprint(run_secret: RunSecret, c: ml_collections.ConfigDict, train) -> 
     sort_keys=True,
   ).encode()
   mac = hmac.new(run_secret.derive("fingerprint"), facts, hashlib.sha256)
-  mac.update(builders.data_digest(train))
+  mac.update(splits.data_digest(train))
   return mac.hexdigest()
-
-
-def _guarantee(c: ml_collections.ConfigDict, run_secret: RunSecret) -> str:
-  if not c.dp.enabled:
-    return "none (dp.enabled is False)"
-  if not run_secret.secure:
-    return "none (fixed noise seed)"
-  return (
-    "(epsilon, delta)-DP for add/remove of one training example, for everything "
-    "computed from the released parameters"
-  )
-
-
-def _noise_facts(plan: builders.PrivacyPlan) -> dict[str, Any]:
-  stddev = plan.noise_multiplier
-  return {
-    "generator": "ChaCha20 keystream, 96 bits per draw, inverse CDF",
-    "max_abs_normal": noise_lib.MAX_ABS_NORMAL,
-    "snap_grid_over_sigma_times_sensitivity": 2.0**-noise_lib.SNAP_BITS if stddev else 0,
-    "tail_probability": noise_lib.tail_probability(stddev, plan.steps) if stddev else None,
-  }
 
 
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -219,7 +187,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
   try:
     mesh = parallel.make_mesh(c.parallel.data, c.parallel.fsdp)
   except parallel.ParallelError as err:
-    raise config_lib.ConfigError(str(err)) from None
+    raise config_lib.config_error(err) from None
   rules = parallel.parse_rules(tuple(c.parallel.rules))
   shardings_of = lambda tree: parallel.shardings(tree, mesh, rules, c.parallel.fsdp_min_size)
   main = parallel.is_main_process()
@@ -230,46 +198,27 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
       "bucket (e.g. with GCS FUSE) and pass the mount point"
     )
   workdir = Path(workdir).resolve()
-  _prepare_workdir(workdir, c)
+  _check_workdir(workdir, c)
 
-  # Model and data.
-  backbone, backbone_params, head_params, tokenizer = builders.backbone_for(c)
+  # The task (model and parameters), the data, and the mechanism calibrated for them.
+  task = task_lib.build(c)
   cache = Path(c.data.cache_dir) if c.data.cache_dir else workdir / "token_cache"
-  train = builders.load_split(
-    c.data.train, tokenizer, c, cache, fraction=c.data.train_fraction, seed=c.seed
+  train = splits.load_split(
+    c.data.train, task.tokenizer, c, cache, fraction=c.data.train_fraction, seed=c.seed
   )
-  evals = builders.load_split(
-    c.data.eval, tokenizer, c, cache, limit=c.data.eval_limit, seed=c.seed + 1
+  evals = splits.load_split(
+    c.data.eval, task.tokenizer, c, cache, limit=c.data.eval_limit, seed=c.seed + 1
   )
-  model = builders.task_model(c, backbone, train.encoded.label_word_ids)
-  trainable, frozen_host = builders.init_params(
-    c, model, train.batch(np.arange(1)), backbone_params, head_params
-  )
-  frozen_host = jax.tree_util.tree_map(np.asarray, frozen_host)
-  trainable = jax.tree_util.tree_map(np.asarray, trainable)
+  mechanism = _plan(c, len(train))
+  _write_config(workdir, c)
+  frozen_host = jax.tree_util.tree_map(np.asarray, task.frozen)
+  trainable = jax.tree_util.tree_map(np.asarray, task.trainable)
   frozen = parallel.put(frozen_host, shardings_of(frozen_host))  # FSDP rules apply to it too
-
-  # The privacy plan and the DP pieces, all from one clip rule.
-  plan = builders.plan_privacy(c, len(train))
-  loss_fn = heads.classification_loss(model, frozen)
-  microbatch = c.dp.microbatch_size
-  if c.dp.enabled:
-    grad_fn = privacy.clipped_grad(
-      loss_fn, builders.clip_rule(c), c.dp.backend, microbatch, has_aux=True
-    )
-    sensitivity = grad_fn.sensitivity
-  else:
-    grad_fn = step_lib.nonprivate_grad(loss_fn, microbatch)
-    sensitivity = 1.0
   # Clipping where the examples live, one psum; the privatizer in tx then noises the global sum.
-  grad_fn = parallel.sharded_grad_fn(grad_fn, mesh)
-  grouped = builders.GroupedBatches(
-    train, plan.sampling_prob, microbatch, parallel.batch_size_multiple(mesh)
-  )
-  rows_sharding = parallel.batch_sharding(mesh)
+  grad_fn = parallel.sharded_grad_fn(mechanism.grad_fn(task.loss(frozen)), mesh)
 
   # Restore (state + ledger + secret together) or start with a fresh secret.
-  abstract = builders.abstract_state(c, trainable)
+  abstract = optimizer.abstract_state(mechanism.spec, c, trainable)
   state_shardings = shardings_of(abstract)
   ckpt = checkpoint.Checkpoints(workdir, c.train.keep_checkpoints)
   restored = ckpt.restore_latest(
@@ -280,12 +229,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     )
   )
   journal = privacy_journal.PrivacyJournal(workdir, writer=main)
-  ledger = privacy.PrivacyLedger(accountant=plan.accountant)
-  examples_seen, trained_seconds = 0, 0.0
+  ledger = mechanism.empty_ledger()
   if restored is not None:
     state, meta = restored
     ledger = privacy.PrivacyLedger.from_dict(meta["ledger"])
-    examples_seen, trained_seconds = meta["examples_seen"], meta["train_seconds"]
     run_secret = RunSecret.from_checkpoint(meta["secret"])
   else:
     run_secret = _new_secret(c)
@@ -299,20 +246,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
   for segment_fields, steps in resume.charges:
     ledger = ledger.record(privacy.Segment(**{**segment_fields, "steps": steps}))
   attempt = resume.attempt
-  tx = builders.transform(c, plan, sensitivity, run_secret.noise_key(attempt))
+  mechanism = mechanism.keyed(run_secret, attempt)
+  tx = optimizer.transform(mechanism.privatizer(), c, mechanism.steps)
   if restored is None:
     state = step_lib.TrainState(
       np.zeros([], np.int32), trainable, jax.tree_util.tree_map(np.asarray, tx.init(trainable))
     )
-  elif c.dp.enabled:  # the noise key of this attempt (the same one, unless re-keyed)
-    key = np.asarray(run_secret.noise_key(attempt))
-    state = state.replace(
-      opt_state=jax.tree_util.tree_map(
-        lambda s: s._replace(key=key) if isinstance(s, noise_lib.PrivatizerState) else s,
-        state.opt_state,
-        is_leaf=lambda s: isinstance(s, noise_lib.PrivatizerState),
-      )
-    )
+  else:  # the noise key of this attempt (the same one, unless re-keyed)
+    state = state.replace(opt_state=mechanism.with_noise_key(state.opt_state))
   state = parallel.put(state, state_shardings)
   if restored is not None:
     say(f"resumed from step {meta['step']} (ledger: {ledger.steps} steps)")
@@ -327,29 +268,22 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
       "dp.insecure_fixed_noise_seed is set: noise and sampling are a public "
       "function of it, and this run has NO privacy guarantee"
     )
-  sampler = privacy.PoissonSampler(
-    len(train), plan.expected_batch_size, key=run_secret.sampling_key(attempt)
-  )
+  sampler = mechanism.sampler()
   start_step = int(state.step)
-  segment = sampler.segment(plan.noise_multiplier)
-  journal_segment = dataclasses.asdict(dataclasses.replace(segment, steps=0))
-  end_step = plan.steps
-  stopped_by_budget = False
-  if c.dp.enabled:
-    allowed = builders.steps_within_budget(
-      ledger, segment, plan.target_epsilon, plan.delta, plan.steps - start_step
+  journal_segment = dataclasses.asdict(mechanism.segment(0))
+  allowed = mechanism.steps_within_budget(ledger, mechanism.steps - start_step)
+  if allowed == 0 and mechanism.steps > start_step:
+    raise config_lib.ConfigError(
+      f"the epsilon budget {mechanism.epsilon_budget:g} is already spent "
+      f"(ledger epsilon {mechanism.epsilon(ledger):.4f} after {ledger.steps} steps)"
     )
-    if allowed == 0 and plan.steps > start_step:
-      raise config_lib.ConfigError(
-        f"target epsilon {plan.target_epsilon:g} is already spent "
-        f"(ledger epsilon {ledger.epsilon(plan.delta):.4f} after {ledger.steps} steps)"
-      )
-    stopped_by_budget = start_step + allowed < plan.steps
-    end_step = start_step + allowed
+  end_step = start_step + allowed
+  stopped_by_budget = end_step < mechanism.steps
   say(
-    f"plan: N={plan.dataset_size} B={plan.expected_batch_size:g} q={plan.sampling_prob:.5f} "
-    f"steps={plan.steps} sigma={plan.noise_multiplier:.4f} delta={plan.delta:.3g} "
-    f"target_eps={plan.target_epsilon:g} trainable={lora.count(trainable):,} params "
+    f"plan: N={mechanism.dataset_size} B={mechanism.expected_batch_size:g} "
+    f"q={mechanism.sampling_prob:.5f} steps={mechanism.steps} "
+    f"sigma={mechanism.noise_multiplier:.4f} delta={mechanism.delta:.3g} "
+    f"budget_eps={mechanism.epsilon_budget} trainable={lora.count(trainable):,} params "
     f"devices={mesh.size} (data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}) "
     f"processes={jax.process_count()}"
   )
@@ -359,22 +293,21 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
       step_lib.train_step,
       grad_fn=grad_fn,
       tx=tx,
-      mean_of_sum=not c.dp.enabled,
       dropout_seed=c.seed + 1 if c.model.dropout else None,
     ),
     donate_argnums=0,
     out_shardings=(state_shardings, parallel.replicated(mesh)),
   )
+  grouped = batching.GroupedBatches(
+    train, mechanism.sampling_prob, c.dp.microbatch_size, parallel.batch_size_multiple(mesh)
+  )
+  rows_sharding = parallel.batch_sharding(mesh)
   writer = metrics_lib.MetricsWriter(workdir, start_step) if main else None
   write = writer.write if main else (lambda *args, **kwargs: None)
   # Evaluation runs on each process's first device from host copies of the parameters.
   full_params = lambda s: lora.combine(parallel.to_host(s.params), frozen_host)
   # Write-ahead: the journal learns of step t before anything computed at step t is written.
-  ahead = lambda done: (
-    journal.write_ahead(attempt, start_step, done, fingerprint, journal_segment)
-    if c.dp.enabled
-    else None
-  )
+  ahead = lambda done: journal.write_ahead(attempt, start_step, done, fingerprint, journal_segment)
 
   def place(sample: privacy.SampledBatch):
     placed = [
@@ -393,37 +326,32 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
       {
         "step": step,
         "ledger": ledger.to_dict(),
+        "mechanism": mechanism.public_facts(),
         "config": json.loads(c.to_json()),
-        "noise_multiplier": plan.noise_multiplier,
-        "examples_seen": examples_seen,
-        "train_seconds": trained_seconds,
         "secret": run_secret.to_checkpoint(),
         "attempt": attempt,
       },
     )
 
   preempted = False
-  window_examples, window_start = 0, time.time()
+  examples_seen, window_examples, window_start = 0, 0, time.time()
   with _StopFlag() as stop:
     for step in range(start_step, end_step):
       sample = sampler.sample(step)
       batches, masks = place(sample)
-      tick = time.time()
       state, row = jit_step(state, batches, masks)
       row = jax.device_get(row)
-      trained_seconds += time.time() - tick
       if int(row["nonfinite"]):
         raise FloatingPointError(
           f"a non-finite loss at step {step}; lower config.train.learning_rate"
         )
-      if c.dp.enabled:
-        ledger = ledger.record(segment)
+      ledger = mechanism.record(ledger)
       examples_seen += sample.size
       window_examples += sample.size
       done = step + 1
       if done % c.train.log_every_steps == 0 or done == end_step:
         ahead(done)
-        epsilon = ledger.epsilon(plan.delta) if c.dp.enabled else float("inf")
+        epsilon = mechanism.epsilon(ledger)
         write(done, "privacy", {"epsilon": epsilon})
         private_row = None
         if c.train.private_metrics:
@@ -437,8 +365,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
           _progress(done, end_step, epsilon, private_row)
       if c.train.eval_every_steps and done % c.train.eval_every_steps == 0 and done < end_step:
         ahead(done)
-        result = evaluate(full_params(state), model, evals, c.train.eval_batch_size)
-        result["epsilon"] = ledger.epsilon(plan.delta) if c.dp.enabled else float("inf")
+        result = task.evaluate(full_params(state), evals, c.train.eval_batch_size)
+        result["epsilon"] = mechanism.epsilon(ledger)
         write(done, "eval", result)
         say(f"eval step {done}: {json.dumps(result)}")
       # Every process must stop at the same step (the save is collective).
@@ -458,42 +386,27 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     save(final_step)
   ckpt.close()
   params = full_params(state)
-  result = evaluate(params, model, evals, c.train.eval_batch_size)
-  epsilon = ledger.epsilon(plan.delta) if c.dp.enabled else float("inf")
+  result = task.evaluate(params, evals, c.train.eval_batch_size)
+  epsilon = mechanism.epsilon(ledger)
   write(final_step, "eval", {**result, "epsilon": epsilon})
   if c.train.private_metrics:
     write(
       final_step,
       "run",
-      {
-        "examples_seen": examples_seen,
-        "examples_per_second": examples_seen / max(trained_seconds, 1e-9),
-        "wall_seconds": time.time() - start_time,
-      },
+      {"examples_seen": examples_seen, "wall_seconds": time.time() - start_time},
       private=True,
     )
   if writer is not None:
     writer.close()
   summary = {
     "epsilon": epsilon,
-    "delta": plan.delta,
-    "epsilon_replace_one": ledger.epsilon_replace_one(plan.delta) if c.dp.enabled else float("inf"),
-    "guarantee": _guarantee(c, run_secret),
-    "neighboring_relation": privacy.accounting.NEIGHBORING_RELATION,
+    "epsilon_replace_one": mechanism.epsilon_replace_one(ledger),
+    **mechanism.public_facts(),
     "public": "N, the config and the plan (sigma, q, steps, delta) are treated as public",
-    "noise_multiplier": plan.noise_multiplier,
-    "sampling_prob": plan.sampling_prob,
     "steps": final_step,
-    "planned_steps": plan.steps,
     "ledger_steps": ledger.steps,
-    "accountant": plan.accountant if c.dp.enabled else None,
-    "dp": bool(c.dp.enabled),
-    "target_epsilon": plan.target_epsilon,
-    "dataset_size": plan.dataset_size,
-    "expected_batch_size": plan.expected_batch_size,
     "clip": c.dp.clip,
     "clip_norm": c.dp.clip_norm,
-    "noise": _noise_facts(plan),
     "eval": result,
     "params_sha256": params_sha256(params),
     "params_global_norm": float(optax.tree.norm(params)),
@@ -505,12 +418,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     "mesh": dict(mesh.shape),
     "processes": jax.process_count(),
   }
-  summary = {
-    k: (v if not isinstance(v, float) or np.isfinite(v) else str(v)) for k, v in summary.items()
-  }
+  summary = _finite_or_text(summary)
   if main:
     tmp = workdir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(workdir / "summary.json")
   parallel.sync("summary written")
   return summary
+
+
+def _finite_or_text(tree: Any) -> Any:
+  """JSON-safe: inf/nan floats (anywhere in dicts) become the strings "inf"/"nan"."""
+  if isinstance(tree, dict):
+    return {k: _finite_or_text(v) for k, v in tree.items()}
+  if isinstance(tree, float) and not np.isfinite(tree):
+    return str(tree)
+  return tree

@@ -72,7 +72,7 @@ def _row(num_devices: int) -> dict:
   devices = jax.devices()[:num_devices]
   if len(devices) < num_devices:
     raise ValueError(f"--devices asks for {num_devices} devices; {len(devices)} present")
-  mesh = parallel.make_mesh(-1, _FSDP.value, devices)
+  mesh = parallel.make_mesh(None, _FSDP.value, devices)
   shape = {"minilm": common.MINILM, "bert-base": common.BERT_BASE, "tiny": common.TINY}
   cfg = bert.BertConfig(**shape[_MODEL.value])
   model = heads.SequenceClassifier(cfg, 2, "mean")

@@ -53,6 +53,7 @@ _JSON = flags.DEFINE_string("json", None, "Write the rows to this JSON file.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one row and print it as JSON.")
 
 CLIP_NORM, NOISE_MULTIPLIER = common.CLIP_NORM, common.NOISE_MULTIPLIER
+SST2_TRAIN_SIZE = 67349  # N of the plan (it sets only δ here; the batch is fixed)
 MINILM, BERT_BASE, make_batch = common.MINILM, common.BERT_BASE, common.make_batch
 
 
@@ -154,25 +155,24 @@ def _dpjax_row(mode: str) -> dict:
   trainable, frozen = lora.partition(params, lora.trainable_mask(params, _TRAIN.value))
   loss_fn = make_loss(model, frozen)
   adam = optax.adamw(1e-4)
-  if name == "nonprivate":
-    grad_fn = step_lib.nonprivate_grad(loss_fn, micro)
-    tx, mean_of_sum = adam, True
-  else:
-    grad_fn = privacy.clipped_grad(
-      loss_fn, CLIP_NORM, backend=name, microbatch_size=micro, has_aux=True
-    )
-    tx = optax.chain(
-      privacy.gaussian_privatizer(
-        NOISE_MULTIPLIER, grad_fn.sensitivity, batch_size, RunSecret.fresh().noise_key()
-      ),
-      adam,
-    )
-    mean_of_sum = False
+  # The loop's own path: the mechanism hands out the gradient function and the privatizer.
+  spec = privacy.MechanismSpec(
+    private=name != "nonprivate",
+    clip=privacy.FlatClip(CLIP_NORM),
+    noise_multiplier=NOISE_MULTIPLIER,
+    backend="auto" if name == "nonprivate" else name,
+    microbatch_size=micro,
+  )
+  mechanism = privacy.make_mechanism(
+    spec, dataset_size=SST2_TRAIN_SIZE, expected_batch_size=batch_size, steps=1
+  ).keyed(RunSecret.fresh())
+  grad_fn = mechanism.grad_fn(loss_fn)
+  tx = optax.chain(mechanism.privatizer(), adam)
   state = step_lib.TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable))
   batches = ({k: jnp.asarray(v) for k, v in data.items()},)
   masks = (jnp.ones([batch_size], bool),)
   step = jax.jit(
-    lambda s, b, m: step_lib.train_step(s, b, m, grad_fn=grad_fn, tx=tx, mean_of_sum=mean_of_sum),
+    lambda s, b, m: step_lib.train_step(s, b, m, grad_fn=grad_fn, tx=tx),
     donate_argnums=0,
   )
   state, metrics, _ = common.time_steps(step, state, (batches, masks), _WARMUP.value, 0)

@@ -12,16 +12,23 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from dpjax import parallel
+from dpjax.train import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_mesh_shape_resolves_minus_one_and_names_the_bad_field():
-  assert parallel.mesh_shape(8, -1, 2) == (4, 2)
-  assert parallel.mesh_shape(8, 2, -1) == (2, 4)
-  for data, fsdp, field in ((3, 1, "data"), (-1, 3, "fsdp"), (0, 1, "data"), (-1, -1, "fsdp")):
-    with pytest.raises(parallel.ParallelError, match=f"config.parallel.{field}"):
+def test_mesh_shape_resolves_none_and_names_the_bad_field():
+  assert parallel.mesh_shape(8, None, 2) == (4, 2)
+  assert parallel.mesh_shape(8, 2, None) == (2, 4)
+  for data, fsdp, field in (
+    (3, 1, "data"),
+    (None, 3, "fsdp"),
+    (0, 1, "data"),
+    (None, None, "fsdp"),
+  ):
+    with pytest.raises(parallel.ParallelError, match=f"^{field} must") as err:
       parallel.mesh_shape(8, data, fsdp)
+    assert str(config_lib.config_error(err.value)).startswith(f"config.parallel.{field} must")
 
 
 def test_fsdp_splits_large_arrays_on_their_largest_divisible_dim_and_rules_win():

@@ -205,7 +205,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, token_cache):
 def test_corrupt_latest_checkpoint_falls_back_to_previous_never_to_a_fresh_ledger(
   tmp_path, token_cache
 ):
-  fixed = {"dp.noise_multiplier": 0.7, "dp.epsilon": 50.0}
+  fixed = {"dp.noise_multiplier": 0.7}  # σ given: ε is reported, no budget
   loop.train_and_evaluate(tiny(token_cache, **fixed, **{"train.steps": 16}), tmp_path)
   for f in (tmp_path / "checkpoints" / "16").rglob("*"):
     if f.is_file():
@@ -244,7 +244,7 @@ def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_c
     token_cache,
     **{
       "dp.noise_multiplier": 0.8,
-      "dp.epsilon": 3.0,
+      "dp.epsilon_budget": 3.0,
       "train.steps": 60,
       "train.private_metrics": True,
     },
@@ -267,7 +267,7 @@ def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_c
     0.8, summary["sampling_prob"], summary["steps"] + 1, summary["delta"]
   )
   assert one_more > 3.0  # It stopped at the last step that fits, not earlier.
-  with pytest.raises(ConfigError, match="target epsilon 3 is already spent"):
+  with pytest.raises(ConfigError, match="the epsilon budget 3 is already spent"):
     loop.train_and_evaluate(c, tmp_path)
 
 
@@ -282,6 +282,8 @@ def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_c
     (["--config.data.train_fraction=1.5"], "config.data.train_fraction must be a number in (0, 1]"),
     (["--config.data.train_limit=5"], "train_limit"),
     (["--config.dp.insecure_fixed_noise_seed=-3"], "dp.insecure_fixed_noise_seed must be None"),
+    (["--config.dp.epsilon=1000"], "config.dp.epsilon must be in (0, 100]"),
+    (["--config.dp.epsilon_budget=0"], "config.dp.epsilon_budget must be a number > 0"),
   ],
 )
 def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
@@ -316,22 +318,22 @@ def test_lora_targets_choose_the_adapted_modules():
   import numpy as np
   from flax import traverse_util
 
-  from dpjax.train import builders
   from dpjax.train import config as config_lib
+  from dpjax.train import task as task_lib
 
   c = sst2.get_config("tiny")
   c.model.train = "lora"
   c.model.lora_targets = ("layer_1/.*(query|intermediate)",)
   config_lib.validate(c)
-  backbone, _, _, _ = builders.backbone_for(c)
-  model = builders.task_model(c, backbone, None)
+  backbone, _, _, _ = task_lib.backbone_for(c)
+  model = task_lib.task_model(c, backbone, None)
   batch = {
     "input_ids": np.ones((1, 8), np.int32),
     "attention_mask": np.ones((1, 8), np.int32),
     "token_type_ids": np.zeros((1, 8), np.int32),
     "label": np.zeros(1, np.int32),
   }
-  trainable, frozen = builders.init_params(c, model, batch, None, {})
+  trainable, frozen = task_lib.init_params(c, model, batch, None, {})
   adapted = {p.rsplit("/", 1)[0] for p in traverse_util.flatten_dict(trainable, sep="/")}
   assert adapted == {
     "backbone/encoder/layer_1/attention/self/query",
@@ -341,7 +343,7 @@ def test_lora_targets_choose_the_adapted_modules():
   assert "lora_a" not in str(traverse_util.flatten_dict(frozen, sep="/").keys())
   c.model.lora_targets = ("no_such_module",)
   with pytest.raises(ConfigError, match=r"config.model.lora_targets must match at least one"):
-    builders.init_params(c, builders.task_model(c, backbone, None), batch, None, {})
+    task_lib.init_params(c, task_lib.task_model(c, backbone, None), batch, None, {})
   c.model.lora_targets = ("query(",)
   with pytest.raises(ConfigError, match=r"config.model.lora_targets must be a tuple of regular"):
     config_lib.validate(c)
@@ -354,14 +356,14 @@ def test_every_sst2_variant_is_valid_and_its_adapters_exist_in_minilm(variant):
   from flax import traverse_util
 
   from dpjax.models import bert
-  from dpjax.train import builders
   from dpjax.train import config as config_lib
+  from dpjax.train import task as task_lib
 
   c = sst2.get_config(variant)
   config_lib.validate(c)
   if c.model.train != "lora":
     return
-  model = builders.task_model(c, bert.BertConfig(), None)  # the defaults are MiniLM's shape
+  model = task_lib.task_model(c, bert.BertConfig(), None)  # the defaults are MiniLM's shape
   batch = {
     "input_ids": np.ones((1, 8), np.int32),
     "attention_mask": np.ones((1, 8), np.int32),
@@ -382,18 +384,19 @@ def test_evaluate_equals_scoring_one_example_at_a_time(tmp_path):
   import optax
 
   from dpjax.models import lora
-  from dpjax.train import builders
+  from dpjax.train import splits
+  from dpjax.train import task as task_lib
 
   words = "a fine , moving and often very funny film about grief and hope".split()
   rows = [" ".join(words[:n]) for n in (14, 2, 9, 1, 15, 5, 3)] + [" ".join(words * 2)]
   data = tmp_path / "mixed.tsv"
   data.write_text("sentence\tlabel\n" + "".join(f"{r}\t{i % 2}\n" for i, r in enumerate(rows)))
   c = sst2.get_config("tiny")
-  backbone, _, _, tokenizer = builders.backbone_for(c)
-  split = builders.load_split(str(data), tokenizer, c, None)
+  backbone, _, _, tokenizer = task_lib.backbone_for(c)
+  split = splits.load_split(str(data), tokenizer, c, None)
   assert len(set(split.encoded.lengths)) > 4 and max(split.encoded.lengths) > 16
-  model = builders.task_model(c, backbone, None)
-  params = lora.combine(*builders.init_params(c, model, split.batch(np.arange(1)), None, {}))
+  model = task_lib.task_model(c, backbone, None)
+  params = lora.combine(*task_lib.init_params(c, model, split.batch(np.arange(1)), None, {}))
   losses, correct = [], []
   for i in range(len(split)):
     example = split.batch(np.array([i]))
@@ -403,7 +406,7 @@ def test_evaluate_equals_scoring_one_example_at_a_time(tmp_path):
     )
     correct.append(float(np.argmax(logits[0]) == example["label"][0]))
   for batch_size in (3, 8, 64):
-    result = loop.evaluate(params, model, split, batch_size)
+    result = task_lib.evaluate(params, model, split, batch_size)
     assert result["count"] == len(rows)
     assert result["accuracy"] == pytest.approx(np.mean(correct), abs=1e-9)
     assert result["loss"] == pytest.approx(np.mean(losses), rel=1e-5)

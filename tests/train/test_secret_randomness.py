@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from dpjax.privacy.secret import RunSecret
-from dpjax.train import builders, loop
 from dpjax.train import journal as journal_lib
+from dpjax.train import loop, splits
+from dpjax.train import task as task_lib
 from experiments import sst2
 
 
@@ -105,12 +106,12 @@ def test_subset_of_a_file_changes_by_at_most_the_removed_row(tmp_path):
   rng = np.random.default_rng(0)
   rows = [" ".join(rng.choice(words, 6)) + f" {i}" for i in range(1000)]
   c = sst2.get_config("tiny")
-  _, _, _, tokenizer = builders.backbone_for(c)
+  _, _, _, tokenizer = task_lib.backbone_for(c)
 
   def kept(lines):
     path = tmp_path / "rows.tsv"
     path.write_text("sentence\tlabel\n" + "".join(f"{r}\t{len(r) % 2}\n" for r in lines))
-    split = builders.load_split(str(path), tokenizer, c, None, fraction=0.3, seed=0)
+    split = splits.load_split(str(path), tokenizer, c, None, fraction=0.3, seed=0)
     return {split.encoded.token_ids(int(i)).tobytes() for i in split.indices}
 
   full = kept(rows)

@@ -9,6 +9,7 @@ import optax
 
 from dpjax import privacy
 from dpjax.models import bert, heads
+from dpjax.privacy import per_example
 from dpjax.privacy.secret import RunSecret
 from dpjax.train import step as step_lib
 from tests import tiny_models
@@ -78,7 +79,9 @@ def test_nonprivate_gradient_is_the_plain_sum_over_real_examples():
   loss_fn = heads.classification_loss(model)
   data = batch(6, 4, 3)
   mask = np.array([1, 1, 1, 0, 0, 0], bool)  # The last microbatch is all padding (skipped).
-  got, aux = jax.jit(step_lib.nonprivate_grad(loss_fn, microbatch_size=2))(state.params, data, mask)
+  got, aux = jax.jit(per_example.summed_grad(loss_fn, microbatch_size=2, has_aux=True))(
+    state.params, data, mask
+  )
   total = lambda p: sum(
     loss_fn(p, jax.tree_util.tree_map(lambda x: x[i], data))[0] for i in range(3)
   )

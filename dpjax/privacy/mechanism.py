@@ -1,0 +1,367 @@
+"""The DP mechanism of a run, in one object: what is clipped, sampled, noised and counted.
+
+DP-SGD with Poisson sampling is one mechanism with a few parameters that must
+agree: the clip rule's sensitivity Δ, the sampling rate q = B/N, the noise
+multiplier σ, δ, the accounting event and the secret that keys the noise and
+the sampling. :func:`make_mechanism` derives all of them once, from a
+:class:`MechanismSpec` (what the user chose) and the run's N, B and steps:
+
+    δ  = spec.delta, or N^-1.1
+    σ  = spec.noise_multiplier, or the smallest σ with ε(q, σ, steps; δ) <= target ε
+    budget = spec.epsilon_budget, or the target ε when σ was calibrated (else none)
+
+and :class:`Mechanism` hands out every piece a training loop needs:
+
+    grad_fn(loss)      (params, batch, mask) -> (clipped sum, aux); Δ = clip sensitivity
+    sampler()          Poisson sampling with rate q, keyed by the secret
+    privatizer()       optax transform: + N(0, (σΔ)²) once, / B (chain the optimizer after it)
+    record(ledger, k)  the ledger after k more steps of this mechanism
+    epsilon(ledger)    ε(δ) of a ledger
+    steps_within_budget(ledger, k)
+
+A non-private mechanism (``spec.private = False``) has the same shape: its
+gradient is the unclipped sum, its privatizer divides by the realized number of
+examples, and it records σ = 0 steps, whose ε is infinite. A loop written
+against :class:`Mechanism` has no private/non-private branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpjax import _validation
+from dpjax.privacy import accounting, clipping, noise, per_example, sampling
+from dpjax.privacy.secret import RunSecret
+
+PyTree = Any
+
+#: The generator's tail event (an output impossible for a neighbour) must stay below this
+#: fraction of δ over the whole run (:func:`dpjax.privacy.noise.tail_probability`).
+MAX_TAIL_FRACTION_OF_DELTA = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class MechanismSpec:
+  """What the user chose, before the data is known.
+
+  Attributes:
+    private: False gives the non-private baseline (no clipping, no noise, ε = inf).
+    clip: the per-example clip rule; its sensitivity Δ scales the noise.
+    target_epsilon: calibrate σ so that the planned steps spend this ε (used
+      when ``noise_multiplier`` is None).
+    noise_multiplier: σ given instead of calibrated; ε is then reported, not targeted.
+    epsilon_budget: a hard budget: training stops before ε(δ) would exceed it.
+      None: the target ε when σ is calibrated, no budget when σ is given.
+    delta: δ; None for N^-1.1 (Li et al. 2022). Must be < 1/N.
+    accountant: ``"pld"`` or ``"rdp"``.
+    backend: per-example gradients by ``"vmap"``, ``"bookkeeping"`` or ``"auto"``.
+    microbatch_size: examples per scan iteration of the gradient (None: all at once).
+    max_batch_size: optional cap M of the sampled batch (accounted as truncated Poisson).
+  """
+
+  private: bool = True
+  clip: clipping.ClipRule = dataclasses.field(default_factory=lambda: clipping.FlatClip(1.0))
+  target_epsilon: float | None = 8.0
+  noise_multiplier: float | None = None
+  epsilon_budget: float | None = None
+  delta: float | None = None
+  accountant: str = "pld"
+  backend: str = "auto"
+  microbatch_size: int | None = None
+  max_batch_size: int | None = None
+
+
+class MeanOverExamplesState(NamedTuple):
+  """No state: the non-private privatizer is a pure function of its inputs."""
+
+
+def mean_over_examples() -> optax.GradientTransformationExtraArgs:
+  """The non-private privatizer: a gradient sum divided by the realized number of examples.
+
+  ``update(sum, state, params, num_examples=n)`` returns sum / max(n, 1). Only
+  for baselines: dividing by the realized count is not private (rule 2).
+  """
+
+  def init_fn(params):
+    del params
+    return MeanOverExamplesState()
+
+  def update_fn(updates, state, params=None, *, num_examples=None, **extra_args):
+    del params, extra_args
+    if num_examples is None:
+      raise ValueError("the non-private privatizer needs num_examples= (the realized count)")
+    count = jnp.maximum(jnp.asarray(num_examples, jnp.float32), 1.0)
+    return jax.tree_util.tree_map(lambda g: g / count.astype(g.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+  """The calibrated mechanism of one run (build it with :func:`make_mechanism`).
+
+  Attributes:
+    spec: what the user chose.
+    dataset_size: N, the number of privacy units (examples).
+    expected_batch_size: B; the sampling rate is q = B/N.
+    steps: the planned number of steps.
+    delta: δ of every ε this mechanism reports.
+    noise_multiplier: σ (0 for the non-private mechanism).
+    epsilon_budget: the hard budget, or None.
+    secret: the run's secret (keys noise and sampling; never printed), or None
+      until :meth:`keyed` supplies it (the plan is calibrated before the
+      secret is known: it comes from the checkpoint when a run resumes).
+    attempt: the attempt number (a re-keyed resume uses fresh keys; see the journal).
+  """
+
+  spec: MechanismSpec
+  dataset_size: int
+  expected_batch_size: float
+  steps: int
+  delta: float
+  noise_multiplier: float
+  epsilon_budget: float | None
+  secret: RunSecret | None = dataclasses.field(default=None, repr=False, compare=False)
+  attempt: int = 0
+
+  @property
+  def private(self) -> bool:
+    return self.spec.private
+
+  @property
+  def sampling_prob(self) -> float:
+    """q = B / N."""
+    return self.expected_batch_size / self.dataset_size
+
+  @property
+  def sensitivity(self) -> float:
+    """Δ, the L2 sensitivity of the gradient sum (inf without clipping)."""
+    return self.spec.clip.sensitivity if self.private else math.inf
+
+  @property
+  def calibrated(self) -> bool:
+    """True if σ was calibrated to the target ε (not given)."""
+    return self.private and self.spec.noise_multiplier is None
+
+  def keyed(self, secret: RunSecret, attempt: int = 0) -> Mechanism:
+    """The same mechanism with the noise and sampling keys of ``secret`` and ``attempt``."""
+    if not isinstance(secret, RunSecret):
+      raise ValueError(f"secret must be a RunSecret (got {type(secret).__name__})")
+    _validation.require_int_in("attempt", attempt, 0)
+    return dataclasses.replace(self, secret=secret, attempt=attempt)
+
+  def _secret(self) -> RunSecret:
+    if self.secret is None:
+      raise ValueError("the mechanism has no secret yet: call keyed(secret, attempt) first")
+    return self.secret
+
+  # The pieces of a step.
+
+  def grad_fn(self, loss_fn: Callable[..., Any], has_aux: bool = True) -> Callable:
+    """``(params, batch, mask) -> (gradient sum, ClippedGradAux)`` with ``.sensitivity``.
+
+    Private: the sum of per-example gradients clipped by the spec's rule.
+    Non-private: the plain sum (sensitivity inf).
+    """
+    if not self.private:
+      return per_example.summed_grad(loss_fn, self.spec.microbatch_size, has_aux=has_aux)
+    return per_example.clipped_grad(
+      loss_fn, self.spec.clip, self.spec.backend, self.spec.microbatch_size, has_aux=has_aux
+    )
+
+  def sampler(self, batch_size_multiple: int = 1) -> sampling.PoissonSampler:
+    """Poisson sampling with rate q, keyed by this attempt's secret sampling key."""
+    return sampling.PoissonSampler(
+      self.dataset_size,
+      self.expected_batch_size,
+      key=self._secret().sampling_key(self.attempt),
+      batch_size_multiple=batch_size_multiple,
+      max_batch_size=self.spec.max_batch_size,
+    )
+
+  def privatizer(self) -> optax.GradientTransformationExtraArgs:
+    """The transform from a gradient sum to the update direction; chain the optimizer after it.
+
+    Private: + N(0, (σΔ)²) drawn once with this attempt's secret noise key,
+    snapped, / B. Non-private: / realized count (``num_examples=`` extra arg).
+    """
+    if not self.private:
+      return mean_over_examples()
+    return optax.with_extra_args_support(
+      noise.gaussian_privatizer(
+        self.noise_multiplier,
+        self.sensitivity,
+        self.expected_batch_size,
+        key=self._secret().noise_key(self.attempt),
+      )
+    )
+
+  def with_noise_key(self, opt_state: PyTree) -> PyTree:
+    """``opt_state`` (restored from a checkpoint) with this attempt's noise key."""
+    key = self._secret().noise_key(self.attempt)
+    is_state = lambda s: isinstance(s, noise.PrivatizerState)
+    return jax.tree_util.tree_map(
+      lambda s: s._replace(key=key) if is_state(s) else s, opt_state, is_leaf=is_state
+    )
+
+  # Accounting and the budget.
+
+  def segment(self, steps: int = 1) -> accounting.Segment:
+    """``steps`` steps of this mechanism, as the ledger records them."""
+    return accounting.Segment(
+      sampling_prob=self.sampling_prob,
+      noise_multiplier=self.noise_multiplier,
+      steps=steps,
+      dataset_size=self.dataset_size,
+      max_batch_size=self.spec.max_batch_size,
+    )
+
+  def empty_ledger(self) -> accounting.PrivacyLedger:
+    return accounting.PrivacyLedger(accountant=self.spec.accountant)
+
+  def record(self, ledger: accounting.PrivacyLedger, steps: int = 1) -> accounting.PrivacyLedger:
+    """The ledger after ``steps`` more steps of this mechanism."""
+    return ledger.record(self.segment(steps))
+
+  def epsilon(self, ledger: accounting.PrivacyLedger) -> float:
+    """ε(δ) of everything ``ledger`` recorded (inf once a non-private step is in it)."""
+    return ledger.epsilon(self.delta)
+
+  def epsilon_replace_one(self, ledger: accounting.PrivacyLedger) -> float:
+    """ε(δ) of ``ledger`` under replace-one neighbours (N fixed)."""
+    return ledger.epsilon_replace_one(self.delta)
+
+  def planned_epsilon(self) -> float:
+    """ε(δ) of the planned steps from an empty ledger."""
+    return self.epsilon(self.record(self.empty_ledger(), self.steps))
+
+  def steps_within_budget(self, ledger: accounting.PrivacyLedger, wanted: int) -> int:
+    """The largest k <= wanted with ε(ledger + k steps) <= the budget (wanted if no budget)."""
+    wanted = max(int(wanted), 0)
+    if self.epsilon_budget is None or wanted == 0:
+      return wanted
+    fits = lambda k: self.epsilon(self.record(ledger, k)) <= self.epsilon_budget
+    if fits(wanted):
+      return wanted
+    lo, hi = 0, wanted  # not fits(hi); lo fits unless the ledger is already over
+    if not fits(lo):
+      return 0
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+  # What may be published about it.
+
+  @property
+  def guarantee(self) -> str:
+    if not self.private:
+      return "none (dp.enabled is False)"
+    if self.secret is not None and not self.secret.secure:
+      return "none (fixed noise seed)"
+    return (
+      "(epsilon, delta)-DP for add/remove of one training example, for everything "
+      "computed from the released parameters"
+    )
+
+  def public_facts(self) -> dict[str, Any]:
+    """The plan, as ``summary.json`` and checkpoints state it (all public: no secret)."""
+    stddev = self.noise_multiplier
+    return {
+      "dp": self.private,
+      "guarantee": self.guarantee,
+      "neighboring_relation": accounting.NEIGHBORING_RELATION,
+      "delta": self.delta,
+      "noise_multiplier": self.noise_multiplier,
+      "sampling_prob": self.sampling_prob,
+      "dataset_size": self.dataset_size,
+      "expected_batch_size": self.expected_batch_size,
+      "planned_steps": self.steps,
+      "accountant": self.spec.accountant if self.private else None,
+      "target_epsilon": self.spec.target_epsilon if self.calibrated else None,
+      "epsilon_budget": self.epsilon_budget,
+      "sigma_from": (
+        "calibrated to target_epsilon" if self.calibrated else "given" if self.private else None
+      ),
+      "clip_rule": repr(self.spec.clip) if self.private else None,
+      "sensitivity": self.sensitivity if self.private else None,
+      "noise": {
+        "generator": "ChaCha20 keystream, 96 bits per draw, inverse CDF",
+        "max_abs_normal": noise.MAX_ABS_NORMAL,
+        "snap_grid_over_sigma_times_sensitivity": 2.0**-noise.SNAP_BITS if stddev else 0,
+        "tail_probability": noise.tail_probability(stddev, self.steps) if stddev else None,
+      },
+    }
+
+
+def make_mechanism(
+  spec: MechanismSpec,
+  *,
+  dataset_size: int,
+  expected_batch_size: float,
+  steps: int,
+) -> Mechanism:
+  """Calibrates the mechanism of a run: δ, σ and the budget, from ``spec`` and N, B, steps.
+
+  The result has no secret yet; :meth:`Mechanism.keyed` adds it.
+
+  Raises:
+    ValueError: a value outside its range (the message names it), a target no σ
+      reaches, or a σ too small for the noise generator's tails.
+  """
+  n = _validation.require_int_in("dataset_size", dataset_size, 2)
+  b = _validation.require_positive("batch_size", expected_batch_size)
+  if b > n:
+    raise ValueError(f"batch_size must be in (0, dataset_size={n}] (got {expected_batch_size:g})")
+  _validation.require_int_in("steps", steps, 1)
+  if not spec.private:
+    return Mechanism(spec, n, b, steps, accounting.default_delta(n), 0.0, None)
+  delta = accounting.default_delta(n) if spec.delta is None else spec.delta
+  _validation.require_delta(delta, n)
+  if spec.noise_multiplier is not None:
+    sigma = _validation.require_non_negative("noise_multiplier", spec.noise_multiplier)
+    budget = spec.epsilon_budget
+  else:
+    if spec.target_epsilon is None:
+      raise ValueError("epsilon (the target) or noise_multiplier must be given")
+    sigma = accounting.calibrate_noise(
+      spec.target_epsilon,
+      delta,
+      b / n,
+      steps,
+      spec.accountant,
+      dataset_size=n,
+      max_batch_size=spec.max_batch_size,
+    )
+    budget = spec.target_epsilon if spec.epsilon_budget is None else spec.epsilon_budget
+  if budget is not None:
+    _validation.require_positive("epsilon_budget", budget)
+  tail = noise.tail_probability(sigma, steps)
+  if sigma > 0 and tail > MAX_TAIL_FRACTION_OF_DELTA * delta:
+    raise ValueError(
+      f"noise_multiplier={sigma:.4g} is too small for the noise generator's tails "
+      f"(P(tail event) = {tail:.2g} over {steps} steps must be below 1e-3·delta = "
+      f"{1e-3 * delta:.2g}); use σ >= 0.3"
+    )
+  return Mechanism(spec, n, b, steps, delta, sigma, budget)
+
+
+def privatizer_template(spec: MechanismSpec) -> optax.GradientTransformationExtraArgs:
+  """A privatizer whose state has the structure of ``spec``'s (to restore a checkpoint into).
+
+  Its noise scale and key are placeholders: never train with it.
+  """
+  if not spec.private:
+    return mean_over_examples()
+  placeholder_key = np.zeros(8, np.uint32)  # a 256-bit ChaCha20 key
+  return optax.with_extra_args_support(
+    noise.gaussian_privatizer(1.0, 1.0, 1.0, key=placeholder_key)
+  )

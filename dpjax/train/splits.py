@@ -1,0 +1,112 @@
+"""The training and evaluation splits of a run: sources, encoding, the kept subset, digests."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from dpjax import data as data_lib
+from dpjax.train.config import ConfigError
+
+
+@dataclasses.dataclass
+class Split:
+  """An encoded dataset restricted to ``indices`` (the examples that make up the split)."""
+
+  encoded: data_lib.EncodedDataset
+  indices: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def batch(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Arrays of the examples at ``positions`` (indices into this split)."""
+    return self.encoded.batch(self.indices[positions])
+
+
+def source_for(spec: str, c: ml_collections.ConfigDict) -> data_lib.Source:
+  """``sst2:<split>`` or a path to a .tsv/.csv/.jsonl file -> a random-access source."""
+  if spec.startswith("sst2:"):
+    return data_lib.sst2(spec.split(":", 1)[1])
+  if not Path(spec).is_file():
+    raise ConfigError(
+      f"data file {spec!r} not found (config.data.train / config.data.eval take "
+      "sst2:train, sst2:validation or a .tsv/.csv/.jsonl path)"
+    )
+  return data_lib.TextFileSource(
+    spec,
+    text_field=c.data.text_field,
+    label_field=c.data.label_field,
+    num_labels=c.data.num_labels,
+    skip_bad_rows=c.data.skip_bad_rows,
+  )
+
+
+def template_for(c: ml_collections.ConfigDict) -> data_lib.PromptTemplate | None:
+  if c.model.task != "label_words":
+    return None
+  return data_lib.PromptTemplate(c.data.template, tuple(c.data.label_words))
+
+
+def load_split(
+  spec: str,
+  tokenizer,
+  c: ml_collections.ConfigDict,
+  cache_dir: Path | None,
+  *,
+  fraction: float = 1.0,
+  limit: int | None = None,
+  seed: int = 0,
+) -> Split:
+  """Encodes a source and keeps a subset of its rows.
+
+  ``fraction`` < 1 keeps the rows whose :func:`row_hash` is below it: a row is in
+  or out by its own content (and the seed), so adding or removing one row of
+  the file changes the subset by at most that row (the add/remove guarantee
+  carries over from the subset to the file). ``limit`` (if given) keeps that many
+  random rows (for public evaluation splits only: one row more in the file
+  reshuffles the choice).
+  """
+  encoded = data_lib.encode(
+    source_for(spec, c),
+    tokenizer,
+    c.data.max_length,
+    buckets=tuple(c.data.buckets),
+    template=template_for(c),
+    cache_dir=cache_dir,
+  )
+  if encoded.labels is None:
+    raise ConfigError(f"{spec} has no labels (config.data.label_field={c.data.label_field!r})")
+  indices = np.arange(len(encoded))
+  if fraction < 1:
+    threshold = int(fraction * 2**64)
+    indices = np.array([i for i in indices if row_hash(encoded, i, seed) < threshold], np.int64)
+    if len(indices) < 2:
+      raise ConfigError(
+        f"config.data.train_fraction={fraction:g} keeps {len(indices)} of the "
+        f"{len(encoded)} rows of {spec}; it must keep at least 2"
+      )
+  if limit is not None and 0 < limit < len(indices):
+    indices = np.sort(np.random.default_rng(seed).choice(indices, limit, replace=False))
+  return Split(encoded, indices)
+
+
+def row_hash(encoded: data_lib.EncodedDataset, index: int, seed: int) -> int:
+  """A 64-bit hash of row ``index``'s tokens and label, keyed by ``seed``."""
+  digest = hashlib.blake2b(digest_size=8, key=str(seed).encode())
+  digest.update(encoded.token_ids(index).tobytes())
+  digest.update(np.asarray(encoded.labels[index]).tobytes())
+  return int.from_bytes(digest.digest(), "little")
+
+
+def data_digest(split: Split) -> bytes:
+  """sha256 of the split's rows (tokens and labels, in order): what training reads."""
+  digest = hashlib.sha256()
+  for i in split.indices:
+    digest.update(split.encoded.token_ids(int(i)).tobytes())
+    digest.update(np.asarray(split.encoded.labels[int(i)]).tobytes())
+  return digest.digest()

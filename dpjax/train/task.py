@@ -1,0 +1,187 @@
+"""The classification task of a run: model, parameters, per-example loss and evaluation.
+
+The training loop reaches the model only through this module: :func:`build`
+gives the task model, its (trainable, frozen) parameters and the tokenizer;
+:func:`loss` the per-example loss the mechanism clips; :func:`evaluate` the
+public metrics on a held-out split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tokenizers
+
+from dpjax.models import bert, heads, lora, pretrained
+from dpjax.train import splits
+from dpjax.train.config import ConfigError, lora_config
+
+PyTree = Any
+
+
+def backbone_for(c: ml_collections.ConfigDict):
+  """(backbone config, pretrained backbone params or None, head params, tokenizer)."""
+  if c.model.name == "tiny":
+    _, _, tokenizer = pretrained.load("minilm")
+    hidden = c.model.tiny_hidden
+    config = bert.BertConfig(
+      hidden_size=hidden,
+      num_hidden_layers=c.model.tiny_layers,
+      num_attention_heads=max(1, hidden // 16),
+      intermediate_size=4 * hidden,
+    )
+    return config, None, {}, tokenizer
+  path = pretrained.resolve(c.model.name)
+  model, params, tokenizer = pretrained.load(path)
+  if not isinstance(model.config, bert.BertConfig):
+    raise ConfigError(
+      f"config.model.name={c.model.name!r} is a {model.config.model_type} model; "
+      "the classification tasks need a BERT-family encoder"
+    )
+  return model.config, params, pretrained.load_head_params(path), tokenizer
+
+
+def task_model(
+  c: ml_collections.ConfigDict, backbone: bert.BertConfig, label_word_ids: tuple[int, ...] | None
+):
+  if c.model.dropout:
+    backbone = dataclasses.replace(
+      backbone,
+      hidden_dropout_prob=float(c.model.dropout),
+      attention_probs_dropout_prob=float(c.model.dropout),
+    )
+  lora_cfg = lora_config(c, backbone.model_type)
+  if c.model.task == "label_words":
+    return heads.LabelWordClassifier(backbone, tuple(label_word_ids), lora=lora_cfg)
+  return heads.SequenceClassifier(backbone, c.data.num_labels, c.model.pooling, lora=lora_cfg)
+
+
+def init_params(
+  c: ml_collections.ConfigDict, model, example_batch, backbone_params, head_params
+) -> tuple[PyTree, PyTree]:
+  """(trainable, frozen) parameters: pretrained where available, else seeded random."""
+  rng = jax.random.PRNGKey(c.seed)
+  batch = {k: jnp.asarray(v) for k, v in example_batch.items()}
+  if backbone_params is None:
+    params = jax.jit(lambda r: model.init(r, batch)["params"])(rng)
+  else:
+    params = heads.init_with_backbone(model, rng, batch, backbone_params, head_params)
+  if c.model.train == "lora" and not lora.has_adapters(params):
+    raise ConfigError(
+      f"config.model.lora_targets must match at least one Dense module path, "
+      f"e.g. 'attention/self/query' (got {tuple(c.model.lora_targets)!r})"
+    )
+  return lora.partition(params, lora.trainable_mask(params, c.model.train))
+
+
+def label_word_ids(
+  c: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer
+) -> tuple[int, ...] | None:
+  """The token id of each label word (as the data layer computes it); None for ``classify``."""
+  template = splits.template_for(c)
+  if template is None:
+    return None
+  try:
+    return template.label_word_ids(tokenizer)
+  except ValueError as err:
+    raise ConfigError(f"config.data.label_words: {err}") from None
+
+
+def example_batch(c: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """A one-row batch with every input the task model reads (for ``init``: shapes only)."""
+  ids = np.zeros((1, 2), np.int32)
+  batch = {
+    "input_ids": ids,
+    "attention_mask": np.ones_like(ids),
+    "token_type_ids": np.zeros_like(ids),
+  }
+  if c.model.task == "label_words":
+    batch["mask_position"] = np.zeros((1,), np.int32)
+  return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A classification task: the model, its parameters and tokenizer, its loss and metrics.
+
+  Attributes:
+    model: the Flax task model (``SequenceClassifier`` or ``LabelWordClassifier``).
+    trainable: the parameters that are trained (clipped and noised under DP).
+    frozen: the parameters that are not (pretrained weights under LoRA or head-only).
+    tokenizer: the pretrained model's tokenizer (public: it never sees private data).
+  """
+
+  model: nn.Module
+  trainable: PyTree
+  frozen: PyTree
+  tokenizer: tokenizers.Tokenizer
+
+  def loss(self, frozen: PyTree | None = None) -> heads.TaskLoss:
+    """``loss(trainable, example) -> (cross-entropy, {"correct": 0/1})`` for ONE example."""
+    return heads.classification_loss(self.model, self.frozen if frozen is None else frozen)
+
+  def evaluate(self, params: PyTree, split: splits.Split, batch_size: int) -> dict[str, float]:
+    """Accuracy and mean loss of the full ``params`` over ``split`` (see :func:`evaluate`)."""
+    return evaluate(params, self.model, split, batch_size)
+
+
+def build(c: ml_collections.ConfigDict) -> Task:
+  """The task model of the config with pretrained (or seeded random) parameters.
+
+  Raises:
+    ConfigError: the model cannot be loaded or does not fit the task.
+  """
+  backbone, backbone_params, head_params, tokenizer = backbone_for(c)
+  model = task_model(c, backbone, label_word_ids(c, tokenizer))
+  trainable, frozen = init_params(c, model, example_batch(c), backbone_params, head_params)
+  return Task(model, trainable, frozen, tokenizer)
+
+
+def eval_step(
+  params: PyTree, batch: dict[str, jax.Array], mask: jax.Array, *, model: Any
+) -> dict[str, jax.Array]:
+  """Sums of loss and correct predictions over the real rows of an eval batch."""
+  logits = model.apply({"params": params}, batch)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  return {
+    "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+    "correct": jnp.sum(jnp.where(mask, correct, 0.0)),
+    "count": jnp.sum(mask).astype(jnp.float32),
+  }
+
+
+def evaluate(params: PyTree, model, split: splits.Split, batch_size: int) -> dict[str, float]:
+  """Accuracy and mean loss over a split, in fixed-size padded batches.
+
+  Examples are visited shortest first, so each batch is padded to the bucket of
+  its own longest example rather than of the split's (the sums do not depend on
+  the order).
+  """
+  if len(split) == 0:
+    return {"accuracy": float("nan"), "loss": float("nan"), "count": 0}
+  fn = jax.jit(functools.partial(eval_step, model=model))
+  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  by_length = np.argsort(split.encoded.lengths[split.indices], kind="stable")
+  for start in range(0, len(split), batch_size):
+    positions = by_length[start : start + batch_size]
+    mask = np.zeros(batch_size, bool)
+    mask[: len(positions)] = True
+    # Padding rows repeat the batch's first (shortest) example: they never lengthen it.
+    padded = np.concatenate([positions, np.full(batch_size - len(positions), positions[0])])
+    out = fn(params, split.batch(padded), mask)
+    for key in totals:
+      totals[key] += float(out[key])
+  return {
+    "accuracy": totals["correct"] / totals["count"],
+    "loss": totals["loss_sum"] / totals["count"],
+    "count": int(totals["count"]),
+  }
