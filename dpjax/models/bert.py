@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dpjax.models import layers
+from dpjax.privacy import taps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +247,6 @@ class BertMaskedLMHead(nn.Module):
     h = layers.LayerNorm(c.layer_norm_eps, name="LayerNorm")(h)
     bias = self.param("bias", nn.initializers.zeros, (c.vocab_size,), jnp.float32)
     if vocab_ids is not None:
-      self.sow(layers.TAPS, "bias_rows", vocab_ids)
+      self.sow(taps.TAPS, taps.BIAS_ROWS, vocab_ids)
       bias = jnp.take(bias, vocab_ids)
-    return layers.perturb_output(self, "logits", decoder(h, vocab_ids) + bias.astype(h.dtype))
+    return layers.perturb_output(self, taps.LOGITS, decoder(h, vocab_ids) + bias.astype(h.dtype))

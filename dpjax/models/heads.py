@@ -25,6 +25,7 @@ import optax
 from flax import traverse_util
 
 from dpjax.models import bert, gpt2, layers, lora
+from dpjax.privacy import taps
 
 PyTree = Any
 POOLINGS = ("cls", "mean", "pooler")
@@ -135,22 +136,22 @@ class TaskLoss:
     rngs = {} if keys is None else {"dropout": keys[0]}
     args, kwargs = self.inputs({k: v for k, v in batch.items() if k != "dropout_key"})
     outputs, state = self.model.apply(
-      {"params": full, layers.PERTURBATIONS: perturbations},
+      {"params": full, taps.PERTURBATIONS: perturbations},
       *args,
       deterministic=keys is None,
       rngs=rngs,
-      mutable=[layers.TAPS],
+      mutable=[taps.TAPS],
       **kwargs,
     )
     losses, aux = jax.vmap(self.row_loss)(outputs, batch)
-    return losses, aux, state.get(layers.TAPS, {}), full
+    return losses, aux, state.get(taps.TAPS, {}), full
 
   def perturbation_shapes(self, params: PyTree, batch: Mapping[str, jax.Array]) -> PyTree:
     args, kwargs = self.inputs({k: v for k, v in batch.items() if k != "dropout_key"})
     shapes = jax.eval_shape(
       lambda: self.model.init(jax.random.PRNGKey(0), *args, deterministic=True, **kwargs)
     )
-    return shapes.get(layers.PERTURBATIONS, {})
+    return shapes.get(taps.PERTURBATIONS, {})
 
 
 def _batch_dict(batch: Mapping[str, jax.Array]) -> tuple[tuple, dict]:

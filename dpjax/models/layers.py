@@ -6,10 +6,10 @@ and output gradients (per-example norms without per-example gradients, see
 :mod:`dpjax.privacy.bookkeeping`) can observe all of them in one place:
 
 * what the weight gradient needs from the forward pass is sown into the
-  ``"taps"`` collection (``sow`` is a no-op unless that collection is mutable):
-  ``Dense`` ``in`` (its input; ``lora_scale`` α/r with adapters), ``Embed`` ``ids``
-  (looked-up rows) and, for a
-  tied output layer, ``attend_in``/``attend_rows``, ``LayerNorm`` ``normalized``;
+  ``TAPS`` collection (``sow`` is a no-op unless that collection is mutable)
+  under the names of the tap schema, :mod:`dpjax.privacy.taps` (``Dense``: its
+  input and the LoRA scale; ``Embed``: looked-up ids and, as a tied output
+  layer, its input and rows; ``LayerNorm``: the normalized input);
 * the layer output goes through :func:`perturb_output`, whose gradient is ∂L/∂y
   (a no-op unless a ``"perturbations"`` collection holding that entry is
   passed, so a backend can ask for the output gradients of trained layers only
@@ -21,43 +21,13 @@ y = x W + b + (α / r) · x A B, with A [d_in, r], B [r, d_out] and B = 0 at ini
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-TAPS = "taps"
-PERTURBATIONS = "perturbations"
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """Low-rank adapters on the Dense layers whose module path matches ``targets``.
-
-  Attributes:
-    rank: r >= 1.
-    alpha: scale numerator; the adapter output is multiplied by alpha / rank.
-    targets: regular expressions searched in the Dense module path, e.g.
-      ``("attention/self/(query|value)",)`` for BERT or ``("attn/c_attn",)`` for GPT-2.
-  """
-
-  rank: int = 8
-  alpha: float = 16.0
-  targets: tuple[str, ...] = ("query", "value")
-
-  def __post_init__(self):
-    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"lora rank must be an integer >= 1 (got {self.rank!r})")
-    if not self.alpha > 0:
-      raise ValueError(f"lora alpha must be > 0 (got {self.alpha!r})")
-    object.__setattr__(self, "targets", tuple(self.targets))
-
-  def applies_to(self, path: Sequence[str]) -> bool:
-    joined = "/".join(path)
-    return any(re.search(t, joined) for t in self.targets)
+from dpjax.models.lora import LoraConfig
+from dpjax.privacy import taps
+from dpjax.privacy.taps import PERTURBATIONS, TAPS
 
 
 def perturb_output(module: nn.Module, name: str, value: jax.Array) -> jax.Array:
@@ -85,7 +55,7 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    self.sow(TAPS, "in", x)
+    self.sow(TAPS, taps.DENSE_INPUT, x)
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     dtype = self.dtype or x.dtype
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
@@ -96,11 +66,11 @@ class Dense(nn.Module):
         "lora_a", nn.initializers.he_uniform(), (x.shape[-1], self.lora.rank), jnp.float32
       )
       b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), jnp.float32)
-      self.sow(TAPS, "lora_scale", jnp.float32(self.lora.alpha / self.lora.rank))
+      self.sow(TAPS, taps.LORA_SCALE, jnp.float32(self.lora.alpha / self.lora.rank))
       y = y + (self.lora.alpha / self.lora.rank) * jnp.dot(
         jnp.dot(x.astype(dtype), a.astype(dtype)), b.astype(dtype)
       )
-    return perturb_output(self, "out", y)
+    return perturb_output(self, taps.OUTPUT, y)
 
 
 class Embed(nn.Module):
@@ -116,8 +86,8 @@ class Embed(nn.Module):
     )
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    self.sow(TAPS, "ids", ids)
-    return perturb_output(self, "out", jnp.take(self.embedding, ids, axis=0))
+    self.sow(TAPS, taps.EMBED_IDS, ids)
+    return perturb_output(self, taps.OUTPUT, jnp.take(self.embedding, ids, axis=0))
 
   def attend(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
     """x · Eᵀ: logits over the vocabulary (a tied output layer).
@@ -127,12 +97,12 @@ class Embed(nn.Module):
       rows: optional [k] row ids; the logits are then over those rows only,
         x · E[rows]ᵀ (e.g. the label words of a prompt), at O(k·features).
     """
-    self.sow(TAPS, "attend_in", x)
+    self.sow(TAPS, taps.ATTEND_INPUT, x)
     table = self.embedding
     if rows is not None:
-      self.sow(TAPS, "attend_rows", rows)
+      self.sow(TAPS, taps.ATTEND_ROWS, rows)
       table = jnp.take(table, rows, axis=0)
-    return perturb_output(self, "attend_out", jnp.dot(x, table.T.astype(x.dtype)))
+    return perturb_output(self, taps.ATTEND_OUTPUT, jnp.dot(x, table.T.astype(x.dtype)))
 
 
 class LayerNorm(nn.Module):
@@ -157,9 +127,9 @@ class LayerNorm(nn.Module):
     centered = x32 - mean
     var = jnp.mean(jnp.square(centered), -1, keepdims=True)
     normalized = (centered * jax.lax.rsqrt(var + self.epsilon)).astype(x.dtype)
-    self.sow(TAPS, "normalized", normalized)
+    self.sow(TAPS, taps.NORMALIZED, normalized)
     y = normalized * scale.astype(x.dtype) + bias.astype(x.dtype)
-    return perturb_output(self, "out", y)
+    return perturb_output(self, taps.OUTPUT, y)
 
 
 def additive_attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Which parameters train: LoRA adapters, heads, or everything; and the split into two trees.
+"""LoRA adapters and which parameters train (adapters, heads, or everything): two trees.
 
 DP rule: frozen parameters are neither clipped nor noised. The cleanest way to
 guarantee it is to never differentiate them: :func:`partition` splits the
@@ -9,13 +9,40 @@ a ``frozen`` tree that the loss closes over as constants.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from flax import traverse_util
 
-from dpjax.models.layers import LoraConfig
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the Dense layers whose module path matches ``targets``.
+
+  Attributes:
+    rank: r >= 1.
+    alpha: scale numerator; the adapter output is multiplied by alpha / rank.
+    targets: regular expressions searched in the Dense module path, e.g.
+      ``("attention/self/(query|value)",)`` for BERT or ``("attn/c_attn",)`` for GPT-2.
+  """
+
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("query", "value")
+
+  def __post_init__(self):
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"lora rank must be an integer >= 1 (got {self.rank!r})")
+    if not self.alpha > 0:
+      raise ValueError(f"lora alpha must be > 0 (got {self.alpha!r})")
+    object.__setattr__(self, "targets", tuple(self.targets))
+
+  def applies_to(self, path: Sequence[str]) -> bool:
+    joined = "/".join(path)
+    return any(re.search(t, joined) for t in self.targets)
+
 
 PyTree = Any
 LORA_LEAVES = ("lora_a", "lora_b")

@@ -25,12 +25,15 @@ folded into P (Bu et al. 2022, "book-keeping"): there is no second backward pass
 and no [B, m, n] tensor for layers where the ghost norm is cheaper.
 
 Norms and sums are computed in float32 whatever the compute dtype. A model
-supports this backend when it exposes its layers through the taps of
-:mod:`dpjax.models.layers` and its loss implements :class:`TappedLoss`.
+supports this backend when its layers report through the schema of
+:mod:`dpjax.privacy.taps` (as those of :mod:`dpjax.models.layers` do) and its
+loss implements :class:`TappedLoss`. Each layer kind is one entry of
+:data:`LAYER_KINDS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -38,11 +41,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from dpjax.privacy import clipping
+from dpjax.privacy import clipping, taps
 
 PyTree = Any
-TAPS = "taps"
-PERTURBATIONS = "perturbations"
 
 
 @runtime_checkable
@@ -187,8 +188,8 @@ class BookkeepingError(ValueError):
   """The model cannot run under the book-keeping backend (use ``backend="vmap"``)."""
 
 
-def _one_use(taps: Mapping[str, Any], name: str, where: str):
-  value = taps.get(name)
+def _one_use(sown: Mapping[str, Any], name: str, where: str):
+  value = sown.get(name)
   if value is None:
     return None
   if len(value) != 1:
@@ -199,78 +200,134 @@ def _one_use(taps: Mapping[str, Any], name: str, where: str):
   return value[0]
 
 
-def _layer_grads(
-  where: str,
-  params: Mapping[str, jax.Array],
-  taps: Mapping[str, Any],
-  douts: Mapping[str, jax.Array],
-  trained: set[str],
-) -> dict[str, Any]:
-  """The per-example gradient objects of the trained leaves of one layer."""
+@dataclasses.dataclass(frozen=True)
+class LayerUse:
+  """What one layer left in a batched forward/backward pass.
+
+  Attributes:
+    where: the layer's module path, e.g. ``"backbone/encoder/layer_0/output/dense"``.
+    params: its parameters (trained and frozen) by leaf name.
+    taps: its sown values by tap name (one entry per use of the layer).
+    douts: ∂L/∂(perturbed output) by output name.
+    trained: the leaf names being trained.
+  """
+
+  where: str
+  params: Mapping[str, jax.Array]
+  taps: Mapping[str, Any]
+  douts: Mapping[str, jax.Array]
+  trained: frozenset[str]
+
+  def tap(self, name: str):
+    """The single use of tap ``name`` (None if absent); a layer used twice is refused."""
+    return _one_use(self.taps, name, self.where)
+
+
+def _dense_grads(use: LayerUse) -> dict[str, Any]:
+  """Dense: kernel = xᵀ dy (linear), bias = Σ_t dy (direct), LoRA A and B (linear)."""
   out: dict[str, Any] = {}
-  x = _one_use(taps, "in", where)
-  if x is not None:  # Dense
-    dy = douts["out"]
-    if "kernel" in trained:
-      out["kernel"] = LinearGrad(x, dy)
-    if "bias" in trained:
-      out["bias"] = DirectGrad(jnp.sum(_f32(_rows_2d(dy)), 1))
-    if "lora_a" in trained or "lora_b" in trained:
-      scale = _one_use(taps, "lora_scale", where)
-      a, b = _f32(params["lora_a"]), _f32(params["lora_b"])
-      xf, dyf = _f32(x), _f32(dy)
-      if "lora_a" in trained:  # ∂/∂A = s · xᵀ (dy Bᵀ)
-        out["lora_a"] = LinearGrad(xf, scale * jnp.einsum("...o,ro->...r", dyf, b))
-      if "lora_b" in trained:  # ∂/∂B = s · (x A)ᵀ dy
-        out["lora_b"] = LinearGrad(scale * jnp.einsum("...i,ir->...r", xf, a), dyf)
-    return out
-  normalized = _one_use(taps, "normalized", where)
-  if normalized is not None:  # LayerNorm
-    dy = _f32(_rows_2d(douts["out"]))
-    if "scale" in trained:
-      out["scale"] = DirectGrad(jnp.sum(dy * _f32(_rows_2d(normalized)), 1))
-    if "bias" in trained:
-      out["bias"] = DirectGrad(jnp.sum(dy, 1))
-    return out
-  ids = _one_use(taps, "ids", where)
-  attend_in = _one_use(taps, "attend_in", where)
-  if ids is not None or attend_in is not None:  # Embed: lookup and/or tied output layer
-    table = params["embedding"]
-    rows, values, dense = [], [], None
-    if ids is not None:
-      dy = douts["out"]
-      rows.append(ids.reshape(ids.shape[0], -1))
-      values.append(_rows_2d(_f32(dy)))
-    if attend_in is not None:
-      dlogits = _f32(_rows_2d(douts["attend_out"]))
-      x = _f32(_rows_2d(attend_in))
-      chosen = _one_use(taps, "attend_rows", where)
-      if chosen is None:
-        dense = LinearGrad(dlogits, x)
-      else:  # Row j of the restricted table gets Σ_s dlogits[s, j] x_s.
-        rows.append(jnp.broadcast_to(chosen, (x.shape[0], chosen.shape[0])))
-        values.append(jnp.einsum("bsk,bsh->bkh", dlogits, x))
-    if "embedding" in trained:
-      out["embedding"] = TableGrad(
-        jnp.concatenate(rows, 1) if rows else None,
-        jnp.concatenate(values, 1) if values else None,
-        dense,
-        table.shape[0],
-      )
-    return out
-  if "logits" in douts and "bias" in params:  # Output bias of an MLM head, maybe gathered.
-    if "bias" in trained:
-      dlogits = jnp.sum(_f32(_rows_2d(douts["logits"])), 1)  # [B, k or V]
-      chosen = _one_use(taps, "bias_rows", where)
-      if chosen is not None:
-        dlogits = (
-          jnp.zeros((dlogits.shape[0], params["bias"].shape[0]), jnp.float32)
-          .at[:, chosen]
-          .add(dlogits)
-        )
-      out["bias"] = DirectGrad(dlogits)
-    return out
+  x, dy = use.tap(taps.DENSE_INPUT), use.douts[taps.OUTPUT]
+  if "kernel" in use.trained:
+    out["kernel"] = LinearGrad(x, dy)
+  if "bias" in use.trained:
+    out["bias"] = DirectGrad(jnp.sum(_f32(_rows_2d(dy)), 1))
+  if "lora_a" in use.trained or "lora_b" in use.trained:
+    scale = use.tap(taps.LORA_SCALE)
+    a, b = _f32(use.params["lora_a"]), _f32(use.params["lora_b"])
+    xf, dyf = _f32(x), _f32(dy)
+    if "lora_a" in use.trained:  # ∂/∂A = s · xᵀ (dy Bᵀ)
+      out["lora_a"] = LinearGrad(xf, scale * jnp.einsum("...o,ro->...r", dyf, b))
+    if "lora_b" in use.trained:  # ∂/∂B = s · (x A)ᵀ dy
+      out["lora_b"] = LinearGrad(scale * jnp.einsum("...i,ir->...r", xf, a), dyf)
   return out
+
+
+def _layer_norm_grads(use: LayerUse) -> dict[str, Any]:
+  """LayerNorm: scale = Σ_t dy ⊙ x̂, bias = Σ_t dy (both direct)."""
+  out: dict[str, Any] = {}
+  dy = _f32(_rows_2d(use.douts[taps.OUTPUT]))
+  if "scale" in use.trained:
+    out["scale"] = DirectGrad(jnp.sum(dy * _f32(_rows_2d(use.tap(taps.NORMALIZED))), 1))
+  if "bias" in use.trained:
+    out["bias"] = DirectGrad(jnp.sum(dy, 1))
+  return out
+
+
+def _embed_grads(use: LayerUse) -> dict[str, Any]:
+  """Embed: lookup rows and/or a tied output layer, merged into one table gradient."""
+  if "embedding" not in use.trained:
+    return {}
+  ids, attend_in = use.tap(taps.EMBED_IDS), use.tap(taps.ATTEND_INPUT)
+  rows, values, dense = [], [], None
+  if ids is not None:
+    rows.append(ids.reshape(ids.shape[0], -1))
+    values.append(_rows_2d(_f32(use.douts[taps.OUTPUT])))
+  if attend_in is not None:
+    dlogits = _f32(_rows_2d(use.douts[taps.ATTEND_OUTPUT]))
+    x = _f32(_rows_2d(attend_in))
+    chosen = use.tap(taps.ATTEND_ROWS)
+    if chosen is None:
+      dense = LinearGrad(dlogits, x)
+    else:  # Row j of the restricted table gets Σ_s dlogits[s, j] x_s.
+      rows.append(jnp.broadcast_to(chosen, (x.shape[0], chosen.shape[0])))
+      values.append(jnp.einsum("bsk,bsh->bkh", dlogits, x))
+  table_rows = use.params["embedding"].shape[0]
+  return {
+    "embedding": TableGrad(
+      jnp.concatenate(rows, 1) if rows else None,
+      jnp.concatenate(values, 1) if values else None,
+      dense,
+      table_rows,
+    )
+  }
+
+
+def _output_bias_grads(use: LayerUse) -> dict[str, Any]:
+  """The output bias of a decoder: Σ_t ∂L/∂logits_t, scattered to its rows if restricted."""
+  if "bias" not in use.trained:
+    return {}
+  dlogits = jnp.sum(_f32(_rows_2d(use.douts[taps.LOGITS])), 1)  # [B, k or V]
+  chosen = use.tap(taps.BIAS_ROWS)
+  if chosen is not None:
+    vocab = use.params["bias"].shape[0]
+    dlogits = jnp.zeros((dlogits.shape[0], vocab), jnp.float32).at[:, chosen].add(dlogits)
+  return {"bias": DirectGrad(dlogits)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+  """A kind of tapped layer: the taps or outputs that mark it, and its gradient rule.
+
+  Attributes:
+    name: for messages.
+    markers: tap or output names (:mod:`dpjax.privacy.taps`); a layer is of this
+      kind if it left any of them.
+    grads: ``LayerUse -> {trained leaf name: LinearGrad | DirectGrad | TableGrad}``.
+  """
+
+  name: str
+  markers: tuple[str, ...]
+  grads: Callable[[LayerUse], dict[str, Any]]
+
+  def matches(self, use: LayerUse) -> bool:
+    return any(m in use.taps or m in use.douts for m in self.markers)
+
+
+#: Every layer kind the backend understands, tried in order (the first match wins).
+LAYER_KINDS: tuple[LayerKind, ...] = (
+  LayerKind("Dense", (taps.DENSE_INPUT,), _dense_grads),
+  LayerKind("LayerNorm", (taps.NORMALIZED,), _layer_norm_grads),
+  LayerKind("Embed", (taps.EMBED_IDS, taps.ATTEND_INPUT), _embed_grads),
+  LayerKind("output bias", (taps.LOGITS,), _output_bias_grads),
+)
+
+
+def _layer_grads(use: LayerUse) -> dict[str, Any]:
+  """The per-example gradient objects of the trained leaves of one layer ({} if untapped)."""
+  for kind in LAYER_KINDS:
+    if kind.matches(use):
+      return kind.grads(use)
+  return {}
 
 
 def _leaves_by_layer(tree: PyTree) -> dict[str, dict[str, Any]]:
@@ -315,24 +372,26 @@ def clipped_sum(
   perturbations = trained_perturbations(loss_fn.perturbation_shapes(params, batch), params)
 
   def summed_loss(perturbations):
-    losses, aux, taps, full = loss_fn.batched(params, batch, perturbations)
-    return jnp.sum(jnp.where(mask, losses, 0.0)), (losses, aux, taps, full)
+    losses, aux, sown, full = loss_fn.batched(params, batch, perturbations)
+    return jnp.sum(jnp.where(mask, losses, 0.0)), (losses, aux, sown, full)
 
-  douts, (losses, loss_aux, taps, full) = jax.grad(summed_loss, has_aux=True)(perturbations)
+  douts, (losses, loss_aux, sown, full) = jax.grad(summed_loss, has_aux=True)(perturbations)
   if not has_aux:
     loss_aux = None
   trained = _leaves_by_layer(params)
   full_layers = _leaves_by_layer(full)
-  tap_layers = _leaves_by_layer(taps)
+  tap_layers = _leaves_by_layer(sown)
   dout_layers = _leaves_by_layer(douts)
   grads: dict[str, Any] = {}
   for where, leaves in trained.items():
     found = _layer_grads(
-      where,
-      full_layers.get(where, {}),
-      tap_layers.get(where, {}),
-      dout_layers.get(where, {}),
-      set(leaves),
+      LayerUse(
+        where,
+        full_layers.get(where, {}),
+        tap_layers.get(where, {}),
+        dout_layers.get(where, {}),
+        frozenset(leaves),
+      )
     )
     for name in leaves:
       if name not in found:

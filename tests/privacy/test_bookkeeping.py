@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from dpjax import privacy
 from dpjax.models import gpt2, heads, layers, lora
-from dpjax.privacy import bookkeeping
+from dpjax.privacy import bookkeeping, taps
 from tests.models.test_models import TINY_BERT, TINY_GPT2, task, text_batch
 
 RULES = {
@@ -204,3 +205,29 @@ def test_auto_falls_back_to_vmap_and_bookkeeping_explains_what_it_cannot_run():
   assert privacy.clipped_grad(make_loss(model), 1.0).resolved_backend(params, batch) == (
     "bookkeeping"
   )
+
+
+def _schema_names() -> set[str]:
+  return {
+    value
+    for name, value in vars(taps).items()
+    if name.isupper() and name not in ("TAPS", "PERTURBATIONS") and isinstance(value, str)
+  }
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_models_write_only_names_of_the_tap_schema_and_every_kind_is_registered(kind):
+  """The protocol between models and the backend is the schema module, nothing implicit."""
+  model, params, batch, make_loss = task(kind)
+  loss = make_loss(model)
+  shapes = loss.perturbation_shapes(params, batch)
+  _, _, sown, _ = loss.batched(params, batch, bookkeeping.trained_perturbations(shapes, params))
+  written = {path[-1] for path in traverse_util.flatten_dict(sown)}
+  written |= {path[-1] for path in traverse_util.flatten_dict(shapes)}
+  assert written and written <= _schema_names()
+  # Every layer that owns a parameter is claimed by exactly the registry (no name left over).
+  markers = {m for k in bookkeeping.LAYER_KINDS for m in k.markers}
+  by_layer = {}
+  for path in list(traverse_util.flatten_dict(sown)) + list(traverse_util.flatten_dict(shapes)):
+    by_layer.setdefault(path[:-1], set()).add(path[-1])
+  assert all(names & markers for names in by_layer.values()), by_layer
