@@ -109,3 +109,18 @@ def test_non_private_and_empty_ledgers():
 def test_bad_arguments(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+def test_memoized_pld_composition_is_dp_accountings_bit_for_bit_under_both_relations():
+  """The ledger builds each single-step PLD once; its answers equal PLDAccountant's exactly."""
+  segments = [Segment(Q, 0.8, 60, N), Segment(Q, 1.1, 40, N), Segment(2 * Q, 0.8, 7, N)]
+  ledger = PrivacyLedger()
+  for segment in segments:
+    ledger = ledger.record(segment)
+  events = [_poisson(s.sampling_prob, s.noise_multiplier, s.steps) for s in segments]
+  add_remove = pld_privacy_accountant.PLDAccountant()
+  replace_one = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
+  for acc in (add_remove, replace_one):
+    acc.compose(dp_accounting.ComposedDpEvent(events))
+  assert ledger.epsilon(DELTA) == add_remove.get_epsilon(DELTA)
+  assert ledger.epsilon_replace_one(DELTA) == replace_one.get_epsilon(DELTA)
