@@ -18,7 +18,7 @@ from absl import app, flags
 
 from dpjax import privacy
 from dpjax.data import DataError
-from dpjax.models.pretrained import CheckpointError
+from dpjax.models.pretrained import PretrainedError
 from dpjax.train import splits
 from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
@@ -59,7 +59,7 @@ def main(argv):
     sys.exit(2)
   try:
     result = evaluate_workdir(_WORKDIR.value, _DATA.value, _BATCH.value)
-  except (ConfigError, DataError, CheckpointError) as err:
+  except (ConfigError, DataError, PretrainedError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps(result))

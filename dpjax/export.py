@@ -46,7 +46,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 import dpjax
 from dpjax.models import bert, heads, layers, lora, pretrained
-from dpjax.models.pretrained import CheckpointError
+from dpjax.models.pretrained import PretrainedError
 from dpjax.train import loop
 from dpjax.train.config import ConfigError
 from dpjax.trained import Trained, load_trained
@@ -377,7 +377,7 @@ def export(workdir: str | Path, out_dir: str | Path) -> Path:
     ExportError: ``out_dir`` is not empty, ``workdir`` does not exist, or its summary.json
       does not describe its latest checkpoint.
     ConfigError: ``workdir`` is not a run or has no checkpoint.
-    CheckpointError: the run's pretrained model cannot be loaded.
+    PretrainedError: the run's pretrained model cannot be loaded.
   """
   workdir, out = Path(workdir), Path(out_dir).absolute()
   _check_out(out)
@@ -402,7 +402,7 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   try:
     out = export(FLAGS.workdir, FLAGS.out)
-  except (ExportError, ConfigError, CheckpointError) as err:
+  except (ExportError, ConfigError, PretrainedError) as err:
     print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
     sys.exit(2)
   print(out)

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from dpjax import parallel
 from dpjax.data import DataError
-from dpjax.models.pretrained import CheckpointError
+from dpjax.models.pretrained import PretrainedError
 from dpjax.train.config import ConfigError
 from dpjax.train.loop import train_and_evaluate
 
@@ -35,7 +35,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in [0
 USER_ERRORS = (
   ConfigError,
   DataError,
-  CheckpointError,
+  PretrainedError,
   ValueError,
   TypeError,
   KeyError,
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, CheckpointError, parallel.ParallelError) as err:
+  except (ConfigError, DataError, PretrainedError, parallel.ParallelError) as err:
     fail(str(err))
   if not parallel.is_main_process():
     return

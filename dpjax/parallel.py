@@ -332,18 +332,7 @@ def global_rows(
 
 def _aux_specs(sensitivity: float) -> per_example.ClippedGradAux:
   """out_specs for a ClippedGradAux: per-example fields split, totals replicated."""
-  split = P(BATCH_AXES)
-  return per_example.ClippedGradAux(
-    losses=split,
-    norms=split,
-    clipped=split,
-    mask=split,
-    num_examples=P(),
-    clipped_fraction=P(),
-    nonfinite_count=P(),
-    loss_aux=split,
-    sensitivity=sensitivity,
-  )
+  return per_example.ClippedGradAux.by_kind(P(BATCH_AXES), P(), sensitivity)
 
 
 def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:

@@ -95,7 +95,7 @@ def load_trained(workdir: str | Path) -> Trained:
 
   Raises:
     ConfigError: ``workdir`` is not a run or has no checkpoint.
-    CheckpointError: the run's pretrained model cannot be loaded.
+    PretrainedError: the run's pretrained model cannot be loaded.
   """
   workdir = Path(workdir)
   c = read_config(workdir)

@@ -24,6 +24,7 @@ from dpjax.train import loop
 from dpjax.train.config import ConfigError
 from dpjax.trained import load_trained
 from experiments import sst2
+from tests.shared_fixtures import shared_once
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ["a gorgeous , witty , seductive movie .", "dull", "it is n't a bad film at all"]
@@ -41,15 +42,18 @@ def _train(workdir: Path, token_cache: str, overrides: dict) -> Path:
   return workdir
 
 
+def _train_and_export(root: Path) -> None:
+  cache = str(root / "token_cache")
+  for name, overrides in RUNS.items():
+    workdir = _train(root / f"run_{name}", cache, overrides)
+    export_lib.export(workdir, root / name / "release")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """{name: (workdir, release directory)} of the two tiny runs, each exported once."""
-  cache = str(tmp_path_factory.mktemp("token_cache"))
-  out = {}
-  for name, overrides in RUNS.items():
-    workdir = _train(tmp_path_factory.mktemp(f"run_{name}"), cache, overrides)
-    out[name] = workdir, export_lib.export(workdir, tmp_path_factory.mktemp(name) / "release")
-  return out
+  """{name: (workdir, release directory)} of the two tiny runs, each exported once per test run."""
+  root = shared_once(tmp_path_factory, "export_runs", _train_and_export)
+  return {name: (root / f"run_{name}", root / name / "release") for name in RUNS}
 
 
 def _tensors(directory: Path) -> dict[str, np.ndarray]:

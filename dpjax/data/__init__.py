@@ -8,8 +8,7 @@ Sources (``TextFileSource``, ``TfdsSource``, ``sst2``) give random access to ``E
 from __future__ import annotations
 
 from dpjax.data.base import DataError, Example, Source
-from dpjax.data.encoded import EncodedDataset, resolve_buckets
-from dpjax.data.features import encode
+from dpjax.data.encoded import EncodedDataset, encode, resolve_buckets
 from dpjax.data.sources import TextFileSource, TfdsSource, sst2, sst2_dir
 from dpjax.data.templates import PromptTemplate
 from dpjax.data.tokenizer_utils import mask_token, pad_id

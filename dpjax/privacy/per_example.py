@@ -21,9 +21,10 @@ supports it and vmap otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.struct
 import jax
@@ -61,6 +62,22 @@ class ClippedGradAux:
   nonfinite_count: jax.Array
   loss_aux: Any = None
   sensitivity: float = flax.struct.field(pytree_node=False, default=0.0)
+
+  #: The fields with one row per example; the others (except ``sensitivity``) are totals.
+  PER_EXAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("losses", "norms", "clipped", "mask", "loss_aux")
+
+  @classmethod
+  def by_kind(cls, per_example: Any, total: Any, sensitivity: float) -> ClippedGradAux:
+    """An aux holding ``per_example`` in the per-example fields, ``total`` in the others.
+
+    E.g. ``shard_map`` out_specs: rows split over the batch axis, totals replicated.
+    """
+    values = {
+      f.name: per_example if f.name in cls.PER_EXAMPLE_FIELDS else total
+      for f in dataclasses.fields(cls)
+      if f.name != "sensitivity"
+    }
+    return cls(**values, sensitivity=sensitivity)
 
   @property
   def mean_loss(self) -> jax.Array:

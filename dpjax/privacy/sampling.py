@@ -57,8 +57,19 @@ class SampledBatch:
   size: int
 
 
-def _round_up(value: int, multiple: int) -> int:
+def round_up(value: int, multiple: int) -> int:
+  """The smallest multiple of ``multiple`` that is >= value (and >= multiple)."""
   return max(multiple, -(-value // multiple) * multiple)
+
+
+def binomial_capacity(count: int, prob: float, multiple: int = 1, level: float = 1 - 1e-9) -> int:
+  """A padded size that holds a Poisson sample of ``count`` items with probability ``level``.
+
+  The ``level`` quantile of Binomial(count, prob), rounded up to ``multiple``.
+  Used for every static shape: the sampler's default shapes and the capacity of
+  each token-length group (:mod:`dpjax.train.batching`).
+  """
+  return round_up(int(stats.binom(count, prob).ppf(level)), multiple)
 
 
 class PoissonSampler:
@@ -116,7 +127,8 @@ class PoissonSampler:
     single = shapes == "single"
     if single or shapes is None:
       shapes = tuple(
-        _round_up(int(binom.ppf(p)), batch_size_multiple) for p in _DEFAULT_SHAPE_QUANTILES
+        binomial_capacity(dataset_size, self.sampling_prob, batch_size_multiple, level=p)
+        for p in _DEFAULT_SHAPE_QUANTILES
       )
       if max_batch_size is not None:
         shapes = tuple(min(s, max_batch_size) for s in shapes) + (max_batch_size,)
@@ -156,7 +168,7 @@ class PoissonSampler:
       size = self.max_batch_size
     shape = next((s for s in self.shapes if s >= size), None)
     if shape is None:
-      shape = _round_up(size, self.batch_size_multiple)
+      shape = round_up(size, self.batch_size_multiple)
     padded = np.zeros([shape], np.int64)
     padded[:size] = indices
     mask = np.zeros([shape], bool)

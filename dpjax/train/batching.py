@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 from dpjax import parallel, privacy
+from dpjax.privacy import sampling
 from dpjax.train.splits import Split
 
 
@@ -35,12 +35,12 @@ class GroupedBatches:
     self.group_of = np.searchsorted(self.bucket_lengths, lengths)
     counts = np.bincount(self.group_of, minlength=len(self.bucket_lengths))
     self.groups = [g for g in range(len(self.bucket_lengths)) if counts[g]]
-    self.capacity = {g: self._round(stats_quantile(counts[g], sampling_prob)) for g in self.groups}
+    self.capacity = {
+      g: sampling.binomial_capacity(int(counts[g]), sampling_prob, self.multiple)
+      for g in self.groups
+    }
     # A real example of the group fills its padding rows (any example fits its own bucket).
     self.filler = {g: int(np.flatnonzero(self.group_of == g)[0]) for g in self.groups}
-
-  def _round(self, n: int) -> int:
-    return max(self.multiple, -(-n // self.multiple) * self.multiple)
 
   def plan(self, sample: privacy.SampledBatch) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """(positions into the split, mask, token length) of each group, without loading rows."""
@@ -48,7 +48,7 @@ class GroupedBatches:
     groups = []
     for g in self.groups:
       chosen = positions[self.group_of[positions] == g]
-      size = max(self.capacity[g], self._round(len(chosen)))
+      size = max(self.capacity[g], sampling.round_up(len(chosen), self.multiple))
       padded = np.full(size, self.filler[g], np.int64)
       padded[: len(chosen)] = chosen
       mask = np.zeros(size, bool)
@@ -62,8 +62,3 @@ class GroupedBatches:
   def load(self, positions: np.ndarray, length: int) -> dict[str, np.ndarray]:
     """The arrays of the examples at ``positions``, padded to ``length`` tokens."""
     return self.split.encoded.batch(self.split.indices[positions], length=length)
-
-
-def stats_quantile(count: int, prob: float, level: float = 1 - 1e-9) -> int:
-  """The ``level`` quantile of Binomial(count, prob)."""
-  return int(stats.binom(count, prob).ppf(level))

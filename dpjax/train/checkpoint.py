@@ -23,6 +23,10 @@ from dpjax import parallel
 from dpjax.train.config import ConfigError
 
 
+class CheckpointError(ConfigError):
+  """A run's training checkpoints cannot be restored (a user-facing, one-line error)."""
+
+
 class Checkpoints:
   """Save/restore of (state, meta) under ``workdir/checkpoints``."""
 
@@ -85,7 +89,7 @@ class Checkpoints:
       self.manager.reload()
     unreadable = self.directory.parent / "checkpoints_unreadable"
     if steps or (unreadable.is_dir() and any(unreadable.iterdir())):
-      raise ConfigError(
+      raise CheckpointError(
         f"no checkpoint in {self.directory} can be read (see {unreadable}); "
         "refusing to restart with a fresh privacy ledger"
       )

@@ -9,11 +9,25 @@ from dpjax.models import heads, lora, pretrained
 from dpjax.privacy.secret import RunSecret
 
 
+class FirstRows:
+  """The first ``n`` examples of a source (the real SST-2 text, without encoding all of it)."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, n
+    self.name = f"{source.name}[:{n}]"
+    self.fingerprint = f"{source.fingerprint}[:{n}]"
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int):
+    return self.source[index]
+
+
 def test_real_minilm_dp_finetuning_on_sst2_lowers_the_loss():
   model, backbone, tokenizer = pretrained.load("minilm")
-  rows = data.encode(data.sst2("train"), tokenizer, max_length=32, buckets=(32,))
-  indices = np.arange(64)
-  batch = rows.batch(indices)
+  rows = data.encode(FirstRows(data.sst2("train"), 64), tokenizer, max_length=32, buckets=(32,))
+  batch = rows.batch(np.arange(64))
   task = heads.SequenceClassifier(model.config, 2, "mean")
   params = heads.init_with_backbone(
     task, jax.random.PRNGKey(0), {k: v[:1] for k, v in batch.items()}, backbone

@@ -124,7 +124,7 @@ def test_missing_extra_and_misshapen_tensors_are_listed(tmp_path):
     "bert.embeddings.word_embeddings.weight"
   ][:, :16].copy()
   save_file(tensors, path / "model.safetensors")
-  with pytest.raises(pretrained.CheckpointError) as err:
+  with pytest.raises(pretrained.PretrainedError) as err:
     pretrained.load(path, with_tokenizer=False)
   message = str(err.value)
   assert "encoder.layer.1.attention.self.key.bias" in message
@@ -133,21 +133,21 @@ def test_missing_extra_and_misshapen_tensors_are_listed(tmp_path):
   path, tensors = _copy_fixture(tmp_path / "extra")
   tensors["bert.encoder.layer.2.output.dense.weight"] = np.zeros((32, 64), np.float32)
   save_file(tensors, path / "model.safetensors")
-  with pytest.raises(pretrained.CheckpointError, match=r"has no place for: \['encoder.layer.2"):
+  with pytest.raises(pretrained.PretrainedError, match=r"has no place for: \['encoder.layer.2"):
     pretrained.load(path, with_tokenizer=False)
 
 
 def test_bad_paths_and_pickles_are_refused(tmp_path):
-  with pytest.raises(pretrained.CheckpointError, match="must be one of"):
+  with pytest.raises(pretrained.PretrainedError, match="must be one of"):
     pretrained.load(tmp_path / "nope")
   path, _ = _copy_fixture(tmp_path)
   (path / "model.safetensors").rename(path / "pytorch_model.bin")
-  with pytest.raises(pretrained.CheckpointError, match="pickled weights are never loaded"):
+  with pytest.raises(pretrained.PretrainedError, match="pickled weights are never loaded"):
     pretrained.load(path, with_tokenizer=False)
   path, _ = _copy_fixture(tmp_path / "t")
-  with pytest.raises(pretrained.CheckpointError, match="tokenizer.json not found"):
+  with pytest.raises(pretrained.PretrainedError, match="tokenizer.json not found"):
     pretrained.load(path)
   config = json.loads((path / "config.json").read_text())
   (path / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
-  with pytest.raises(pretrained.CheckpointError, match="model_type must be bert, roberta or gpt2"):
+  with pytest.raises(pretrained.PretrainedError, match="model_type must be bert, roberta or gpt2"):
     pretrained.load(path, with_tokenizer=False)

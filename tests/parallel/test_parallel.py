@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpjax import parallel
 from dpjax.train import config as config_lib
+from tests.shared_fixtures import shared_once
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,22 +63,26 @@ def test_balanced_order_gives_every_device_its_share_of_real_rows_padding_last(r
     assert block[:count].all() and not block[count:].any()  # padding at the end of each block
 
 
-@pytest.fixture(scope="module")
-def eight_devices(tmp_path_factory):
-  out = tmp_path_factory.mktemp("eight") / "results.npz"
+def _run_eight_devices(directory: Path) -> None:
   env = {
     **os.environ,
     "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
     "JAX_PLATFORMS": "cpu",
   }
   subprocess.run(
-    [sys.executable, "-m", "tests.parallel.eight_devices", str(out)],
+    [sys.executable, "-m", "tests.parallel.eight_devices", str(directory / "results.npz")],
     cwd=ROOT,
     env=env,
     check=True,
     timeout=900,
   )
-  return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  """The results of one 8-virtual-device subprocess, run once per test run."""
+  directory = shared_once(tmp_path_factory, "eight_devices", _run_eight_devices)
+  return dict(np.load(directory / "results.npz"))
 
 
 @pytest.mark.parametrize("backend", ["vmap", "bookkeeping"])

@@ -15,6 +15,7 @@ from dpjax.privacy.secret import RunSecret
 from dpjax.train import loop
 from dpjax.train.config import ConfigError
 from experiments import sst2
+from tests.shared_fixtures import shared_once
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +23,20 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def token_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("token_cache"))
+
+
+# The tests that only read a finished run share one, trained once per test run.
+SHARED_RUN = {"train.steps": 16}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(workdir, summary) of one finished 16-step tiny run."""
+  build = lambda root: loop.train_and_evaluate(
+    tiny(str(root / "token_cache"), **SHARED_RUN), root / "run"
+  )
+  workdir = shared_once(tmp_path_factory, "trained_tiny_run", build) / "run"
+  return workdir, json.loads((workdir / "summary.json").read_text())
 
 
 def tiny(token_cache, **overrides):
@@ -71,8 +86,8 @@ def run_main(workdir, *args, timeout=300):
   )
 
 
-def test_summary_fields_are_present_and_sane(tmp_path, token_cache):
-  summary = loop.train_and_evaluate(tiny(token_cache, **{"train.steps": 16}), tmp_path)
+def test_summary_fields_are_present_and_sane(trained):
+  tmp_path, summary = trained
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk == json.loads(json.dumps(summary))
   n, b = summary["dataset_size"], 64
@@ -296,12 +311,15 @@ def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def test_workdir_of_another_config_and_unwritable_workdir_are_refused(tmp_path, token_cache):
-  loop.train_and_evaluate(tiny(token_cache, **{"train.steps": 4}), tmp_path)
-  before = (tmp_path / "summary.json").read_text()
+def test_workdir_of_another_config_and_unwritable_workdir_are_refused(
+  tmp_path, token_cache, trained
+):
+  workdir, _ = trained
+  before = (workdir / "summary.json").read_text()
   with pytest.raises(ConfigError, match=r"holds a run with a different config \(dp.epsilon\)"):
-    loop.train_and_evaluate(tiny(token_cache, **{"train.steps": 4, "dp.epsilon": 3.0}), tmp_path)
-  assert (tmp_path / "summary.json").read_text() == before
+    shared_cache = str(workdir.parent / "token_cache")  # the run's own: only dp.epsilon differs
+    loop.train_and_evaluate(tiny(shared_cache, **{**SHARED_RUN, "dp.epsilon": 3.0}), workdir)
+  assert (workdir / "summary.json").read_text() == before
   if os.geteuid() != 0:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
@@ -412,9 +430,8 @@ def test_evaluate_equals_scoring_one_example_at_a_time(tmp_path):
     assert result["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
 
 
-def test_evaluate_cli_scores_a_labelled_file(tmp_path, token_cache):
-  workdir = tmp_path / "run"
-  loop.train_and_evaluate(tiny(token_cache, **{"train.steps": 4}), workdir)
+def test_evaluate_cli_scores_a_labelled_file(tmp_path, trained):
+  workdir, summary = trained
   data = tmp_path / "mine.tsv"
   data.write_text("sentence\tlabel\na wonderful film\t1\na dull , lifeless mess\t0\nfine\t1\n")
   result = subprocess.run(
@@ -426,7 +443,9 @@ def test_evaluate_cli_scores_a_labelled_file(tmp_path, token_cache):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   scores = json.loads(result.stdout.strip().splitlines()[-1])
-  assert scores["count"] == 3 and scores["step"] == 4 and 0 <= scores["accuracy"] <= 1
+  assert scores["count"] == 3 and scores["step"] == 16 and 0 <= scores["accuracy"] <= 1
+  # ε and δ exactly as the run's summary states them (the ledger at the run's own δ).
+  assert (scores["epsilon"], scores["delta"]) == (summary["epsilon"], summary["delta"])
   bad = subprocess.run(
     [sys.executable, "-m", "dpjax.evaluate", f"--workdir={tmp_path / 'none'}", f"--data={data}"],
     cwd=ROOT,

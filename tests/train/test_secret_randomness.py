@@ -15,23 +15,31 @@ from dpjax.train import journal as journal_lib
 from dpjax.train import loop, splits
 from dpjax.train import task as task_lib
 from experiments import sst2
+from tests.shared_fixtures import shared_once
+
+RUN_NAMES = (("fresh_a", None), ("fresh_b", None), ("fixed_a", 3), ("fixed_b", 3))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Two fresh runs and two fixed-seed runs of the same tiny config (4 steps each)."""
-  root = tmp_path_factory.mktemp("secret")
+def _four_runs(root: Path) -> None:
   cache = str(root / "token_cache")
-  out = {}
-  for name, fixed in (("fresh_a", None), ("fresh_b", None), ("fixed_a", 3), ("fixed_b", 3)):
+  for name, fixed in RUN_NAMES:
     c = sst2.get_config("tiny")
     c.data.cache_dir = cache
     c.data.eval_limit = 32
     c.train.steps = 4
     c.train.checkpoint_every_steps = 2
     c.dp.insecure_fixed_noise_seed = fixed
-    out[name] = (root / name, loop.train_and_evaluate(c, root / name))
-  return out
+    loop.train_and_evaluate(c, root / name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Two fresh runs and two fixed-seed runs of the same tiny config (4 steps each)."""
+  root = shared_once(tmp_path_factory, "secret_runs", _four_runs)
+  return {
+    name: (root / name, json.loads((root / name / "summary.json").read_text()))
+    for name, _ in RUN_NAMES
+  }
 
 
 def test_two_fresh_runs_of_one_config_release_different_models(runs):
