@@ -7,10 +7,9 @@ Variants:
   quick       the CPU demo (`make run`): MiniLM with LoRA (rank 8) on every Dense layer of its
               top 3 layers + head, a 30% subset of SST-2 train (~20k rows), B = 500,
               1 epoch (40 steps), lr 2e-2, ε = 8.
-              Measured on a 2-core x86 CPU (with a fixed random 20,000-row subset and a
-              public noise seed, before both changed): dev accuracy 0.811, ε = 7.988
-              (δ = 1.86e-5, σ = 0.5010); `make run` on a fresh clone: 7 min 44 s.
-  nonprivate  `quick` without DP, lr 5e-3 (the baseline it is compared to): dev accuracy 0.841.
+              Measured on a 2-core x86 CPU: dev accuracy 0.805, ε = 7.993 (δ = 1.84e-5,
+              σ = 0.5000, N = 20,208); `make run` 2 min 38 s with .venv set up.
+  nonprivate  `quick` without DP, lr 5e-3 (the baseline it is compared to): dev accuracy 0.846.
   lora        LoRA (rank 8) + head on all of SST-2, ε = 8.
   li2022      Li et al. 2022's recipe on all of SST-2: batch 1000, lr 5e-4 linear decay,
               3 epochs, clip 0.1, full fine-tuning, label-word objective; ε from --config.dp.epsilon
