@@ -40,7 +40,7 @@ def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> di
     raise ConfigError(f"{workdir}'s checkpoint does not state its privacy plan (delta)")
   ledger = privacy.PrivacyLedger.from_dict(trained.ledger)
   # ε and δ exactly as the run reports them: the ledger at the run's own δ.
-  epsilon = ledger.epsilon(plan["delta"]) if ledger.steps else 0.0
+  epsilon = ledger.epsilon(plan["delta"])
   result.update(
     {
       "step": trained.step,

@@ -348,8 +348,9 @@ def make_mechanism(
   if sigma > 0 and tail > MAX_TAIL_FRACTION_OF_DELTA * delta:
     raise ValueError(
       f"noise_multiplier={sigma:.4g} is too small for the noise generator's tails "
-      f"(P(tail event) = {tail:.2g} over {steps} steps must be below 1e-3·delta = "
-      f"{1e-3 * delta:.2g}); use σ >= 0.3"
+      f"(P(tail event) = {tail:.2g} over {steps} steps must be below "
+      f"{MAX_TAIL_FRACTION_OF_DELTA:g}·delta = {MAX_TAIL_FRACTION_OF_DELTA * delta:.2g}); "
+      "use σ >= 0.3"
     )
   return Mechanism(spec, n, b, steps, delta, sigma, budget)
 

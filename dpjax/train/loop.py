@@ -299,7 +299,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     out_shardings=(state_shardings, parallel.replicated(mesh)),
   )
   grouped = batching.GroupedBatches(
-    train, mechanism.sampling_prob, c.dp.microbatch_size, parallel.batch_size_multiple(mesh)
+    train,
+    mechanism.sampling_prob,
+    mechanism.spec.microbatch_size,
+    parallel.batch_size_multiple(mesh),
   )
   rows_sharding = parallel.batch_sharding(mesh)
   writer = metrics_lib.MetricsWriter(workdir, start_step) if main else None
