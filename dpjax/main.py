@@ -74,7 +74,11 @@ def main(argv: list[str]) -> None:
     return
   accuracy = summary["eval"]["accuracy"]
   eps = summary["epsilon"]
-  eps_text = f"{eps:.3f}" if isinstance(eps, float) else eps
+  guarantee = (
+    f"epsilon={eps:.3f} delta={summary['delta']:.3g}"
+    if summary["dp"]
+    else "no privacy (epsilon=inf)"
+  )
   print(
     json.dumps(
       {
@@ -86,7 +90,7 @@ def main(argv: list[str]) -> None:
     )
   )
   print(
-    f"done: epsilon={eps_text} delta={summary['delta']:.3g} dev accuracy={accuracy:.4f}; "
+    f"done: {guarantee} dev accuracy={accuracy:.4f}; "
     f"summary, checkpoints and metrics in {summary['workdir']} "
     f"(plots: python -m dpjax.report --workdir {summary['workdir']})"
   )

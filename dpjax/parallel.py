@@ -273,27 +273,6 @@ def to_host(tree: PyTree) -> PyTree:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def balanced_order(size: int, num_shards: int) -> np.ndarray:
-  """Positions that spread the first rows of a batch evenly over ``num_shards`` blocks.
-
-  A group of ``size`` rows has its real examples first and padding last. Row p
-  goes to block ``p % num_shards`` (slot ``p // num_shards``): every device gets
-  the same number of real examples (±1) with its padding at the end of its own
-  block, where its microbatch scan skips it.
-
-  Returns:
-    ``order`` with ``new[order] = old`` semantics: ``new = old[inverse]`` where
-    ``inverse`` is the returned array.
-  """
-  if size % num_shards:
-    raise ValueError(f"group size {size} is not a multiple of the {num_shards} devices")
-  per = size // num_shards
-  new_position = (np.arange(size) % num_shards) * per + np.arange(size) // num_shards
-  source = np.empty(size, np.int64)
-  source[new_position] = np.arange(size)
-  return source
-
-
 def global_rows(
   load: Callable[[np.ndarray], Mapping[str, np.ndarray]],
   positions: np.ndarray,

@@ -64,7 +64,8 @@ def run(
     expected_batch_size=expected_batch_size,
     steps=privacy.steps_for_epochs(epochs, n, expected_batch_size),
   ).keyed(RunSecret.fresh())
-  sampler = mechanism.sampler(batch_size_multiple=50)
+  sampler = mechanism.sampler()
+  static_batches = mechanism.static_batches()  # A few padded sizes, multiples of 50.
   grad_fn = mechanism.grad_fn(loss_fn, has_aux=False)
   tx = optax.chain(mechanism.privatizer(), optax.sgd(learning_rate, momentum=0.9))
   opt_state = tx.init(params)
@@ -77,9 +78,9 @@ def run(
 
   ledger = mechanism.empty_ledger()
   for step in range(mechanism.steps):
-    sample = sampler.sample(step)
-    batch = jax.tree_util.tree_map(lambda a: a[sample.indices], train)
-    params, opt_state, aux = train_step(params, opt_state, batch, sample.mask)
+    (padded,) = static_batches.pad(sampler.sample(step))  # One group: no length buckets.
+    batch = jax.tree_util.tree_map(lambda a: a[padded.indices], train)
+    params, opt_state, aux = train_step(params, opt_state, batch, padded.mask)
     privacy.check_finite(aux, step)
     ledger = mechanism.record(ledger)
 

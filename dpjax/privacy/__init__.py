@@ -21,7 +21,7 @@ from dpjax.privacy.clipping import (
 from dpjax.privacy.mechanism import Mechanism, MechanismSpec, make_mechanism
 from dpjax.privacy.noise import gaussian_privatizer
 from dpjax.privacy.per_example import ClippedGradAux, check_finite, clipped_grad
-from dpjax.privacy.sampling import PoissonSampler, SampledBatch, steps_for_epochs, steps_per_epoch
+from dpjax.privacy.sampling import PoissonSampler, steps_for_epochs, steps_per_epoch
 
 __all__ = [
   "AutomaticClip",
@@ -31,7 +31,6 @@ __all__ = [
   "PerLayerClip",
   "PoissonSampler",
   "PrivacyLedger",
-  "SampledBatch",
   "Segment",
   "calibrate_noise",
   "check_finite",

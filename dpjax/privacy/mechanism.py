@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax import _validation
+from dpjax import _validation, batching
 from dpjax.privacy import accounting, clipping, noise, per_example, sampling
 from dpjax.privacy.secret import RunSecret
 
@@ -177,13 +177,33 @@ class Mechanism:
       loss_fn, self.spec.clip, self.spec.backend, self.spec.microbatch_size, has_aux=has_aux
     )
 
-  def sampler(self, batch_size_multiple: int = 1) -> sampling.PoissonSampler:
+  def sampler(self) -> sampling.PoissonSampler:
     """Poisson sampling with rate q, keyed by this attempt's secret sampling key."""
     return sampling.PoissonSampler(
       self.dataset_size,
       self.expected_batch_size,
       key=self._secret().sampling_key(self.attempt),
-      batch_size_multiple=batch_size_multiple,
+      max_batch_size=self.spec.max_batch_size,
+    )
+
+  def static_batches(
+    self,
+    groups: np.ndarray | None = None,
+    num_shards: int = 1,
+    quantiles: Sequence[float] = batching.DEFAULT_QUANTILES,
+  ) -> batching.StaticBatches:
+    """The padding of this mechanism's samples into static shapes (see :mod:`dpjax.batching`).
+
+    Sizes are multiples of ``microbatch_size * num_shards`` and never exceed
+    ``max_batch_size``; padding rows are masked out and contribute zero.
+    """
+    return batching.StaticBatches(
+      self.dataset_size,
+      self.sampling_prob,
+      groups=groups,
+      microbatch_size=self.spec.microbatch_size or 1,
+      num_shards=num_shards,
+      quantiles=quantiles,
       max_batch_size=self.spec.max_batch_size,
     )
 

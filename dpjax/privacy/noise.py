@@ -229,6 +229,10 @@ def standard_normal_from_words(w0: jax.Array, w1: jax.Array, w2: jax.Array) -> j
   return jnp.where(upper, magnitude, -magnitude)
 
 
+#: Draws per loop iteration of :func:`standard_normals` (the values do not depend on it).
+_CHUNK = 1 << 16
+
+
 def standard_normals(key: jax.Array, step: jax.Array, size: int) -> jax.Array:
   """float32 [size]: N(0, 1) draws 0..size-1 of step ``step``'s stream under ``key``.
 
@@ -242,8 +246,21 @@ def standard_normals(key: jax.Array, step: jax.Array, size: int) -> jax.Array:
   if size >= 2**32:
     raise ValueError(f"{size} coordinates exceed the 2^32 ChaCha blocks of one nonce")
   step = jnp.asarray(step).astype(jnp.uint32)
-  words = chacha_block(key, jax.lax.iota(jnp.uint32, size), (step, np.uint32(0), np.uint32(0)))
-  return standard_normal_from_words(*words[:_WORDS_PER_DRAW])
+  nonce = (step, np.uint32(0), np.uint32(0))
+
+  def draws(first: jax.Array, count: int) -> jax.Array:
+    counters = first.astype(jnp.uint32) + jax.lax.iota(jnp.uint32, count)
+    return standard_normal_from_words(*chacha_block(key, counters, nonce)[:_WORDS_PER_DRAW])
+
+  # Chunks in a loop (at least two, so XLA keeps the loop): its body holds the only copy of
+  # the cipher. A flat elementwise stream would let XLA fuse (copy) the whole cipher into
+  # every consumer of a slice of it, once per parameter leaf: compiling a small transformer's
+  # step would take tens of seconds instead of about one.
+  chunks = max(2, -(-size // _CHUNK))
+  chunk = -(-size // chunks)
+  fill = lambda i, out: jax.lax.dynamic_update_slice(out, draws(i * chunk, chunk), (i * chunk,))
+  out = jax.lax.fori_loop(0, chunks, fill, jnp.zeros(chunks * chunk, jnp.float32))
+  return out[:size]
 
 
 def noise_for_step(key: jax.Array, step: jax.Array, template: PyTree, stddev: float) -> PyTree:
@@ -255,6 +272,10 @@ def noise_for_step(key: jax.Array, step: jax.Array, template: PyTree, stddev: fl
   compilation slow), and the same numbers however the leaves are sharded.
   """
   leaves, treedef = jax.tree_util.tree_flatten(template)
+  if stddev == 0:  # σ = 0 (no noise): skip the cipher; the values would be 0·z = 0 anyway.
+    return jax.tree_util.tree_unflatten(
+      treedef, [jnp.zeros(jnp.shape(leaf), jnp.float32) for leaf in leaves]
+    )
   sizes = [int(np.prod(jnp.shape(leaf))) for leaf in leaves]
   stream = standard_normals(key, step, max(1, sum(sizes)))
   noise, offset = [], 0

@@ -158,16 +158,23 @@ def _positive(c, key: str, allow_zero: bool = False, integer: bool = False) -> N
 
 
 def _optional(c, key: str, check) -> None:
-  """Runs ``check(key)`` unless the value is None (a placeholder left unset)."""
-  if _get(c, key) is not None:
+  """Runs ``check(key)`` unless the value is None (a placeholder left unset).
+
+  A failed check's message says that None is valid too.
+  """
+  if _get(c, key) is None:
+    return
+  try:
     check(key)
+  except ConfigError as err:
+    raise ConfigError(str(err).replace(" (got ", ", or None (got ", 1)) from None
 
 
 def _in_open_unit_interval(c, key: str) -> None:
   value = _get(c, key)
   number = isinstance(value, (int, float)) and not isinstance(value, bool)
   if not number or not 0 < value < 1:
-    raise _fail(key, value, "in (0, 1), or None")
+    raise _fail(key, value, "in (0, 1)")
 
 
 def _get(c, key: str) -> Any:

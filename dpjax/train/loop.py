@@ -7,7 +7,8 @@ The loop, as in the algorithm box of DP-SGD:
     mechanism = mechanism.keyed(secret, attempt)             # the journal picks the attempt
     for step t until the plan or the budget ends:
         sample = mechanism.sampler().sample(t)               # Poisson, rate q = B/N
-        state = train_step(state, batch(sample))             # clipped sum -> noise once, / B
+        groups = static_batches.pad(sample)                  # per length bucket, masked
+        state = train_step(state, groups)                    # clipped sum -> noise once, / B
         ledger = mechanism.record(ledger)
         every k steps: public metrics, eval on the held-out split, checkpoint
     write summary.json: ε from the ledger, the mechanism's public facts, eval, params hash
@@ -17,14 +18,19 @@ The non-private baseline runs the same lines with a non-private mechanism.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import hmac
 import json
+import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +40,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from dpjax import parallel, privacy
+from dpjax import batching, parallel, privacy
 from dpjax.models import lora
 from dpjax.privacy.secret import RunSecret
-from dpjax.train import batching, checkpoint, optimizer, splits
+from dpjax.train import checkpoint, optimizer, splits
 from dpjax.train import config as config_lib
 from dpjax.train import journal as privacy_journal
 from dpjax.train import metrics as metrics_lib
@@ -56,12 +62,23 @@ def params_sha256(params: PyTree) -> str:
 
 
 def _check_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
-  """Checks the workdir is writable and holds no run of a different config (writes nothing)."""
+  """Checks the workdir is writable and holds no run of a different config.
+
+  Leaves the file system as it found it: a workdir that does not exist yet is
+  not created (a probe directory in its nearest existing ancestor is made and
+  removed), so a run refused later leaves nothing behind.
+  """
+  existing = workdir
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  if not existing.is_dir():
+    raise config_lib.ConfigError(
+      f"workdir {workdir} is not a directory path ({existing} is a file)"
+    )
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write_test_{jax.process_index()}"
-    probe.write_text("")
-    probe.unlink()
+    probe = existing / f".dpjax-write-test-{os.getpid()}-{jax.process_index()}"
+    probe.mkdir()
+    probe.rmdir()
   except OSError as err:
     raise config_lib.ConfigError(f"workdir {workdir} is not writable ({err.strerror})") from None
   saved = workdir / "config.json"
@@ -78,10 +95,32 @@ def _write_config(workdir: Path, c: ml_collections.ConfigDict) -> None:
   """Writes ``config.json`` (process 0), once the run's plan is known to be valid."""
   if not parallel.is_main_process():
     return
+  workdir.mkdir(parents=True, exist_ok=True)
   saved = workdir / "config.json"
   tmp = saved.with_suffix(".tmp")
   tmp.write_text(json.dumps(json.loads(c.to_json()), indent=2, sort_keys=True))
   tmp.replace(saved)
+
+
+@contextlib.contextmanager
+def _token_cache(c: ml_collections.ConfigDict, workdir: Path) -> Iterator[Path]:
+  """The token cache directory: ``data.cache_dir``, else ``<workdir>/token_cache``.
+
+  A new workdir gets its cache only once the run is accepted: until the body
+  finishes, the cache is built in a private temporary directory (mode 0700),
+  which a refused run deletes, so the workdir stays as it was.
+  """
+  default = workdir / "token_cache"
+  if c.data.cache_dir or default.is_dir():
+    yield Path(c.data.cache_dir) if c.data.cache_dir else default
+    return
+  staging = Path(tempfile.mkdtemp(prefix="dpjax-token-cache-"))
+  try:
+    yield staging
+    if parallel.is_main_process() and not default.exists():
+      shutil.move(str(staging), default)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _plan(c: ml_collections.ConfigDict, dataset_size: int) -> privacy.Mechanism:
@@ -202,15 +241,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
 
   # The task (model and parameters), the data, and the mechanism calibrated for them.
   task = task_lib.build(c)
-  cache = Path(c.data.cache_dir) if c.data.cache_dir else workdir / "token_cache"
-  train = splits.load_split(
-    c.data.train, task.tokenizer, c, cache, fraction=c.data.train_fraction, seed=c.seed
-  )
-  evals = splits.load_split(
-    c.data.eval, task.tokenizer, c, cache, limit=c.data.eval_limit, seed=c.seed + 1
-  )
-  mechanism = _plan(c, len(train))
-  _write_config(workdir, c)
+  with _token_cache(c, workdir) as cache:
+    train = splits.load_split(
+      c.data.train, task.tokenizer, c, cache, fraction=c.data.train_fraction, seed=c.seed
+    )
+    evals = splits.load_split(
+      c.data.eval, task.tokenizer, c, cache, limit=c.data.eval_limit, seed=c.seed + 1
+    )
+    mechanism = _plan(c, len(train))
+    _write_config(workdir, c)
   frozen_host = jax.tree_util.tree_map(np.asarray, task.frozen)
   trainable = jax.tree_util.tree_map(np.asarray, task.trainable)
   frozen = parallel.put(frozen_host, shardings_of(frozen_host))  # FSDP rules apply to it too
@@ -279,11 +318,16 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     )
   end_step = start_step + allowed
   stopped_by_budget = end_step < mechanism.steps
+  privacy_plan = (
+    f"sigma={mechanism.noise_multiplier:.4f} delta={mechanism.delta:.3g} "
+    f"budget_eps={mechanism.epsilon_budget}"
+    if mechanism.private
+    else "no privacy (dp.enabled=False)"
+  )
   say(
     f"plan: N={mechanism.dataset_size} B={mechanism.expected_batch_size:g} "
     f"q={mechanism.sampling_prob:.5f} steps={mechanism.steps} "
-    f"sigma={mechanism.noise_multiplier:.4f} delta={mechanism.delta:.3g} "
-    f"budget_eps={mechanism.epsilon_budget} trainable={lora.count(trainable):,} params "
+    f"{privacy_plan} trainable={lora.count(trainable):,} params "
     f"devices={mesh.size} (data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}) "
     f"processes={jax.process_count()}"
   )
@@ -298,11 +342,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     donate_argnums=0,
     out_shardings=(state_shardings, parallel.replicated(mesh)),
   )
-  grouped = batching.GroupedBatches(
-    train,
-    mechanism.sampling_prob,
-    mechanism.spec.microbatch_size,
-    parallel.batch_size_multiple(mesh),
+  # One static shape per token-length bucket (the scan skips microbatches of pure padding).
+  static_batches = mechanism.static_batches(
+    train.length_groups(), parallel.batch_size_multiple(mesh), quantiles=batching.SINGLE_SHAPE
   )
   rows_sharding = parallel.batch_sharding(mesh)
   writer = metrics_lib.MetricsWriter(workdir, start_step) if main else None
@@ -312,12 +354,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
   # Write-ahead: the journal learns of step t before anything computed at step t is written.
   ahead = lambda done: journal.write_ahead(attempt, start_step, done, fingerprint, journal_segment)
 
-  def place(sample: privacy.SampledBatch):
+  def place(sample: np.ndarray):
     placed = [
       parallel.global_rows(
-        functools.partial(grouped.load, length=length), positions, mask, rows_sharding
+        functools.partial(train.batch, length=train.encoded.buckets[group.group]),
+        group.indices,
+        group.mask,
+        rows_sharding,
       )
-      for positions, mask, length in grouped.plan(sample)
+      for group in static_batches.pad(sample)
     ]
     return tuple(b for b, _ in placed), tuple(m for _, m in placed)
 
@@ -349,8 +394,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
           f"a non-finite loss at step {step}; lower config.train.learning_rate"
         )
       ledger = mechanism.record(ledger)
-      examples_seen += sample.size
-      window_examples += sample.size
+      examples_seen += len(sample)
+      window_examples += len(sample)
       done = step + 1
       if done % c.train.log_every_steps == 0 or done == end_step:
         ahead(done)

@@ -23,9 +23,13 @@ class Split:
   def __len__(self) -> int:
     return len(self.indices)
 
-  def batch(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-    """Arrays of the examples at ``positions`` (indices into this split)."""
-    return self.encoded.batch(self.indices[positions])
+  def batch(self, positions: np.ndarray, length: int | None = None) -> dict[str, np.ndarray]:
+    """Arrays of the examples at ``positions`` (indices into this split), padded to ``length``."""
+    return self.encoded.batch(self.indices[positions], length=length)
+
+  def length_groups(self) -> np.ndarray:
+    """int [len(self)]: each example's token-length bucket (an index into ``encoded.buckets``)."""
+    return np.searchsorted(self.encoded.buckets, self.encoded.lengths[self.indices])
 
 
 def source_for(spec: str, c: ml_collections.ConfigDict) -> data_lib.Source:

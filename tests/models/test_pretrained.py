@@ -1,6 +1,6 @@
 """Hugging Face checkpoints load into the Flax models and match transformers' outputs.
 
-The reference outputs come from tests/models/make_parity_fixtures.py (PyTorch,
+The reference outputs come from tests/fixtures/make_parity_fixtures.py (PyTorch,
 run offline once); see tests/fixtures/parity/README.md.
 """
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax import parallel, privacy
+from dpjax import batching, parallel, privacy
 from dpjax.models import bert, heads
 from dpjax.privacy import clipping, noise
 from dpjax.privacy.secret import RunSecret
@@ -47,7 +47,7 @@ def one_step(backend, data, fsdp, devices):
     size = -(-real // multiple) * multiple
     host = {k: v[:size] for k, v in rows(32, length, seed).items()}  # same rows on every mesh
     mask = np.arange(size) < real
-    order = parallel.balanced_order(size, parallel.batch_size_multiple(mesh))
+    order = batching.balanced_order(size, parallel.batch_size_multiple(mesh))
     b, m = parallel.global_rows(
       lambda p, host=host: {k: v[p] for k, v in host.items()},
       order,

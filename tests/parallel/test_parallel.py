@@ -50,19 +50,6 @@ def test_fsdp_splits_large_arrays_on_their_largest_divisible_dim_and_rules_win()
     parallel.parse_rules(["x=model"])
 
 
-@pytest.mark.parametrize("real", [0, 1, 5, 13, 16])
-def test_balanced_order_gives_every_device_its_share_of_real_rows_padding_last(real):
-  size, shards = 16, 4
-  mask = np.arange(size) < real
-  order = parallel.balanced_order(size, shards)
-  assert sorted(order) == list(range(size))  # a permutation: no row lost or repeated
-  blocks = mask[order].reshape(shards, size // shards)
-  counts = blocks.sum(1)
-  assert counts.max() - counts.min() <= 1 and counts.sum() == real
-  for block, count in zip(blocks, counts):
-    assert block[:count].all() and not block[count:].any()  # padding at the end of each block
-
-
 def _run_eight_devices(directory: Path) -> None:
   env = {
     **os.environ,

@@ -58,6 +58,7 @@ def test_the_sampler_and_the_ledger_use_the_same_rate_and_noise():
   m = make(target_epsilon=2.0).keyed(SECRET)
   sampler = m.sampler()
   assert sampler.sampling_prob == m.sampling_prob == B / N
+  assert m.static_batches().sampling_prob == m.sampling_prob
   segment = m.segment(4)
   assert (segment.sampling_prob, segment.noise_multiplier, segment.steps) == (
     B / N,
@@ -103,7 +104,7 @@ def test_keys_come_only_from_the_secret_and_the_attempt():
   with pytest.raises(ValueError, match="no secret yet"):
     m.privatizer()
   a, b = m.keyed(SECRET, 0), m.keyed(SECRET, 1)
-  assert not np.array_equal(a.sampler().sample(0).indices, b.sampler().sample(0).indices)
+  assert not np.array_equal(a.sampler().sample(0), b.sampler().sample(0))
   state_a = a.privatizer().init({"w": jnp.zeros(2)})
   state_b = b.privatizer().init({"w": jnp.zeros(2)})
   assert not np.array_equal(state_a.key, state_b.key)

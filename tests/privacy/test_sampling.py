@@ -1,4 +1,4 @@
-"""Poisson sampler: inclusion rate q, Binomial batch sizes, reproducible, static shapes."""
+"""Poisson sampler: inclusion rate q, Binomial batch sizes, reproducible, truncation."""
 
 import numpy as np
 import pytest
@@ -17,11 +17,10 @@ def test_inclusion_rate_and_batch_size_distribution():
   counts = np.zeros(n)
   sizes = []
   for step in range(steps):
-    batch = sampler.sample(step)
-    real = batch.indices[batch.mask]
-    assert len(np.unique(real)) == batch.size  # No duplicates.
+    real = sampler.sample(step)
+    assert real.dtype == np.int64 and np.all(np.diff(real) > 0)  # Sorted, no duplicates.
     counts[real] += 1
-    sizes.append(batch.size)
+    sizes.append(len(real))
   sizes = np.asarray(sizes)
   # Overall inclusion rate: steps*n Bernoulli(q) trials, standard error ~0.0005.
   assert counts.sum() / (steps * n) == pytest.approx(q, abs=4 * np.sqrt(q * (1 - q) / (steps * n)))
@@ -46,46 +45,19 @@ def test_inclusion_rate_and_batch_size_distribution():
 def test_deterministic_from_key_and_step():
   a, b = PoissonSampler(1000, 50, key=KEYS[5]), PoissonSampler(1000, 50, key=KEYS[5])
   for step in (0, 1, 99):
-    np.testing.assert_array_equal(a.sample(step).indices, b.sample(step).indices)
-  assert not np.array_equal(
-    a.sample(1).indices[a.sample(1).mask], a.sample(2).indices[a.sample(2).mask]
-  )
+    np.testing.assert_array_equal(a.sample(step), b.sample(step))
+  assert not np.array_equal(a.sample(1), a.sample(2))
   c = PoissonSampler(1000, 50, key=KEYS[6])
-  assert not np.array_equal(a.sample(0).indices, c.sample(0).indices)
-
-
-def test_static_shapes_padding_and_mask():
-  sampler = PoissonSampler(10_000, 64, key=KEYS[0], batch_size_multiple=8)
-  assert all(s % 8 == 0 for s in sampler.shapes)
-  assert len(sampler.shapes) <= 4
-  assert sampler.overflow_probability < 1e-9
-  seen = set()
-  for step in range(300):
-    batch = sampler.sample(step)
-    assert batch.indices.shape == batch.mask.shape
-    assert len(batch.mask) in sampler.shapes
-    assert batch.mask.sum() == batch.size and batch.mask[: batch.size].all()
-    assert np.all(batch.indices[~batch.mask] == 0)
-    assert np.all(batch.indices[batch.mask] < 10_000)
-    seen.add(len(batch.mask))
-  assert len(seen) >= 2
-  assert 0 < sampler.expected_padding_fraction() < 0.2
+  assert not np.array_equal(a.sample(0), c.sample(0))
 
 
 def test_truncation_caps_the_batch_and_is_accounted_as_truncated():
   sampler = PoissonSampler(1000, 100, key=KEYS[1], max_batch_size=90)
-  sizes = [sampler.sample(s).size for s in range(200)]
+  sizes = [len(sampler.sample(s)) for s in range(200)]
   assert max(sizes) == 90 and min(sizes) < 90
-  assert max(sampler.shapes) == 90
   segment = sampler.segment(noise_multiplier=1.0, steps=3)
   assert segment.max_batch_size == 90 and segment.dataset_size == 1000
   assert segment.sampling_prob == pytest.approx(0.1)
-
-
-def test_untruncated_overflow_gets_a_bigger_shape_not_a_truncation():
-  sampler = PoissonSampler(1000, 100, key=KEYS[2], shapes=(64,), batch_size_multiple=32)
-  batch = sampler.sample(0)
-  assert batch.size > 64 and len(batch.mask) == -(-batch.size // 32) * 32
 
 
 @pytest.mark.parametrize(
@@ -101,24 +73,11 @@ def test_untruncated_overflow_gets_a_bigger_shape_not_a_truncation():
       {"dataset_size": 10, "expected_batch_size": 2, "max_batch_size": 11},
       r"max_batch_size must be an integer in \[1, 10\]",
     ),
-    (
-      {"dataset_size": 100, "expected_batch_size": 2, "batch_size_multiple": 4, "shapes": (6,)},
-      "shapes must be multiples of batch_size_multiple=4",
-    ),
   ],
 )
 def test_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):
     PoissonSampler(key=KEYS[0], **kwargs)
-
-
-def test_single_shape_keeps_only_the_largest_default_shape():
-  full = PoissonSampler(10_000, 64, key=KEYS[0], batch_size_multiple=8)
-  single = PoissonSampler(10_000, 64, key=KEYS[0], batch_size_multiple=8, shapes="single")
-  assert single.shapes == (full.shapes[-1],)
-  np.testing.assert_array_equal(
-    single.sample(3).indices[single.sample(3).mask], full.sample(3).indices[full.sample(3).mask]
-  )
 
 
 def test_short_or_integer_keys_are_refused():

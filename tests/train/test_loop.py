@@ -289,16 +289,12 @@ def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_c
 @pytest.mark.parametrize(
   "args, message",
   [
+    # One case per path to exit 2: absl's unknown key and wrong type, config validation,
+    # and a check that needs the data (N). The messages of the other checks: next test.
     (["--config.dp.epsilonn=3"], "epsilonn"),
     (["--config.train.batch_size=abc"], "batch_size"),
-    (["--config.dp.epsilon=-1"], "config.dp.epsilon must be a number > 0"),
-    (["--config.data.train=/nonexistent.tsv"], "data file '/nonexistent.tsv' not found"),
-    (["--config.train.batch_size=100000"], "config.train.batch_size must be in (0, dataset_size="),
-    (["--config.data.train_fraction=1.5"], "config.data.train_fraction must be a number in (0, 1]"),
-    (["--config.data.train_limit=5"], "train_limit"),
-    (["--config.dp.insecure_fixed_noise_seed=-3"], "dp.insecure_fixed_noise_seed must be None"),
     (["--config.dp.epsilon=1000"], "config.dp.epsilon must be in (0, 100]"),
-    (["--config.dp.epsilon_budget=0"], "config.dp.epsilon_budget must be a number > 0"),
+    (["--config.train.batch_size=100000"], "config.train.batch_size must be in (0, dataset_size="),
   ],
 )
 def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
@@ -308,7 +304,28 @@ def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
   lines = [line for line in stderr_lines if line.startswith("error:") or "Error" in line]
   assert len(lines) == 1 and message in lines[0], result.stderr[-1000:]
   assert "Traceback" not in result.stderr
-  assert not (tmp_path / "w" / "checkpoints").exists()
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"dp.epsilon": -1}, "config.dp.epsilon must be a number > 0 (got -1.0)"),
+    ({"data.train": "/nonexistent.tsv"}, "data file '/nonexistent.tsv' not found"),
+    ({"data.train_fraction": 1.5}, "config.data.train_fraction must be a number in (0, 1]"),
+    ({"dp.insecure_fixed_noise_seed": -3}, "dp.insecure_fixed_noise_seed must be None or"),
+    ({"dp.epsilon_budget": 0}, "config.dp.epsilon_budget must be a number > 0, or None (got 0.0)"),
+    ({"dp.delta": 2.0}, "config.dp.delta must be in (0, 1), or None (got 2.0)"),
+    ({"train.steps": 0}, "config.train.steps must be an integer > 0, or None (got 0)"),
+  ],
+)
+def test_config_errors_name_the_key_and_range_and_write_nothing(
+  tmp_path, token_cache, overrides, message
+):
+  with pytest.raises(ConfigError) as err:
+    loop.train_and_evaluate(tiny(token_cache, **overrides), tmp_path / "w")
+  assert message in str(err.value) and "\n" not in str(err.value)
+  assert not (tmp_path / "w").exists()
 
 
 def test_workdir_of_another_config_and_unwritable_workdir_are_refused(
