@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from dpjax import privacy
 from dpjax.data import DataError
@@ -54,8 +54,13 @@ def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> di
 
 
 def main(argv):
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Library INFO logs (checkpointing) off by default.
   if len(argv) > 1 or not _WORKDIR.value or not _DATA.value:
     print("error: usage: python -m dpjax.evaluate --workdir=DIR --data=FILE", file=sys.stderr)
+    sys.exit(2)
+  if _BATCH.value < 1:
+    print(f"error: --batch_size must be an integer >= 1 (got {_BATCH.value})", file=sys.stderr)
     sys.exit(2)
   try:
     result = evaluate_workdir(_WORKDIR.value, _DATA.value, _BATCH.value)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import traverse_util
 from safetensors.numpy import save as safetensors_bytes
 
@@ -397,6 +397,8 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   """Prints the release's path; on a user mistake, one ``error:`` line and exit status 2."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Library INFO logs (checkpointing) off by default.
   if len(argv) > 1 or not FLAGS.workdir or not FLAGS.out:
     print("error: usage: python -m dpjax.export --workdir=DIR --out=DIR", file=sys.stderr)
     sys.exit(2)

@@ -4,15 +4,25 @@
         [--config.dp.epsilon=3] [--config.train.epochs=2]
     [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
 
-User mistakes (bad config values, missing files, a workdir of another run, a
-spent budget) end with one line on stderr and exit code 2; nothing is overwritten.
+Exit codes (for schedulers):
+
+* 0: finished (all planned steps, or as many as the epsilon budget allows; the
+  summary's ``stopped_by_budget`` says which).
+* 2: a user mistake (bad config values, missing files, a workdir of another run
+  or in use, a spent budget, a checkpoint that cannot be trusted): one line on
+  stderr, and nothing is overwritten.
+* 75 (EX_TEMPFAIL): preempted by SIGTERM after saving a checkpoint; run the
+  same command again to continue.
+* 1: a bug (a traceback).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,6 +42,7 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes of the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in [0, num_processes).")
+EXIT_PREEMPTED = getattr(os, "EX_TEMPFAIL", 75)
 USER_ERRORS = (
   ConfigError,
   DataError,
@@ -45,17 +56,33 @@ USER_ERRORS = (
 
 
 def fail(message: str) -> None:
+  """One line on stderr and exit 2, without the teardown noise of background threads."""
   print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.stdout.flush()
+  os._exit(2)  # pylint: disable=protected-access
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing whose errors (unknown key, wrong type) are one line + exit 2."""
+  """absl flag parsing whose errors (unknown key, wrong type, a broken config file) are one
+  line + exit 2."""
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, *USER_ERRORS) as err:
+  except SyntaxError as err:  # the config file is Python: its own mistakes are user mistakes
+    fail(f"--config: {err.msg} ({err.filename}, line {err.lineno})")
+  except (flags.Error, ImportError, NameError, OSError, *USER_ERRORS) as err:
     fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
   return []
+
+
+def load_config() -> ml_collections.ConfigDict:
+  """The --config value; a file that could not be loaded is one line + exit 2."""
+  config = _CONFIG.value
+  try:
+    config.keys()  # a file that failed to load raises here (ml_collections defers the error)
+  except OSError as err:
+    cause = str(err.__cause__ or err).strip().splitlines()
+    fail(f"--config cannot be loaded: {cause[-1].strip() if cause else err}")
+  return config
 
 
 def main(argv: list[str]) -> None:
@@ -67,15 +94,16 @@ def main(argv: list[str]) -> None:
     fail("--config=FILE.py[:variant] and --workdir=DIR are required")
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train_and_evaluate(load_config(), _WORKDIR.value)
   except (ConfigError, DataError, PretrainedError, parallel.ParallelError) as err:
     fail(str(err))
   if not parallel.is_main_process():
-    return
+    sys.exit(EXIT_PREEMPTED if summary["preempted"] else 0)
   accuracy = summary["eval"]["accuracy"]
   eps = summary["epsilon"]
+  eps_text = f"{eps:.3f}" if isinstance(eps, float) else str(eps)  # "inf" when sigma = 0
   guarantee = (
-    f"epsilon={eps:.3f} delta={summary['delta']:.3g}"
+    f"epsilon={eps_text} delta={summary['delta']:.3g}"
     if summary["dp"]
     else "no privacy (epsilon=inf)"
   )
@@ -89,8 +117,16 @@ def main(argv: list[str]) -> None:
       }
     )
   )
+  if summary["preempted"]:
+    print(
+      f"preempted: checkpoint saved at step {summary['steps']} ({guarantee} so far); run the "
+      "same command again to continue",
+      flush=True,
+    )
+    sys.exit(EXIT_PREEMPTED)
+  stopped = " (stopped by the epsilon budget)" if summary["stopped_by_budget"] else ""
   print(
-    f"done: {guarantee} dev accuracy={accuracy:.4f}; "
+    f"done{stopped}: {guarantee} dev accuracy={accuracy:.4f}; "
     f"summary, checkpoints and metrics in {summary['workdir']} "
     f"(plots: python -m dpjax.report --workdir {summary['workdir']})"
   )

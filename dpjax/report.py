@@ -69,7 +69,15 @@ def main(argv):
   if not (Path(_WORKDIR.value) / "metrics.jsonl").is_file():
     print(f"error: {_WORKDIR.value}/metrics.jsonl not found", file=sys.stderr)
     sys.exit(2)
-  for path in write_plots(_WORKDIR.value):
+  try:
+    written = write_plots(_WORKDIR.value)
+  except ValueError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+  if not written:
+    print(f"error: {_WORKDIR.value}/metrics.jsonl holds no rows to plot yet", file=sys.stderr)
+    sys.exit(2)
+  for path in written:
     print(path)
 
 

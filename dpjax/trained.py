@@ -20,7 +20,7 @@ import ml_collections
 import tokenizers
 
 from dpjax.models import lora
-from dpjax.train import checkpoint, optimizer
+from dpjax.train import checkpoint, integrity, optimizer
 from dpjax.train import config as config_lib
 from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
@@ -81,7 +81,9 @@ def _restore(
   ckpts = checkpoint.Checkpoints(workdir, c.train.keep_checkpoints)
   try:
     restored = ckpts.restore_latest(
-      optimizer.abstract_state(config_lib.mechanism_spec(c), c, trainable)
+      optimizer.abstract_state(config_lib.mechanism_spec(c), c, trainable),
+      verify=integrity.verify_sealed,
+      read_only=True,
     )
   finally:
     ckpts.close()

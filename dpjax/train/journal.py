@@ -109,6 +109,21 @@ class PrivacyJournal:
       return ResumePlan(restored_attempt, bool(charges), ())
     return ResumePlan(max(by_attempt, default=restored_attempt) + 1, False, tuple(charges))
 
+  def ledger_floor(self, attempt: int, step: int) -> int:
+    """The fewest ledger steps a checkpoint of ``attempt`` at ``step`` can honestly hold.
+
+    Every earlier attempt's executions (its last recorded step minus its first
+    start) were either recorded or charged before ``attempt`` began, and
+    ``attempt`` itself executed ``step`` minus its first start. A checkpoint
+    ledger below this was edited or rolled back.
+    """
+    by_attempt = _group(self.records())
+    floor = sum(
+      max(r["step"] for r in rs) - rs[0]["start"] for a, rs in by_attempt.items() if a < attempt
+    )
+    mine = by_attempt.get(attempt)
+    return floor + (step - mine[0]["start"] if mine else 0)
+
   def write_ahead(
     self, attempt: int, start: int, step: int, fingerprint: str, segment: dict[str, Any]
   ) -> None:

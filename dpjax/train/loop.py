@@ -43,7 +43,7 @@ from absl import logging
 from dpjax import batching, parallel, privacy
 from dpjax.models import lora
 from dpjax.privacy.secret import RunSecret
-from dpjax.train import checkpoint, optimizer, splits
+from dpjax.train import checkpoint, integrity, optimizer, splits
 from dpjax.train import config as config_lib
 from dpjax.train import journal as privacy_journal
 from dpjax.train import metrics as metrics_lib
@@ -83,7 +83,21 @@ def _check_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(f"workdir {workdir} is not writable ({err.strerror})") from None
   saved = workdir / "config.json"
   if saved.exists():
-    changed = config_lib.differences(json.loads(saved.read_text()), json.loads(c.to_json()))
+    try:
+      previous = json.loads(saved.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+      raise config_lib.ConfigError(
+        f"{saved} is not a readable config (edited or damaged); restore it or use a new workdir"
+      ) from None
+    new = json.loads(c.to_json())
+    structural = integrity.structure_changes(previous, new)
+    if structural and (workdir / "checkpoints").is_dir():
+      raise config_lib.ConfigError(
+        f"workdir {workdir} holds checkpoints whose state a change of "
+        f"{', '.join('config.' + k for k in structural)} cannot restore (not even with "
+        "resume=allow_changes); use a new workdir"
+      )
+    changed = config_lib.differences(previous, new)
     if changed and c.resume != "allow_changes":
       raise config_lib.ConfigError(
         f"workdir {workdir} holds a run with a different config ({', '.join(changed[:6])}); "
@@ -188,7 +202,7 @@ _BOOKKEEPING_KEYS = (
 )
 
 
-def _fingerprint(run_secret: RunSecret, c: ml_collections.ConfigDict, train) -> str:
+def _fingerprint(run_secret: RunSecret, c: ml_collections.ConfigDict, data_digest: bytes) -> str:
   """HMAC of what a step computes from: config, training rows, platform (keyed: the rows are
   private, and an unkeyed hash of them would tell who is in the data)."""
   config = json.loads(c.to_json())
@@ -210,8 +224,46 @@ def _fingerprint(run_secret: RunSecret, c: ml_collections.ConfigDict, train) -> 
     sort_keys=True,
   ).encode()
   mac = hmac.new(run_secret.derive("fingerprint"), facts, hashlib.sha256)
-  mac.update(splits.data_digest(train))
+  mac.update(data_digest)
   return mac.hexdigest()
+
+
+def _data_facts(run_secret: RunSecret, dataset_size: int, data_digest: bytes) -> dict[str, Any]:
+  """N and a keyed digest of the training rows (keyed: an unkeyed hash would tell who is in)."""
+  mac = hmac.new(run_secret.derive("training data"), data_digest, hashlib.sha256)
+  return {"dataset_size": dataset_size, "digest": mac.hexdigest()}
+
+
+def _verify_checkpoint(
+  state: Any,
+  meta: dict[str, Any],
+  *,
+  c: ml_collections.ConfigDict,
+  journal: privacy_journal.PrivacyJournal,
+  data: tuple[int, bytes],
+) -> None:
+  """Refuses (CheckpointError) a checkpoint whose privacy record cannot be trusted.
+
+  A state that does not match its digest is a ValueError: unreadable, the
+  previous checkpoint is tried.
+  """
+  step = meta["step"]
+  integrity.verify_sealed(state, meta)
+  secret = RunSecret.from_checkpoint(meta["secret"])
+  ledger_steps = privacy.PrivacyLedger.from_dict(meta["ledger"]).steps
+  floor = max(step, journal.ledger_floor(meta["attempt"], step))
+  if ledger_steps < floor:
+    raise checkpoint.CheckpointError(
+      f"checkpoint {step}'s ledger holds {ledger_steps} steps but at least {floor} were "
+      f"executed (see {journal.path.name}); refusing to resume with an under-counted ledger"
+    )
+  if meta.get("data") != _data_facts(secret, *data) and c.resume != "allow_changes":
+    raise checkpoint.CheckpointError(
+      f"the training data changed since checkpoint {step} (N was "
+      f"{meta.get('data', {}).get('dataset_size')}, now {data[0]}, or the rows differ); use a "
+      "new workdir, or --config.resume=allow_changes to continue on the new data (the ledger "
+      "records it as a new segment)"
+    )
 
 
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -219,8 +271,32 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
 
   Runs on every device of every process (``jax.distributed`` already
   initialized for several processes); the mesh comes from ``config.parallel``.
-  Only process 0 writes metrics, ``summary.json`` and progress lines.
+  Only process 0 writes metrics, ``summary.json`` and progress lines, and it
+  holds the workdir's lock (one run per workdir) from the moment the run is
+  accepted until it returns.
   """
+  with contextlib.ExitStack() as cleanup:
+    return _run(c, workdir, cleanup)
+
+
+def _lock(workdir: Path, cleanup: contextlib.ExitStack) -> None:
+  """Takes the workdir's lock (process 0) until ``cleanup`` closes; refuses a busy workdir."""
+  if not parallel.is_main_process():
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    lock = integrity.WorkdirLock(workdir)
+  except integrity.WorkdirBusy as busy:
+    raise config_lib.ConfigError(
+      f"workdir {workdir} is in use by another run ({busy.holder}); wait for it to finish "
+      "or use another workdir"
+    ) from None
+  cleanup.callback(lock.release)
+
+
+def _run(
+  c: ml_collections.ConfigDict, workdir: str | Path, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
   start_time = time.time()
   config_lib.validate(c)
   try:
@@ -249,7 +325,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
       c.data.eval, task.tokenizer, c, cache, limit=c.data.eval_limit, seed=c.seed + 1
     )
     mechanism = _plan(c, len(train))
-    _write_config(workdir, c)
+    _lock(workdir, cleanup)
+    _check_workdir(workdir, c)  # again, under the lock: another run may have just finished
   frozen_host = jax.tree_util.tree_map(np.asarray, task.frozen)
   trainable = jax.tree_util.tree_map(np.asarray, task.trainable)
   frozen = parallel.put(frozen_host, shardings_of(frozen_host))  # FSDP rules apply to it too
@@ -260,14 +337,18 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
   abstract = optimizer.abstract_state(mechanism.spec, c, trainable)
   state_shardings = shardings_of(abstract)
   ckpt = checkpoint.Checkpoints(workdir, c.train.keep_checkpoints)
+  journal = privacy_journal.PrivacyJournal(workdir, writer=main)
+  data_digest = splits.data_digest(train)  # hashes every training row: once
   restored = ckpt.restore_latest(
     jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s),
       abstract,
       state_shardings,
-    )
+    ),
+    verify=functools.partial(
+      _verify_checkpoint, c=c, journal=journal, data=(len(train), data_digest)
+    ),
   )
-  journal = privacy_journal.PrivacyJournal(workdir, writer=main)
   ledger = mechanism.empty_ledger()
   if restored is not None:
     state, meta = restored
@@ -275,13 +356,21 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     run_secret = RunSecret.from_checkpoint(meta["secret"])
   else:
     run_secret = _new_secret(c)
-  fingerprint = _fingerprint(run_secret, c, train)  # hashes every training row: once
+  fingerprint = _fingerprint(run_secret, c, data_digest)
+  data_facts = _data_facts(run_secret, len(train), data_digest)
   if restored is not None:
     resume = journal.plan_resume(
       meta["step"], meta["attempt"], fingerprint, ckpt.skipped_after(meta["step"])
     )
   else:
     resume = journal.plan_resume(None, None, fingerprint, False)
+    if resume.charges and c.resume != "allow_changes":
+      raise config_lib.ConfigError(
+        f"workdir {workdir} has no checkpoint but its {journal.path.name} records "
+        f"{resume.charged_steps} executed steps (checkpoints deleted, or a crash before the "
+        "first one); use a new workdir, or --config.resume=allow_changes to start over with "
+        "those steps charged to the new ledger"
+      )
   for segment_fields, steps in resume.charges:
     ledger = ledger.record(privacy.Segment(**{**segment_fields, "steps": steps}))
   attempt = resume.attempt
@@ -316,8 +405,18 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
       f"the epsilon budget {mechanism.epsilon_budget:g} is already spent "
       f"(ledger epsilon {mechanism.epsilon(ledger):.4f} after {ledger.steps} steps)"
     )
+  if mechanism.epsilon_budget is not None and mechanism.epsilon(ledger) > mechanism.epsilon_budget:
+    raise config_lib.ConfigError(
+      f"the ledger already spent epsilon {mechanism.epsilon(ledger):.4f} ({ledger.steps} "
+      f"steps), above the epsilon budget {mechanism.epsilon_budget:g}; a budget cannot be "
+      "lowered below what was spent"
+    )
   end_step = start_step + allowed
   stopped_by_budget = end_step < mechanism.steps
+  _write_config(workdir, c)  # accepted: every refusal above left config.json as it was
+  if main and (workdir / "summary.json").exists() and end_step > start_step:
+    # It describes a model this run is about to replace; the new one is written at the end.
+    (workdir / "summary.json").unlink()
   privacy_plan = (
     f"sigma={mechanism.noise_multiplier:.4f} delta={mechanism.delta:.3g} "
     f"budget_eps={mechanism.epsilon_budget}"
@@ -368,18 +467,18 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
 
   def save(step: int) -> None:
     ahead(step)
-    ckpt.save(
-      step,
-      state,
-      {
-        "step": step,
-        "ledger": ledger.to_dict(),
-        "mechanism": mechanism.public_facts(),
-        "config": json.loads(c.to_json()),
-        "secret": run_secret.to_checkpoint(),
-        "attempt": attempt,
-      },
-    )
+    meta = {
+      "step": step,
+      "ledger": ledger.to_dict(),
+      "mechanism": mechanism.public_facts(),
+      "config": json.loads(c.to_json()),
+      "secret": run_secret.to_checkpoint(),
+      "attempt": attempt,
+      "data": data_facts,
+      "state_sha256": integrity.state_digest(parallel.to_host(state)),
+    }
+    meta["seal"] = integrity.seal(meta, run_secret.derive(integrity.SEAL_PURPOSE))
+    ckpt.save(step, state, meta)
 
   preempted = False
   examples_seen, window_examples, window_start = 0, 0, time.time()
@@ -390,8 +489,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
       state, row = jit_step(state, batches, masks)
       row = jax.device_get(row)
       if int(row["nonfinite"]):
-        raise FloatingPointError(
-          f"a non-finite loss at step {step}; lower config.train.learning_rate"
+        raise config_lib.ConfigError(
+          f"a non-finite loss at step {step + 1}; lower config.train.learning_rate (the "
+          f"checkpoints before step {step + 1} are kept)"
         )
       ledger = mechanism.record(ledger)
       examples_seen += len(sample)
@@ -453,6 +553,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     "public": "N, the config and the plan (sigma, q, steps, delta) are treated as public",
     "steps": final_step,
     "ledger_steps": ledger.steps,
+    "ledger": ledger.to_dict(),  # every segment; the plan above is the last one
     "clip": c.dp.clip,
     "clip_norm": c.dp.clip_norm,
     "eval": result,

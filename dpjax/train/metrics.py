@@ -74,8 +74,21 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 def read(workdir: str | Path, private: bool = False) -> list[dict[str, Any]]:
-  """All rows of a workdir's metrics.jsonl (or of private_metrics.jsonl; [] if absent)."""
+  """All rows of a workdir's metrics.jsonl (or of private_metrics.jsonl; [] if absent).
+
+  A torn last line (a crash in the middle of a write) is left out; a damaged
+  line elsewhere is a ``ValueError`` naming the file and line.
+  """
   path = Path(workdir) / (PRIVATE_FILENAME if private else "metrics.jsonl")
   if private and not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+  rows = []
+  for position, (number, line) in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if position == len(lines) - 1:
+        continue
+      raise ValueError(f"{path}:{number} is not a JSON line") from None
+  return rows

@@ -35,7 +35,10 @@ class Split:
 def source_for(spec: str, c: ml_collections.ConfigDict) -> data_lib.Source:
   """``sst2:<split>`` or a path to a .tsv/.csv/.jsonl file -> a random-access source."""
   if spec.startswith("sst2:"):
-    return data_lib.sst2(spec.split(":", 1)[1])
+    try:
+      return data_lib.sst2(spec.split(":", 1)[1])
+    except ValueError as err:  # an unknown split (sst2:test has no labels and is not shipped)
+      raise ConfigError(f"data source {spec!r}: sst2 {err}") from None
   if not Path(spec).is_file():
     raise ConfigError(
       f"data file {spec!r} not found (config.data.train / config.data.eval take "

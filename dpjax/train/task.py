@@ -79,7 +79,11 @@ def init_params(
       f"config.model.lora_targets must match at least one Dense module path, "
       f"e.g. 'attention/self/query' (got {tuple(c.model.lora_targets)!r})"
     )
-  return lora.partition(params, lora.trainable_mask(params, c.model.train))
+  try:
+    mask = lora.trainable_mask(params, c.model.train)
+  except ValueError as err:  # a pattern that selects nothing
+    raise ConfigError(f"config.model.{err}; see the parameter paths of the model") from None
+  return lora.partition(params, mask)
 
 
 def label_word_ids(

@@ -13,43 +13,10 @@ import pytest
 from dpjax import privacy, report
 from dpjax.privacy.secret import RunSecret
 from dpjax.train import loop
+from dpjax.train import metrics as metrics_lib
 from dpjax.train.config import ConfigError
 from experiments import sst2
-from tests.shared_fixtures import shared_once
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def token_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("token_cache"))
-
-
-# The tests that only read a finished run share one, trained once per test run.
-SHARED_RUN = {"train.steps": 16}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """(workdir, summary) of one finished 16-step tiny run."""
-  build = lambda root: loop.train_and_evaluate(
-    tiny(str(root / "token_cache"), **SHARED_RUN), root / "run"
-  )
-  workdir = shared_once(tmp_path_factory, "trained_tiny_run", build) / "run"
-  return workdir, json.loads((workdir / "summary.json").read_text())
-
-
-def tiny(token_cache, **overrides):
-  c = sst2.get_config("tiny")
-  c.data.cache_dir = token_cache
-  c.data.eval_limit = 64
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return c
+from tests.train.runs import ROOT, SHARED_RUN, run_main, tiny
 
 
 def tensorboard_scalars(logdir):
@@ -67,23 +34,6 @@ def tensorboard_scalars(logdir):
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
   return scalars
-
-
-def run_main(workdir, *args, timeout=300):
-  return subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "dpjax.main",
-      "--config=experiments/sst2.py:tiny",
-      f"--workdir={workdir}",
-      *args,
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
 
 
 def test_summary_fields_are_present_and_sane(trained):
@@ -210,7 +160,9 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, token_cache):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0 and "SIGTERM: saved checkpoint at step" in out
+  # Exit 75 (EX_TEMPFAIL): saved and resumable, not finished.
+  assert proc.returncode == 75 and "SIGTERM: saved checkpoint at step" in out
+  assert "preempted: checkpoint saved at step" in out and "done" not in out
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["preempted"] and 4 <= summary["steps"] < 400
   steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
@@ -295,6 +247,8 @@ def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_c
     (["--config.train.batch_size=abc"], "batch_size"),
     (["--config.dp.epsilon=1000"], "config.dp.epsilon must be in (0, 100]"),
     (["--config.train.batch_size=100000"], "config.train.batch_size must be in (0, dataset_size="),
+    (["--config=/nonexistent/config.py"], "--config cannot be loaded: [Errno 2]"),
+    (["--config=tests/fixtures/broken_config.py"], "--config: invalid syntax"),
   ],
 )
 def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
@@ -317,6 +271,8 @@ def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
     ({"dp.epsilon_budget": 0}, "config.dp.epsilon_budget must be a number > 0, or None (got 0.0)"),
     ({"dp.delta": 2.0}, "config.dp.delta must be in (0, 1), or None (got 2.0)"),
     ({"train.steps": 0}, "config.train.steps must be an integer > 0, or None (got 0)"),
+    ({"model.train": "nomatch"}, "config.model.train='nomatch' selects no parameter"),
+    ({"data.eval": "sst2:test"}, "data source 'sst2:test': sst2 split must be one of"),
   ],
 )
 def test_config_errors_name_the_key_and_range_and_write_nothing(
@@ -326,6 +282,30 @@ def test_config_errors_name_the_key_and_range_and_write_nothing(
     loop.train_and_evaluate(tiny(token_cache, **overrides), tmp_path / "w")
   assert message in str(err.value) and "\n" not in str(err.value)
   assert not (tmp_path / "w").exists()
+
+
+def test_a_diverging_run_is_one_line_not_a_traceback(tmp_path, token_cache):
+  c = tiny(token_cache, **{"train.steps": 4, "train.learning_rate": 1e30})
+  with pytest.raises(ConfigError, match="a non-finite loss at step 2; lower config.train"):
+    loop.train_and_evaluate(c, tmp_path)
+
+
+def test_report_refuses_empty_metrics_and_skips_a_torn_last_line(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text("")
+  result = subprocess.run(
+    [sys.executable, "-m", "dpjax.report", f"--workdir={tmp_path}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 2 and result.stderr.strip().endswith("holds no rows to plot yet")
+  (tmp_path / "metrics.jsonl").write_text(
+    '{"step": 4, "split": "privacy", "epsilon": 1.0}\n{"step": 8, "spl'
+  )
+  assert [r["step"] for r in metrics_lib.read(tmp_path)] == [4]
+  (tmp_path / "metrics.jsonl").write_text('{"step": 4, "spl\n{"step": 8}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl:1 is not a JSON line"):
+    metrics_lib.read(tmp_path)
 
 
 def test_workdir_of_another_config_and_unwritable_workdir_are_refused(

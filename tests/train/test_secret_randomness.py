@@ -183,3 +183,14 @@ def test_write_ahead_survives_a_torn_last_line(tmp_path):
   with j.path.open("a") as f:
     f.write('{"attempt": 0, "sta')  # a crash in the middle of a write
   assert [r["step"] for r in j.records()] == [4]
+
+
+def test_ledger_floor_counts_every_execution_on_record(tmp_path):
+  # Attempt 0 ran steps 1-16; attempt 1 resumed from checkpoint 12 (steps 13-16 charged).
+  j = _journal(tmp_path, [_record(0, 0, 8), _record(0, 0, 16), _record(1, 12, 20)])
+  assert j.ledger_floor(0, 12) == 12  # a checkpoint of attempt 0 at step 12
+  assert j.ledger_floor(1, 20) == 16 + 8  # all of attempt 0, then 12 -> 20
+  # A replay of attempt 0 from checkpoint 8 (records start 8) adds nothing new.
+  j = _journal(tmp_path, [_record(0, 0, 16), _record(0, 8, 16)])
+  assert j.ledger_floor(0, 16) == 16
+  assert journal_lib.PrivacyJournal(tmp_path / "none").ledger_floor(0, 4) == 0

@@ -1,0 +1,53 @@
+"""Helpers for tests that run the experiment runner on the tiny config."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from experiments import sst2
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The tests that only read a finished run share one, trained once per test run.
+SHARED_RUN = {"train.steps": 16}
+
+
+def tiny(token_cache, **overrides):
+  """The ``tiny`` variant with its token cache in ``token_cache`` and ``overrides`` applied."""
+  c = sst2.get_config("tiny")
+  c.data.cache_dir = token_cache
+  c.data.eval_limit = 64
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+def copy_run(workdir: Path, destination: Path) -> Path:
+  """A private copy of a finished workdir, for tests that change or damage it."""
+  shutil.copytree(workdir, destination, ignore=shutil.ignore_patterns(".lock"))
+  return destination
+
+
+def run_main(workdir, *args, timeout=300):
+  """``python -m dpjax.main --config=experiments/sst2.py:tiny --workdir=...`` plus ``args``."""
+  return subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "dpjax.main",
+      "--config=experiments/sst2.py:tiny",
+      f"--workdir={workdir}",
+      *args,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
