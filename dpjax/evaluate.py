@@ -19,14 +19,18 @@ from absl import app, flags, logging
 from dpjax import privacy
 from dpjax.data import DataError
 from dpjax.models.pretrained import PretrainedError
+from dpjax.train import journal as journal_lib
 from dpjax.train import splits
 from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
 from dpjax.trained import load_trained
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A dpjax.main workdir.")
-_DATA = flags.DEFINE_string("data", None, "A labelled .tsv/.csv/.jsonl file (or sst2:validation).")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Evaluation batch size.")
+
+def _define_flags() -> None:
+  """The command line's flags (defined only when run as a program: importable as a library)."""
+  flags.DEFINE_string("workdir", None, "A dpjax.main workdir.")
+  flags.DEFINE_string("data", None, "A labelled .tsv/.csv/.jsonl file (or sst2:validation).")
+  flags.DEFINE_integer("batch_size", 64, "Evaluation batch size.")
 
 
 def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> dict:
@@ -39,8 +43,20 @@ def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> di
   if "delta" not in plan:
     raise ConfigError(f"{workdir}'s checkpoint does not state its privacy plan (delta)")
   ledger = privacy.PrivacyLedger.from_dict(trained.ledger)
-  # ε and δ exactly as the run reports them: the ledger at the run's own δ.
+  # ε and δ exactly as the run reports them: the ledger at the run's own δ ...
   epsilon = ledger.epsilon(plan["delta"])
+  # ... unless the run executed (and may have released the outputs of) steps past this
+  # checkpoint, e.g. a newer one is damaged: then every execution on record counts.
+  executed = journal_lib.PrivacyJournal(workdir, writer=False).executed_segments()
+  note = None
+  if executed:
+    total = privacy.PrivacyLedger.from_dict({**trained.ledger, "segments": executed})
+    if total.epsilon(plan["delta"]) > epsilon:
+      epsilon = total.epsilon(plan["delta"])
+      note = (
+        f"checkpoint {trained.step} is older than the run's last executed step: epsilon "
+        "counts every step in privacy_journal.jsonl"
+      )
   result.update(
     {
       "step": trained.step,
@@ -50,20 +66,23 @@ def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> di
       "guarantee": plan.get("guarantee"),
     }
   )
+  if note:
+    result["epsilon_note"] = note
   return result
 
 
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Library INFO logs (checkpointing) off by default.
-  if len(argv) > 1 or not _WORKDIR.value or not _DATA.value:
+  workdir, data, batch_size = flags.FLAGS.workdir, flags.FLAGS.data, flags.FLAGS.batch_size
+  if len(argv) > 1 or not workdir or not data:
     print("error: usage: python -m dpjax.evaluate --workdir=DIR --data=FILE", file=sys.stderr)
     sys.exit(2)
-  if _BATCH.value < 1:
-    print(f"error: --batch_size must be an integer >= 1 (got {_BATCH.value})", file=sys.stderr)
+  if batch_size < 1:
+    print(f"error: --batch_size must be an integer >= 1 (got {batch_size})", file=sys.stderr)
     sys.exit(2)
   try:
-    result = evaluate_workdir(_WORKDIR.value, _DATA.value, _BATCH.value)
+    result = evaluate_workdir(workdir, data, batch_size)
   except (ConfigError, DataError, PretrainedError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -71,4 +90,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

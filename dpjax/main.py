@@ -18,6 +18,7 @@ Exit codes (for schedulers):
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
@@ -70,7 +71,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   except SyntaxError as err:  # the config file is Python: its own mistakes are user mistakes
     fail(f"--config: {err.msg} ({err.filename}, line {err.lineno})")
   except (flags.Error, ImportError, NameError, OSError, *USER_ERRORS) as err:
-    fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    text = str(err)
+    if len(text) > 1 and text[0] == text[-1] == "'":  # absl quotes a KeyError's repr
+      try:
+        key, *hint = ast.literal_eval(text).splitlines()
+        text = "; ".join([f"unknown config key {key}", *hint])
+      except (ValueError, SyntaxError, AttributeError):
+        pass
+    fail(" ".join(text.split()) if text else type(err).__name__)
   return []
 
 

@@ -28,7 +28,6 @@ def write_plots(workdir: str | Path) -> list[Path]:
 
   public, private = metrics_lib.read(workdir), metrics_lib.read(workdir, private=True)
   out_dir = Path(workdir) / "plots"
-  out_dir.mkdir(exist_ok=True)
   series = [
     ("eval_accuracy", public, "eval", "accuracy", "eval accuracy (held-out split)"),
     ("epsilon", public, "privacy", "epsilon", "ε spent (privacy ledger)"),
@@ -49,6 +48,7 @@ def write_plots(workdir: str | Path) -> list[Path]:
     ]
     if not points:
       continue
+    out_dir.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     ax.plot(*zip(*points), marker="o", markersize=3)
     ax.set_xlabel("step")

@@ -22,6 +22,7 @@ import tokenizers
 from dpjax.models import lora
 from dpjax.train import checkpoint, integrity, optimizer
 from dpjax.train import config as config_lib
+from dpjax.train import journal as journal_lib
 from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
 
@@ -82,7 +83,10 @@ def _restore(
   try:
     restored = ckpts.restore_latest(
       optimizer.abstract_state(config_lib.mechanism_spec(c), c, trainable),
-      verify=integrity.verify_sealed,
+      verify=lambda state, meta: (
+        integrity.verify_sealed(state, meta),
+        integrity.verify_against_journal(meta, journal_lib.PrivacyJournal(workdir, writer=False)),
+      ),
       read_only=True,
     )
   finally:

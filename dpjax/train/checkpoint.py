@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -37,7 +38,11 @@ class Checkpoints:
   def __init__(self, workdir: str | Path, keep: int):
     self.directory = Path(workdir).resolve() / "checkpoints"
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(
+      self.directory,
+      options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Writes checkpoint ``step``; a full disk is a one-line ``CheckpointError``.
@@ -82,6 +87,16 @@ class Checkpoints:
     finally:
       threading.excepthook, sys.unraisablehook = hook, unraisable
       logging.set_verbosity(verbosity)
+
+  def saved_shapes(self, step: int) -> list[tuple[tuple[int, ...], str]] | None:
+    """The sorted (shape, dtype) of every saved state array of ``step``; None if unreadable."""
+    try:
+      tree = self.manager.item_metadata(step)["state"]
+      return sorted(
+        (tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(tree)
+      )
+    except Exception:  # pylint: disable=broad-except
+      return None
 
   def steps(self) -> list[int]:
     self.manager.reload()
@@ -165,4 +180,7 @@ class Checkpoints:
     return any(p.name.isdigit() and int(p.name) > step for p in unreadable.iterdir())
 
   def close(self) -> None:
-    self.manager.close()
+    """Waits for and releases orbax's resources (idempotent)."""
+    if self.manager is not None:
+      self.manager.close()
+      self.manager = None

@@ -253,7 +253,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"in (0, {accounting.MAX_TARGET_EPSILON:g}] (for no privacy, set dp.enabled=False)",
       )
     _optional(c, "dp.delta", lambda key: _in_open_unit_interval(c, key))
-    _optional(c, "dp.noise_multiplier", lambda key: _positive(c, key, allow_zero=True))
+    if c.dp.noise_multiplier == 0:
+      raise _fail("dp.noise_multiplier", 0.0, "> 0, or None (for no noise, set dp.enabled=False)")
+    _optional(c, "dp.noise_multiplier", lambda key: _positive(c, key))
     _optional(c, "dp.epsilon_budget", lambda key: _positive(c, key))
     _one_of(c, "dp.clip", CLIPS)
     _positive(c, "dp.clip_norm")

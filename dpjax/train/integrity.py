@@ -102,6 +102,36 @@ def verify_sealed(state: Any, meta: dict[str, Any]) -> None:
     raise ValueError("the restored state does not match its SHA-256 (damaged array files)")
 
 
+def verify_against_journal(meta: dict[str, Any], journal: Any) -> None:
+  """Refuses (CheckpointError) a checkpoint ledger below what the privacy journal shows executed.
+
+  The ledger must hold at least the state's step and ``journal.ledger_floor``
+  steps in all, and, plan by plan (q, σ, N), at least the steps the journal
+  records under that plan: a ledger re-sealed with a larger σ or a smaller q is
+  caught here.
+  """
+  from dpjax.privacy import accounting
+  from dpjax.train import journal as journal_lib
+  from dpjax.train.checkpoint import CheckpointError
+
+  step, name = meta["step"], journal.path.name
+  ledger_steps = accounting.PrivacyLedger.from_dict(meta["ledger"]).steps
+  floor = max(step, journal.ledger_floor(meta["attempt"], step))
+  if ledger_steps < floor:
+    raise CheckpointError(
+      f"checkpoint {step}'s ledger holds {ledger_steps} steps but at least {floor} were "
+      f"executed (see {name}); refusing an under-counted ledger"
+    )
+  recorded = journal_lib.steps_by_plan(meta["ledger"]["segments"])
+  executed = journal_lib.steps_by_plan(journal.executed_segments(meta["attempt"], step))
+  for plan, steps in executed.items():
+    if recorded.get(plan, 0) < steps:
+      raise CheckpointError(
+        f"checkpoint {step}'s ledger records {recorded.get(plan, 0)} steps of the plan {plan} "
+        f"but {name} shows {steps} executed; refusing an under-counted ledger"
+      )
+
+
 def structure_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
   """The :data:`STRUCTURE_KEYS` whose value differs between two configs (as JSON dicts)."""
 

@@ -124,6 +124,25 @@ class PrivacyJournal:
     mine = by_attempt.get(attempt)
     return floor + (step - mine[0]["start"] if mine else 0)
 
+  def executed_segments(
+    self, attempt: int | None = None, step: int | None = None
+  ) -> list[dict[str, Any]]:
+    """The ledger segments of every execution on record (each attempt's plan and step count).
+
+    With ``attempt`` and ``step`` (a checkpoint of that attempt at that step):
+    the attempts before it in full and ``attempt`` up to ``step``; later
+    attempts are left out. Without: every attempt in full (what the workdir's
+    outputs have cost, whatever checkpoint is read).
+    """
+    out = []
+    for a, rs in sorted(_group(self.records()).items()):
+      if attempt is not None and a > attempt:
+        continue
+      end = step if attempt is not None and a == attempt else max(r["step"] for r in rs)
+      if end > rs[0]["start"]:
+        out.append({**rs[-1]["segment"], "steps": end - rs[0]["start"]})
+    return out
+
   def write_ahead(
     self, attempt: int, start: int, step: int, fingerprint: str, segment: dict[str, Any]
   ) -> None:
@@ -152,3 +171,12 @@ def _group(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
   for record in records:
     by_attempt.setdefault(int(record["attempt"]), []).append(record)
   return by_attempt
+
+
+def steps_by_plan(segments: list[dict[str, Any]]) -> dict[str, int]:
+  """Steps per plan (a segment's fields but ``steps``, as canonical JSON)."""
+  counts: dict[str, int] = {}
+  for segment in segments:
+    plan = json.dumps({k: v for k, v in segment.items() if k != "steps"}, sort_keys=True)
+    counts[plan] = counts.get(plan, 0) + int(segment["steps"])
+  return counts

@@ -234,6 +234,42 @@ def _data_facts(run_secret: RunSecret, dataset_size: int, data_digest: bytes) ->
   return {"dataset_size": dataset_size, "digest": mac.hexdigest()}
 
 
+def _check_state_structure(ckpt: checkpoint.Checkpoints, abstract: Any) -> None:
+  """Refuses, before any restore, checkpoints whose arrays this config's state cannot take.
+
+  (A changed model size, optimizer or trainable set under resume=allow_changes.)
+  Restoring would fail on every checkpoint and set them all aside.
+  """
+  steps = ckpt.steps()
+  saved = ckpt.saved_shapes(steps[-1]) if steps else None
+  if saved is None:
+    return  # no checkpoint, or unreadable metadata: restore_latest decides
+  now = sorted(
+    (tuple(np.shape(x)), str(np.asarray(x).dtype)) for x in jax.tree_util.tree_leaves(abstract)
+  )
+  if saved != now:
+    raise checkpoint.CheckpointError(
+      f"checkpoint {steps[-1]} holds a train state of another shape ({len(saved)} arrays) than "
+      f"this config builds ({len(now)} arrays, or other sizes): a changed model, optimizer "
+      "or trainable set cannot resume it; use a new workdir"
+    )
+
+
+def _check_orphan_outputs(
+  workdir: Path, ckpt: checkpoint.Checkpoints, journal: privacy_journal.PrivacyJournal
+) -> None:
+  """Refuses a workdir with an earlier run's outputs but neither checkpoints nor a journal."""
+  if ckpt.steps() or journal.path.exists():
+    return
+  metrics = workdir / "metrics.jsonl"
+  leftovers = [p.name for p in (workdir / "summary.json", metrics) if p.is_file()]
+  if (workdir / "summary.json").is_file() or (metrics.is_file() and metrics.stat().st_size):
+    raise config_lib.ConfigError(
+      f"workdir {workdir} holds an earlier run's outputs ({', '.join(leftovers)}) but no "
+      f"checkpoint and no {journal.path.name}: what it spent cannot be known; use a new workdir"
+    )
+
+
 def _verify_checkpoint(
   state: Any,
   meta: dict[str, Any],
@@ -250,13 +286,7 @@ def _verify_checkpoint(
   step = meta["step"]
   integrity.verify_sealed(state, meta)
   secret = RunSecret.from_checkpoint(meta["secret"])
-  ledger_steps = privacy.PrivacyLedger.from_dict(meta["ledger"]).steps
-  floor = max(step, journal.ledger_floor(meta["attempt"], step))
-  if ledger_steps < floor:
-    raise checkpoint.CheckpointError(
-      f"checkpoint {step}'s ledger holds {ledger_steps} steps but at least {floor} were "
-      f"executed (see {journal.path.name}); refusing to resume with an under-counted ledger"
-    )
+  integrity.verify_against_journal(meta, journal)
   if meta.get("data") != _data_facts(secret, *data) and c.resume != "allow_changes":
     raise checkpoint.CheckpointError(
       f"the training data changed since checkpoint {step} (N was "
@@ -337,7 +367,10 @@ def _run(
   abstract = optimizer.abstract_state(mechanism.spec, c, trainable)
   state_shardings = shardings_of(abstract)
   ckpt = checkpoint.Checkpoints(workdir, c.train.keep_checkpoints)
+  cleanup.callback(ckpt.close)  # also when the run ends in an error
+  _check_state_structure(ckpt, abstract)
   journal = privacy_journal.PrivacyJournal(workdir, writer=main)
+  _check_orphan_outputs(workdir, ckpt, journal)
   data_digest = splits.data_digest(train)  # hashes every training row: once
   restored = ckpt.restore_latest(
     jax.tree_util.tree_map(
@@ -536,7 +569,8 @@ def _run(
   params = full_params(state)
   result = task.evaluate(params, evals, c.train.eval_batch_size)
   epsilon = mechanism.epsilon(ledger)
-  write(final_step, "eval", {**result, "epsilon": epsilon})
+  if final_step > start_step:  # a rerun of a finished run adds no duplicate row
+    write(final_step, "eval", {**result, "epsilon": epsilon})
   if c.train.private_metrics:
     write(
       final_step,

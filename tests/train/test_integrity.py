@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dpjax import evaluate
 from dpjax import trained as trained_lib
 from dpjax.privacy.secret import RunSecret
 from dpjax.train import integrity, loop
@@ -58,6 +59,15 @@ def test_an_edited_ledger_is_refused_sealed_or_not(run):
   meta_file.write_text(json.dumps(meta))
   with pytest.raises(ConfigError, match="ledger holds 1 steps but at least 16 were executed"):
     loop.train_and_evaluate(c, workdir)
+  # Re-sealed with the right step count but a larger σ (ε 8 -> far less): the journal records
+  # the plan each step ran under, and no step ran under this one.
+  meta["ledger"]["segments"][0].update(steps=16, noise_multiplier=5.0)
+  meta["seal"] = integrity.seal(meta, key)
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ConfigError, match="ledger records 0 steps of the plan .* 16 executed"):
+    loop.train_and_evaluate(c, workdir)
+  with pytest.raises(ConfigError, match="ledger records 0 steps of the plan"):
+    trained_lib.load_trained(workdir)  # evaluate and export refuse it too
 
 
 def test_flipped_bits_in_the_state_fall_back_to_the_previous_checkpoint(run):
@@ -107,8 +117,23 @@ def test_a_change_of_the_state_structure_is_refused_up_front(run):
     changed = tiny(c.data.cache_dir, **SHARED_RUN, **{key: value, "resume": "allow_changes"})
     with pytest.raises(ConfigError, match=f"a change of config.{key} cannot restore"):
       loop.train_and_evaluate(changed, workdir)
+  # Any other change of the saved arrays' shapes: caught from the checkpoint's own metadata.
+  for key, value in (("model.tiny_hidden", 64), ("model.tiny_layers", 3)):
+    changed = tiny(c.data.cache_dir, **SHARED_RUN, **{key: value, "resume": "allow_changes"})
+    with pytest.raises(ConfigError, match="holds a train state of another shape"):
+      loop.train_and_evaluate(changed, workdir)
   assert _files(workdir) == before
   assert not (workdir / "checkpoints_unreadable").exists()
+
+
+def test_outputs_without_checkpoints_or_journal_are_not_overwritten(run):
+  workdir, c = run
+  shutil.rmtree(workdir / "checkpoints")
+  (workdir / "privacy_journal.jsonl").unlink()
+  before = _files(workdir)
+  with pytest.raises(ConfigError, match="holds an earlier run's outputs .* no checkpoint"):
+    loop.train_and_evaluate(c, workdir)
+  assert _files(workdir) == before
 
 
 def test_a_refused_plan_leaves_an_existing_workdir_as_it_was(run):
@@ -144,6 +169,12 @@ def test_reading_a_run_moves_nothing_and_skips_a_damaged_checkpoint(run):
   before = _files(workdir)
   result = trained_lib.load_trained(workdir)
   assert result.step == 12 and result.ledger["segments"][0]["steps"] == 12
+  # The scored model is step 12's, but steps 13-16 ran and their outputs were released:
+  # evaluate's ε is the whole run's, as summary.json says, not the older checkpoint's.
+  scored = evaluate.evaluate_workdir(workdir, "sst2:validation")
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert scored["step"] == 12 and scored["epsilon"] == pytest.approx(summary["epsilon"], rel=1e-9)
+  assert "older than the run's last executed step" in scored["epsilon_note"]
   assert _files(workdir) == before and not (workdir / "checkpoints_unreadable").exists()
   # An edited ledger is never reported: refused, not skipped in favour of an older one.
   meta_file = _meta_file(workdir, 12)
@@ -198,7 +229,7 @@ def small_disk(tmp_path):
   try:
     yield mount_point
   finally:
-    subprocess.run(["umount", str(mount_point)], check=False)
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=False)
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(small_disk, token_cache):

@@ -272,6 +272,7 @@ def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
     ({"dp.delta": 2.0}, "config.dp.delta must be in (0, 1), or None (got 2.0)"),
     ({"train.steps": 0}, "config.train.steps must be an integer > 0, or None (got 0)"),
     ({"model.train": "nomatch"}, "config.model.train='nomatch' selects no parameter"),
+    ({"dp.noise_multiplier": 0.0}, "dp.noise_multiplier must be > 0, or None (for no noise"),
     ({"data.eval": "sst2:test"}, "data source 'sst2:test': sst2 split must be one of"),
   ],
 )
