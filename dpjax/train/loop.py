@@ -248,10 +248,15 @@ def _check_state_structure(ckpt: checkpoint.Checkpoints, abstract: Any) -> None:
     (tuple(np.shape(x)), str(np.asarray(x).dtype)) for x in jax.tree_util.tree_leaves(abstract)
   )
   if saved != now:
+    detail = (
+      f"{len(saved)} arrays saved, {len(now)} built"
+      if len(saved) != len(now)
+      else "arrays of other sizes"
+    )
     raise checkpoint.CheckpointError(
-      f"checkpoint {steps[-1]} holds a train state of another shape ({len(saved)} arrays) than "
-      f"this config builds ({len(now)} arrays, or other sizes): a changed model, optimizer "
-      "or trainable set cannot resume it; use a new workdir"
+      f"checkpoint {steps[-1]} holds a train state of another shape than this config builds "
+      f"({detail}): a changed model, optimizer or trainable set cannot resume it; use a new "
+      "workdir"
     )
 
 
