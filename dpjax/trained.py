@@ -11,6 +11,7 @@ no data file is read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,8 @@ def _restore(
   try:
     restored = ckpts.restore_latest(
       optimizer.abstract_state(config_lib.mechanism_spec(c), c, trainable),
-      verify=lambda state, meta: (
-        integrity.verify_sealed(state, meta),
-        integrity.verify_against_journal(meta, journal_lib.PrivacyJournal(workdir, writer=False)),
+      verify=functools.partial(
+        integrity.verify_record, journal=journal_lib.PrivacyJournal(workdir, writer=False)
       ),
       read_only=True,
     )

@@ -132,6 +132,12 @@ def verify_against_journal(meta: dict[str, Any], journal: Any) -> None:
       )
 
 
+def verify_record(state: Any, meta: dict[str, Any], journal: Any) -> None:
+  """:func:`verify_sealed`, then :func:`verify_against_journal`: what every reader checks."""
+  verify_sealed(state, meta)
+  verify_against_journal(meta, journal)
+
+
 def structure_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
   """The :data:`STRUCTURE_KEYS` whose value differs between two configs (as JSON dicts)."""
 

@@ -117,12 +117,7 @@ class PrivacyJournal:
     ``attempt`` itself executed ``step`` minus its first start. A checkpoint
     ledger below this was edited or rolled back.
     """
-    by_attempt = _group(self.records())
-    floor = sum(
-      max(r["step"] for r in rs) - rs[0]["start"] for a, rs in by_attempt.items() if a < attempt
-    )
-    mine = by_attempt.get(attempt)
-    return floor + (step - mine[0]["start"] if mine else 0)
+    return sum(segment["steps"] for segment in self.executed_segments(attempt, step))
 
   def executed_segments(
     self, attempt: int | None = None, step: int | None = None

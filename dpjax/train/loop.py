@@ -289,9 +289,8 @@ def _verify_checkpoint(
   previous checkpoint is tried.
   """
   step = meta["step"]
-  integrity.verify_sealed(state, meta)
+  integrity.verify_record(state, meta, journal)
   secret = RunSecret.from_checkpoint(meta["secret"])
-  integrity.verify_against_journal(meta, journal)
   if meta.get("data") != _data_facts(secret, *data) and c.resume != "allow_changes":
     raise checkpoint.CheckpointError(
       f"the training data changed since checkpoint {step} (N was "

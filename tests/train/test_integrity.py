@@ -30,6 +30,14 @@ def _files(workdir: Path) -> dict[str, bytes]:
   }
 
 
+def _refused(workdir: Path, c, match: str) -> None:
+  """Training ``c`` in ``workdir`` is refused with ``match`` and leaves every file as it was."""
+  before = _files(workdir)
+  with pytest.raises(ConfigError, match=match):
+    loop.train_and_evaluate(c, workdir)
+  assert _files(workdir) == before
+
+
 @pytest.fixture
 def run(trained, tmp_path):
   """(copy of the shared 16-step run, its config) for a test to change."""
@@ -48,24 +56,19 @@ def test_an_edited_ledger_is_refused_sealed_or_not(run):
   meta = json.loads(meta_file.read_text())
   meta["ledger"]["segments"][0]["steps"] = 1  # "steps": 16 -> 1 would report ε ≈ 4 not 8.
   meta_file.write_text(json.dumps(meta))
-  before = _files(workdir)
-  with pytest.raises(ConfigError, match="does not match its seal"):
-    loop.train_and_evaluate(c, workdir)
-  assert _files(workdir) == before
+  _refused(workdir, c, "does not match its seal")
   # Re-sealed with the secret from the same file: the ledger is still below the 16 steps that
   # the state and the privacy journal show were executed.
   key = RunSecret.from_checkpoint(meta["secret"]).derive(integrity.SEAL_PURPOSE)
   meta["seal"] = integrity.seal(meta, key)
   meta_file.write_text(json.dumps(meta))
-  with pytest.raises(ConfigError, match="ledger holds 1 steps but at least 16 were executed"):
-    loop.train_and_evaluate(c, workdir)
+  _refused(workdir, c, "ledger holds 1 steps but at least 16 were executed")
   # Re-sealed with the right step count but a larger σ (ε 8 -> far less): the journal records
   # the plan each step ran under, and no step ran under this one.
   meta["ledger"]["segments"][0].update(steps=16, noise_multiplier=5.0)
   meta["seal"] = integrity.seal(meta, key)
   meta_file.write_text(json.dumps(meta))
-  with pytest.raises(ConfigError, match="ledger records 0 steps of the plan .* 16 executed"):
-    loop.train_and_evaluate(c, workdir)
+  _refused(workdir, c, "ledger records 0 steps of the plan .* 16 executed")
   with pytest.raises(ConfigError, match="ledger records 0 steps of the plan"):
     trained_lib.load_trained(workdir)  # evaluate and export refuse it too
 
@@ -92,10 +95,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused(run):
   workdir, c = run
   lock = integrity.WorkdirLock(workdir)  # Another run, alive.
   try:
-    before = _files(workdir)
-    with pytest.raises(ConfigError, match=r"is in use by another run \(pid \d+ on "):
-      loop.train_and_evaluate(c, workdir)
-    assert _files(workdir) == before
+    _refused(workdir, c, r"is in use by another run \(pid \d+ on ")
   finally:
     lock.release()
   loop.train_and_evaluate(c, workdir)  # Released (or its holder died): the workdir is usable.
@@ -104,25 +104,20 @@ def test_a_second_run_on_a_busy_workdir_is_refused(run):
 def test_deleted_checkpoints_are_not_a_silent_restart(run):
   workdir, c = run
   shutil.rmtree(workdir / "checkpoints")
-  before = _files(workdir)
-  with pytest.raises(ConfigError, match="records 16 executed steps"):
-    loop.train_and_evaluate(c, workdir)
-  assert _files(workdir) == before  # metrics.jsonl and summary.json kept as they were
+  _refused(workdir, c, "records 16 executed steps")
 
 
 def test_a_change_of_the_state_structure_is_refused_up_front(run):
   workdir, c = run
-  before = _files(workdir)
-  for key, value in (("train.optimizer", "sgd"), ("dp.enabled", False)):
+  for key, value, match in (
+    ("train.optimizer", "sgd", "a change of config.train.optimizer cannot restore"),
+    ("dp.enabled", False, "a change of config.dp.enabled cannot restore"),
+    # Any other change of the saved arrays' shapes: caught from the checkpoint's own metadata.
+    ("model.tiny_hidden", 64, "holds a train state of another shape"),
+    ("model.tiny_layers", 3, "holds a train state of another shape"),
+  ):
     changed = tiny(c.data.cache_dir, **SHARED_RUN, **{key: value, "resume": "allow_changes"})
-    with pytest.raises(ConfigError, match=f"a change of config.{key} cannot restore"):
-      loop.train_and_evaluate(changed, workdir)
-  # Any other change of the saved arrays' shapes: caught from the checkpoint's own metadata.
-  for key, value in (("model.tiny_hidden", 64), ("model.tiny_layers", 3)):
-    changed = tiny(c.data.cache_dir, **SHARED_RUN, **{key: value, "resume": "allow_changes"})
-    with pytest.raises(ConfigError, match="holds a train state of another shape"):
-      loop.train_and_evaluate(changed, workdir)
-  assert _files(workdir) == before
+    _refused(workdir, changed, match)
   assert not (workdir / "checkpoints_unreadable").exists()
 
 
@@ -130,28 +125,19 @@ def test_outputs_without_checkpoints_or_journal_are_not_overwritten(run):
   workdir, c = run
   shutil.rmtree(workdir / "checkpoints")
   (workdir / "privacy_journal.jsonl").unlink()
-  before = _files(workdir)
-  with pytest.raises(ConfigError, match="holds an earlier run's outputs .* no checkpoint"):
-    loop.train_and_evaluate(c, workdir)
-  assert _files(workdir) == before
+  _refused(workdir, c, "holds an earlier run's outputs .* no checkpoint")
 
 
 def test_a_refused_plan_leaves_an_existing_workdir_as_it_was(run):
   workdir, c = run
-  before = _files(workdir)
   bad = tiny(c.data.cache_dir, **SHARED_RUN, **{"dp.delta": 0.5, "resume": "allow_changes"})
-  with pytest.raises(ConfigError, match="delta"):
-    loop.train_and_evaluate(bad, workdir)
-  assert _files(workdir) == before
+  _refused(workdir, bad, "delta")
 
 
 def test_a_budget_cannot_be_lowered_below_what_was_spent(run):
   workdir, c = run
-  before = _files(workdir)
   lowered = tiny(c.data.cache_dir, **SHARED_RUN, **{"dp.epsilon": 3.0, "resume": "allow_changes"})
-  with pytest.raises(ConfigError, match=r"already spent epsilon 7\.9\d+ .* above the epsilon"):
-    loop.train_and_evaluate(lowered, workdir)
-  assert _files(workdir) == before
+  _refused(workdir, lowered, r"already spent epsilon 7\.9\d+ .* above the epsilon")
 
 
 def test_garbage_config_json_is_one_line(run):
@@ -204,10 +190,7 @@ def test_changed_training_data_is_refused_unless_allowed(tmp_path):
   first = loop.train_and_evaluate(c, workdir)
   assert first["dataset_size"] == 300
   data.write_text("\n".join([header, *lines[:290]]) + "\n")  # ten rows removed
-  before = _files(workdir)
-  with pytest.raises(ConfigError, match=r"training data changed since checkpoint 4 \(N was 300"):
-    loop.train_and_evaluate(c, workdir)  # the same command, on other data
-  assert _files(workdir) == before
+  _refused(workdir, c, r"training data changed since checkpoint 4 \(N was 300")
   c.train.steps = 8
   c.resume = "allow_changes"
   summary = loop.train_and_evaluate(c, workdir)  # allowed: a new segment, on N = 290
