@@ -1,0 +1,349 @@
+"""What attack scores prove: ROC, AUROC, TPR at low FPR, and lower bounds on ε.
+
+An audit ends with two samples of attack scores: those of canaries that were
+IN the training run (positives) and those that were OUT (negatives), the
+attack guessing "in" when a score is at or above a threshold τ. Everything
+here is a function of those two samples only.
+
+* **ROC.** The attainable (FPR, TPR) points are the concave hull of the
+  threshold points (an attacker may randomize between two thresholds);
+  :meth:`ScoreAudit.auroc` and :meth:`ScoreAudit.tpr_at_fpr` read the hull.
+* **Clopper–Pearson bound** (Jagielski et al. 2020; Nasr et al. 2023). Any
+  (ε, δ)-DP mechanism has TPR <= e^ε·FPR + δ at every threshold, so with
+  one-sided Clopper–Pearson bounds TPR_lb, FPR_ub (each at significance α/2)
+
+      ε_lb = ln((TPR_lb - δ) / FPR_ub)
+
+  holds with probability >= 1 - α for a threshold fixed in advance. The
+  threshold is either chosen on a random half of the scores and the bound
+  computed on the other half (``"split"``), or the bound is taken over every
+  hull threshold with α divided by their number (``"bonferroni"``).
+* **GDP fit** (Nasr et al. 2023): μ = Φ^-1(1 - FPR_ub) - Φ^-1(FNR_ub) at the
+  best threshold (Bonferroni over thresholds and both rates), reported as the
+  ε(δ) of μ-GDP. A lower bound if the mechanism is Gaussian-like.
+* **One run** (Steinke, Nasr, Jagielski 2023): m canaries, each in by an
+  independent fair coin; an attacker that guesses "in" for the r highest
+  scores and is right c times rejects (ε, δ)-DP when
+  P(Binomial(r, e^ε/(1+e^ε)) >= c) + 2mδ·max_i P(c-i <= X < c)/i <= α.
+* **f-DP in one run** (Mahloujifar et al. 2024): the same guesses tested
+  against the trade-off curve of the Gaussian mechanism that is (ε, δ)-DP,
+  which is tighter for Gaussian mechanisms.
+
+Each ε bound is the largest ε the observed scores reject at significance α
+(so it holds with probability >= 1 - α), 0 when none is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import dp_accounting
+import numpy as np
+from scipy import optimize, special, stats
+
+THRESHOLD_STRATEGIES = ("bonferroni", "split")
+
+
+def clopper_pearson_upper(successes: np.ndarray | int, trials: int, significance: float):
+  """One-sided upper confidence bound p with P(Binomial(trials, p) <= successes) = significance."""
+  successes = np.asarray(successes)
+  bound = stats.beta.ppf(1 - significance, successes + 1, np.maximum(trials - successes, 1))
+  return np.where(successes < trials, bound, 1.0)
+
+
+def _hull_indices(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Indices of the vertices of the upper concave hull of the points (x, y), x ascending.
+
+  Points on a chord between two other points (collinear included) are dropped;
+  the first and last points are always kept.
+  """
+  keep: list[int] = []
+  for k in range(len(x)):
+    while len(keep) >= 2:
+      i, j = keep[-2], keep[-1]
+      turn = (y[j] - y[i]) * (x[k] - x[j]) - (y[k] - y[j]) * (x[j] - x[i])
+      if turn > 0:
+        break
+      keep.pop()
+    keep.append(k)
+  return np.asarray(keep, np.int64)
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+  """ε(δ) of μ-GDP (the Gaussian mechanism with sensitivity/σ = μ), 0 for μ = 0."""
+  if mu <= 0:
+    return 0.0
+  return float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta))
+
+
+def one_run_p_value(m: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
+  """P-value of ``correct`` right guesses out of ``guesses`` among m canaries under (ε, δ)-DP.
+
+  Steinke, Nasr, Jagielski 2023 (Theorem 5.2, k_- = 0): with q = e^ε/(1 + e^ε),
+  p = P(X >= c) + 2mδ·max_{1<=i<=c} P(c - i <= X <= c - 1)/i,  X ~ Binomial(r, q).
+  """
+  q = special.expit(epsilon)
+  tail = float(stats.binom.sf(correct - 1, guesses, q))
+  if delta == 0 or correct == 0:
+    return min(tail, 1.0)
+  i = np.arange(1, correct + 1)
+  window = stats.binom.sf(correct - i - 1, guesses, q) - tail
+  return min(tail + 2 * m * delta * float(np.max(window / i)), 1.0)
+
+
+def _gaussian_tradeoff_inverse(epsilon: float, delta: float) -> Callable[[float], float]:
+  """x -> Φ(Φ^-1(x) - μ) for the μ of the Gaussian mechanism that is exactly (ε, δ)-DP."""
+  sigma = dp_accounting.get_sigma_gaussian(epsilon, delta)
+  if sigma == 0:
+    return lambda x: float(x == 1.0)
+  mu = 1.0 / sigma
+  return lambda x: float(stats.norm.cdf(stats.norm.ppf(x) - mu))
+
+
+def one_run_fdp_rejects(
+  m: int, guesses: int, correct: int, epsilon: float, delta: float, significance: float
+) -> float:
+  """> 0 when the guesses reject the Gaussian trade-off curve of (ε, δ) at ``significance``.
+
+  Mahloujifar et al. 2024 (the recursion bounding the expected right and wrong
+  guesses of an f-DP mechanism, with its cap at 1): starts from the mass α·c/m
+  of right and α·(r - c)/m of wrong guesses and pushes it down the curve.
+  """
+  inverse = _gaussian_tradeoff_inverse(epsilon, delta)
+  right = significance * correct / m
+  wrong = significance * (guesses - correct) / m
+  for i in range(correct - 1, -1, -1):
+    new_wrong = max(wrong, inverse(right))
+    if new_wrong == wrong:
+      break
+    right = min(right + i / (guesses - i) * (new_wrong - wrong), 1.0)
+    wrong = new_wrong
+  return right + wrong - guesses / m
+
+
+def _largest_rejected(rejects: Callable[[float], float], floor: float) -> float:
+  """The root of ``rejects`` (> 0: ε rejected) above ``floor``; ``floor`` if it rejects nothing."""
+  if rejects(floor) <= 0:
+    return floor
+  low, high = floor, max(1.0, 2 * floor)
+  while rejects(high) > 0:
+    low, high = high, 2 * high
+    if high > 1e3:
+      return high
+  return float(optimize.brentq(rejects, low, high, xtol=1e-6))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bootstrap:
+  """A percentile bootstrap interval of a statistic of the scores.
+
+  Attributes:
+    low: the (1 - confidence)/2 quantile of the resampled statistic.
+    high: its (1 + confidence)/2 quantile.
+    confidence: the interval's nominal coverage.
+    samples: the number of resamples.
+  """
+
+  low: float
+  high: float
+  confidence: float
+  samples: int
+
+
+class ScoreAudit:
+  """Attack scores of IN canaries (positives) and OUT canaries (negatives).
+
+  Higher scores mean "more likely in"; negate a loss before passing it.
+
+  Args:
+    in_scores: scores of the canaries that were in the run.
+    out_scores: scores of the canaries that were out.
+  """
+
+  def __init__(self, in_scores: Sequence[float], out_scores: Sequence[float]):
+    self.in_scores = np.asarray(in_scores, np.float64).ravel()
+    self.out_scores = np.asarray(out_scores, np.float64).ravel()
+    for name, scores in (("in_scores", self.in_scores), ("out_scores", self.out_scores)):
+      if scores.size == 0:
+        raise ValueError(f"{name} must not be empty")
+      if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{name} must be finite numbers")
+    thresholds = np.concatenate([np.union1d(self.in_scores, self.out_scores), [np.inf]])
+    # As τ rises, the false negatives (in below τ) and true negatives (out below τ) rise.
+    fn = np.searchsorted(np.sort(self.in_scores), thresholds, side="left")
+    tn = np.searchsorted(np.sort(self.out_scores), thresholds, side="left")
+    hull = _hull_indices(fn.astype(np.float64), tn.astype(np.float64))
+    self.thresholds = thresholds[hull]
+    #: True and false positives at each hull threshold (guess "in" when score >= τ).
+    self.true_positives = self.num_in - fn[hull]
+    self.false_positives = self.num_out - tn[hull]
+
+  @property
+  def num_in(self) -> int:
+    return int(self.in_scores.size)
+
+  @property
+  def num_out(self) -> int:
+    return int(self.out_scores.size)
+
+  # The ROC curve.
+
+  def roc(self) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of the hull vertices, FPR ascending from 0 to 1."""
+    return self.false_positives[::-1] / self.num_out, self.true_positives[::-1] / self.num_in
+
+  def auroc(self) -> float:
+    """Area under the ROC hull (0.5: no better than guessing)."""
+    fpr, tpr = self.roc()
+    return float(np.sum((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1]) / 2))
+
+  def tpr_at_fpr(self, fpr: float | np.ndarray) -> float | np.ndarray:
+    """The highest TPR at false positive rate ``fpr`` (randomizing between two thresholds)."""
+    fpr = np.asarray(fpr, np.float64)
+    if np.any((fpr < 0) | (fpr > 1)):
+      raise ValueError(f"fpr must be in [0, 1] (got {fpr})")
+    xs, ys = self.roc()
+    # Where the hull has a vertical step at x (FPR 0), take its top.
+    out = np.interp(fpr, xs, ys, left=ys[0])
+    top_at_zero = ys[xs == 0].max()
+    out = np.where(fpr == 0, top_at_zero, out)
+    return float(out) if out.ndim == 0 else out
+
+  # ε lower bounds.
+
+  def _clopper_pearson(
+    self, significance: float, delta: float, tp: np.ndarray, fp: np.ndarray
+  ) -> np.ndarray:
+    tpr_lb = 1 - clopper_pearson_upper(self.num_in - tp, self.num_in, significance / 2)
+    fpr_ub = clopper_pearson_upper(fp, self.num_out, significance / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      eps = np.log(tpr_lb - delta) - np.log(fpr_ub)
+    return np.where(tpr_lb > delta, eps, 0.0)
+
+  def epsilon_clopper_pearson(
+    self,
+    significance: float = 0.05,
+    delta: float = 0.0,
+    thresholds: str = "bonferroni",
+    seed: int = 0,
+  ) -> tuple[float, float]:
+    """(ε lower bound, threshold used) from TPR <= e^ε·FPR + δ with Clopper–Pearson bounds.
+
+    Args:
+      significance: α; the bound holds with probability >= 1 - α.
+      delta: the δ of the (ε, δ) claim being audited.
+      thresholds: ``"bonferroni"`` (every hull threshold, α / their number) or
+        ``"split"`` (choose on a random half, bound on the other half).
+      seed: the split's seed (the split only needs to be independent of the scores).
+    """
+    _check_significance(significance)
+    if thresholds not in THRESHOLD_STRATEGIES:
+      raise ValueError(f"thresholds must be one of {THRESHOLD_STRATEGIES} (got {thresholds!r})")
+    if thresholds == "bonferroni":
+      eps = self._clopper_pearson(
+        significance / len(self.thresholds), delta, self.true_positives, self.false_positives
+      )
+      best = int(np.argmax(eps))
+      return max(0.0, float(eps[best])), float(self.thresholds[best])
+    rng = np.random.default_rng(seed)
+    in_perm, out_perm = rng.permutation(self.num_in), rng.permutation(self.num_out)
+    half_in, half_out = self.num_in // 2, self.num_out // 2
+    if min(half_in, half_out) == 0:
+      return 0.0, float("inf")
+    choose = ScoreAudit(self.in_scores[in_perm[:half_in]], self.out_scores[out_perm[:half_out]])
+    _, threshold = choose.epsilon_clopper_pearson(significance, delta, "bonferroni")
+    held_in, held_out = self.in_scores[in_perm[half_in:]], self.out_scores[out_perm[half_out:]]
+    bound = ScoreAudit(held_in, held_out)
+    eps = bound._clopper_pearson(
+      significance,
+      delta,
+      np.array([np.sum(held_in >= threshold)]),
+      np.array([np.sum(held_out >= threshold)]),
+    )
+    return max(0.0, float(eps[0])), threshold
+
+  def gdp_mu(self, significance: float = 0.05) -> float:
+    """The largest μ the scores prove for a Gaussian-like mechanism (Nasr et al. 2023).
+
+    μ = Φ^-1(1 - FPR_ub) - Φ^-1(FNR_ub), Clopper–Pearson at α / (2·thresholds).
+    """
+    _check_significance(significance)
+    alpha = significance / (2 * len(self.thresholds))
+    fnr_ub = clopper_pearson_upper(self.num_in - self.true_positives, self.num_in, alpha)
+    fpr_ub = clopper_pearson_upper(self.false_positives, self.num_out, alpha)
+    usable = (fnr_ub < 1) & (fpr_ub < 1)
+    if not np.any(usable):
+      return 0.0
+    mu = stats.norm.isf(fpr_ub[usable]) - stats.norm.ppf(fnr_ub[usable])
+    return max(0.0, float(np.max(mu)))
+
+  def epsilon_gdp(self, significance: float = 0.05, delta: float = 1e-5) -> float:
+    """ε(δ) of the μ-GDP mechanism with μ = :meth:`gdp_mu`."""
+    return gaussian_epsilon(self.gdp_mu(significance), delta)
+
+  def _one_run_candidates(self):
+    """(guesses, right guesses) at each hull threshold, most promising first."""
+    guesses = self.true_positives + self.false_positives
+    right = self.true_positives
+    order = np.argsort(-(right + 1) / (guesses + 2), kind="stable")
+    return [(int(guesses[k]), int(right[k])) for k in order if guesses[k] > 0]
+
+  def epsilon_one_run(self, significance: float = 0.05, delta: float = 1e-6) -> float:
+    """ε lower bound of Steinke, Nasr, Jagielski 2023 (m = in + out canaries, fair coins).
+
+    The attacker guesses "in" above a hull threshold; α is divided by the
+    number of hull thresholds (Bonferroni).
+    """
+    _check_significance(significance, upper=1.0)
+    m = self.num_in + self.num_out
+    alpha = significance / len(self.thresholds)
+    best = 0.0
+    for guesses, right in self._one_run_candidates():
+      if right / guesses <= special.expit(best):
+        continue  # its precision cannot reject any ε >= best
+      if one_run_p_value(m, guesses, right, best, 0.0) > alpha:
+        continue  # not even δ = 0 rejects best
+      rejects = lambda eps, g=guesses, c=right: alpha - one_run_p_value(m, g, c, eps, delta)
+      best = _largest_rejected(rejects, best)
+    return best
+
+  def epsilon_one_run_fdp(self, significance: float = 0.05, delta: float = 1e-6) -> float:
+    """ε lower bound of the f-DP one-run audit (Mahloujifar et al. 2024), Gaussian curves."""
+    _check_significance(significance, upper=1.0)
+    m = self.num_in + self.num_out
+    alpha = significance / len(self.thresholds)
+    best = 0.0
+    for guesses, right in self._one_run_candidates():
+      if right / guesses <= 0.5:
+        continue
+      rejects = lambda eps, g=guesses, c=right: one_run_fdp_rejects(m, g, c, eps, delta, alpha)
+      best = _largest_rejected(rejects, best)
+    return best
+
+  # Uncertainty of the estimates.
+
+  def bootstrap(
+    self,
+    statistic: Callable[[ScoreAudit], float],
+    samples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+  ) -> Bootstrap:
+    """Percentile interval of ``statistic`` over resamples (with replacement) of both samples."""
+    if not 0 < confidence < 1:
+      raise ValueError(f"confidence must be in (0, 1) (got {confidence!r})")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(samples):
+      resampled = ScoreAudit(
+        rng.choice(self.in_scores, self.num_in), rng.choice(self.out_scores, self.num_out)
+      )
+      values.append(statistic(resampled))
+    low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Bootstrap(float(low), float(high), confidence, samples)
+
+
+def _check_significance(significance: float, upper: float = 0.5) -> None:
+  if not 0 < significance < upper:
+    raise ValueError(f"significance must be in (0, {upper:g}) (got {significance!r})")

@@ -1,0 +1,128 @@
+"""ROC, AUROC, TPR at FPR and the ε lower bounds of dpjax.audit.statistics."""
+
+import dp_accounting
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpjax.audit import statistics
+
+
+def deterministic_normal(mean: float, n: int) -> np.ndarray:
+  """n scores at the mid-quantiles of N(mean, 1): a noise-free Gaussian sample."""
+  return stats.norm.ppf((np.arange(n) + 0.5) / n) + mean
+
+
+@pytest.mark.parametrize(
+  "shift, one_run, one_run_fdp",
+  [(1, 1.13346, 2.164749), (2, 2.311945, 4.7218075), (4, 4.395568, 9.133752)],
+)
+def test_one_run_bounds_reproduce_the_published_values(shift, one_run, one_run_fdp):
+  # 10,000 IN scores ~ N(shift, 1) and 10,000 OUT scores ~ N(0, 1), significance 0.05,
+  # δ = 1e-6: jax_privacy's reference values for the two one-run bounds.
+  audit = statistics.ScoreAudit(
+    deterministic_normal(shift, 10_000), deterministic_normal(0, 10_000)
+  )
+  np.testing.assert_allclose(audit.epsilon_one_run(0.05, 1e-6), one_run, rtol=1e-5)
+  np.testing.assert_allclose(audit.epsilon_one_run_fdp(0.05, 1e-6), one_run_fdp, rtol=1e-5)
+
+
+def test_one_run_p_value_equals_the_theorem_written_as_a_loop():
+  for m, guesses, correct, eps, delta in [(100, 10, 9, 0.5, 1e-3), (1000, 100, 80, 1.0, 1e-6)]:
+    q = np.exp(eps) / (1 + np.exp(eps))
+    tail = stats.binom.sf(correct - 1, guesses, q)
+    best, running = 0.0, 0.0
+    for i in range(1, correct + 1):
+      running += stats.binom.pmf(correct - i, guesses, q)
+      best = max(best, running / i)
+    expected = min(tail + 2 * m * delta * best, 1)
+    got = statistics.one_run_p_value(m, guesses, correct, eps, delta)
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+
+
+def test_clopper_pearson_upper_has_its_coverage():
+  rng = np.random.default_rng(0)
+  for n, k in [(100, 30), (1000, 5)]:
+    p = statistics.clopper_pearson_upper(k, n, 0.05)
+    np.testing.assert_allclose(np.mean(rng.binomial(n, p, 200_000) <= k), 0.05, rtol=0.05)
+  assert statistics.clopper_pearson_upper(10, 10, 0.05) == 1.0
+
+
+@pytest.mark.parametrize("thresholds", statistics.THRESHOLD_STRATEGIES)
+@pytest.mark.parametrize("mu", [0.5, 1.0])
+def test_clopper_pearson_bound_is_below_and_near_the_true_epsilon(mu, thresholds):
+  delta = 0.05
+  audit = statistics.ScoreAudit(deterministic_normal(mu, 400_000), deterministic_normal(0, 400_000))
+  eps, _ = audit.epsilon_clopper_pearson(0.1, delta, thresholds)
+  true = dp_accounting.get_epsilon_gaussian(1 / mu, delta)
+  assert 0.8 * true < eps < true
+
+
+def test_clopper_pearson_at_a_fixed_threshold_is_the_formula():
+  in_scores, out_scores = deterministic_normal(1, 1000), deterministic_normal(0, 1000)
+  audit = statistics.ScoreAudit(in_scores, out_scores)
+  eps, threshold = audit.epsilon_clopper_pearson(0.1, 0.0)
+  tp, fp = np.sum(in_scores >= threshold), np.sum(out_scores >= threshold)
+  alpha = 0.1 / len(audit.thresholds) / 2
+  tpr_lb = 1 - statistics.clopper_pearson_upper(1000 - tp, 1000, alpha)
+  fpr_ub = statistics.clopper_pearson_upper(fp, 1000, alpha)
+  np.testing.assert_allclose(eps, np.log(tpr_lb / fpr_ub))
+
+
+def test_gdp_fit_recovers_mu():
+  for mu in (0.5, 2.0):
+    audit = statistics.ScoreAudit(
+      deterministic_normal(mu, 200_000), deterministic_normal(0, 200_000)
+    )
+    assert 0.85 * mu < audit.gdp_mu(0.05) < mu
+    np.testing.assert_allclose(
+      statistics.gaussian_epsilon(mu, 1e-5), dp_accounting.get_epsilon_gaussian(1 / mu, 1e-5)
+    )
+
+
+def test_auroc_and_tpr_at_fpr_of_gaussian_scores():
+  mu = 1.0
+  audit = statistics.ScoreAudit(deterministic_normal(mu, 20_000), deterministic_normal(0, 20_000))
+  np.testing.assert_allclose(audit.auroc(), stats.norm.cdf(mu / np.sqrt(2)), atol=2e-3)
+  for fpr in (0.001, 0.01, 0.1):
+    expected = stats.norm.sf(stats.norm.isf(fpr) - mu)
+    np.testing.assert_allclose(audit.tpr_at_fpr(fpr), expected, atol=5e-3)
+
+
+def test_roc_of_small_samples_is_the_concave_hull():
+  audit = statistics.ScoreAudit([0, 4, 6, 7], [1, 2, 3, 5])
+  # Threshold points (FP, TP): (0,0) (0,2) (1,2) (1,3) (2,3) (3,3) (3,4) (4,4); the hull
+  # keeps (0,0) (0,2) (1,3) (4,4): area (0 + 2.5 + 10.5) / 16.
+  fpr, tpr = audit.roc()
+  np.testing.assert_allclose(fpr * 4, [0, 0, 1, 4])
+  np.testing.assert_allclose(tpr * 4, [0, 2, 3, 4])
+  assert audit.auroc() == pytest.approx(13 / 16)
+  assert audit.tpr_at_fpr(0.0) == 0.5
+  assert audit.tpr_at_fpr(0.5) == pytest.approx((3 + (2 - 1) / 3) / 4)
+  separable = statistics.ScoreAudit([1.0] * 5, [0.0] * 5)
+  assert separable.auroc() == 1.0 and separable.tpr_at_fpr(0.0) == 1.0
+  reversed_scores = statistics.ScoreAudit([0.0] * 5, [1.0] * 5)
+  assert reversed_scores.auroc() == 0.5  # the hull: no threshold does better than chance
+
+
+def test_bootstrap_interval_covers_the_estimate_and_the_truth():
+  rng = np.random.default_rng(0)
+  audit = statistics.ScoreAudit(rng.normal(1, 1, 2000), rng.normal(0, 1, 2000))
+  interval = audit.bootstrap(lambda a: a.auroc(), samples=200, seed=1)
+  assert interval.low < audit.auroc() < interval.high
+  assert interval.low < stats.norm.cdf(1 / np.sqrt(2)) < interval.high
+  assert interval.high - interval.low < 0.05
+
+
+def test_bad_inputs_name_the_argument():
+  with pytest.raises(ValueError, match="in_scores must not be empty"):
+    statistics.ScoreAudit([], [1.0])
+  with pytest.raises(ValueError, match="out_scores must be finite"):
+    statistics.ScoreAudit([1.0], [np.nan])
+  audit = statistics.ScoreAudit([1.0, 2.0], [0.0, 1.0])
+  with pytest.raises(ValueError, match="significance must be in"):
+    audit.epsilon_clopper_pearson(0.7)
+  with pytest.raises(ValueError, match="thresholds must be one of"):
+    audit.epsilon_clopper_pearson(0.05, 0.0, "best")
+  with pytest.raises(ValueError, match="fpr must be in"):
+    audit.tpr_at_fpr(1.5)
