@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -58,8 +59,15 @@ def _hull_indices(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   Points on a chord between two other points (collinear included) are dropped;
   the first and last points are always kept.
   """
+  # Interior points between two parallel steps lie on a chord: drop them first (vectorized),
+  # then a monotone chain over the corners that remain.
+  candidates = np.arange(len(x))
+  if len(x) > 2:
+    dx, dy = np.diff(x), np.diff(y)
+    turn = dy[:-1] * dx[1:] - dy[1:] * dx[:-1]
+    candidates = candidates[np.r_[True, turn != 0, True]]
   keep: list[int] = []
-  for k in range(len(x)):
+  for k in candidates:
     while len(keep) >= 2:
       i, j = keep[-2], keep[-1]
       turn = (y[j] - y[i]) * (x[k] - x[j]) - (y[k] - y[j]) * (x[j] - x[i])
@@ -333,15 +341,24 @@ class ScoreAudit:
     """Percentile interval of ``statistic`` over resamples (with replacement) of both samples."""
     if not 0 < confidence < 1:
       raise ValueError(f"confidence must be in (0, 1) (got {confidence!r})")
+    values = self.resample(statistic, samples, seed)
+    low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Bootstrap(float(low), float(high), confidence, samples)
+
+  def resample(
+    self, statistic: Callable[[ScoreAudit], Any], samples: int = 200, seed: int = 0
+  ) -> np.ndarray:
+    """``statistic`` (a number or an array) of ``samples`` bootstrap resamples, stacked."""
+    if samples < 1:
+      raise ValueError(f"samples must be >= 1 (got {samples!r})")
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(samples):
       resampled = ScoreAudit(
         rng.choice(self.in_scores, self.num_in), rng.choice(self.out_scores, self.num_out)
       )
-      values.append(statistic(resampled))
-    low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return Bootstrap(float(low), float(high), confidence, samples)
+      values.append(np.asarray(statistic(resampled), np.float64))
+    return np.stack(values)
 
 
 def _check_significance(significance: float, upper: float = 0.5) -> None:

@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 import dp_accounting
+import numpy as np
 from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
 
@@ -241,6 +242,21 @@ class PrivacyLedger:
       return 0.0
     acc = _composed_accountant(self.segments, self.accountant, self.pld_discretization)
     return float(acc.get_epsilon(delta))
+
+  def deltas(self, epsilons: np.ndarray) -> np.ndarray:
+    """δ(ε) of everything recorded at each ε (PLD): the run's privacy profile.
+
+    1 everywhere once a non-private step is in the ledger, 0 for an empty one.
+    """
+    epsilons = np.asarray(epsilons, np.float64)
+    if self.steps == 0:
+      return np.zeros_like(epsilons)
+    acc = _composed_accountant(self.segments, "pld", self.pld_discretization)
+    if isinstance(acc, _ComposedPLD):
+      if acc.non_private:
+        return np.ones_like(epsilons)
+      return np.asarray(acc.pld.get_delta_for_epsilon(epsilons), np.float64)
+    return np.array([acc.get_delta(float(e)) for e in epsilons.ravel()]).reshape(epsilons.shape)
 
   def epsilon_replace_one(self, delta: float) -> float:
     """ε at ``delta`` under replace-one neighbours (same N, one example changed), by PLD.
