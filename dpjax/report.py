@@ -2,6 +2,8 @@
 
     python -m dpjax.report --workdir=DIR        # writes DIR/plots/{eval_accuracy,epsilon}.png
 
+It also lists the audit reports of ``python -m dpjax.audit`` (``DIR/audit/``), one line each.
+
 The default plots are public: evaluation on the held-out split and the ledger's
 ε. A run with ``train.private_metrics`` also gets ``private_loss.png``, the loss
 on the private batches, titled as not covered by (ε, δ).
@@ -9,6 +11,7 @@ on the private batches, titled as not covered by (ε, δ).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -79,6 +82,23 @@ def main(argv):
     sys.exit(2)
   for path in written:
     print(path)
+  for line in audit_lines(_WORKDIR.value):
+    print(line)
+
+
+def audit_lines(workdir: str | Path) -> list[str]:
+  """A summary line and the figures of each report in ``workdir/audit`` (none: [])."""
+  from dpjax.audit import reports  # pylint: disable=import-outside-toplevel
+
+  lines = []
+  for name in ("membership", "groups", "whitebox"):
+    path = Path(workdir) / "audit" / f"{name}.json"
+    try:
+      lines.append(reports.summary_line(json.loads(path.read_text())))
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    lines += [str(p) for p in sorted(path.parent.glob(f"{name}*.png"))]
+  return lines
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ class Trained:
     ledger: the privacy ledger saved with the checkpoint (``PrivacyLedger.to_dict``).
     mechanism: the run's plan as the checkpoint stated it (``Mechanism.public_facts``):
       δ, σ, q, the accountant and the budget.
+    trainable: the trained parameters alone (what DP clipped and noised).
+    frozen: the parameters training did not change (pretrained or seeded).
   """
 
   config: ml_collections.ConfigDict
@@ -53,6 +55,8 @@ class Trained:
   tokenizer: tokenizers.Tokenizer
   ledger: dict[str, Any]
   mechanism: dict[str, Any]
+  trainable: PyTree = dataclasses.field(repr=False, default=None)
+  frozen: PyTree = dataclasses.field(repr=False, default=None)
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -115,4 +119,6 @@ def load_trained(workdir: str | Path) -> Trained:
     tokenizer=task.tokenizer,
     ledger=meta["ledger"],
     mechanism=meta.get("mechanism", {}),
+    trainable=state.params,
+    frozen=task.frozen,
   )

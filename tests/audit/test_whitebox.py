@@ -13,9 +13,10 @@ from dpjax.audit import whitebox
 from dpjax.privacy import clipping, mechanism, noise, per_example
 from dpjax.privacy.secret import RunSecret
 
-SIGMA, CLIP, BATCH = 2.0, 1.0, 32.0
-# α = 1e-3 for the two bounds: the shipped mechanism is wrongly flagged with probability
-# below 2e-3 (far below: the bounds are conservative), and each planted bug still shows.
+# C = 0.5, not 1: a bug that scales by C twice (σ·C² instead of σ·C) must show.
+SIGMA, CLIP, BATCH = 2.0, 0.5, 32.0
+# α = 1e-3 for the four bounds together: the shipped mechanism is wrongly flagged with
+# probability below 1e-3 (far below: the bounds are conservative); each planted bug shows.
 SIGNIFICANCE = 1e-3
 
 
@@ -39,8 +40,8 @@ def secret_gaussian(sigma=SIGMA, key=None):
 
 def test_the_shipped_mechanism_passes_and_the_audit_has_power(shipped):
   result = audit(shipped)
-  assert not result.violated, result
-  assert result.epsilon_lb <= result.claimed_epsilon
+  assert result.passed, result
+  assert result.epsilon_lb <= result.claimed_epsilon and not result.inconclusive
   # Power: the assumption-free bound reaches more than half the claim, the GDP fit ~all of it.
   assert result.epsilon_lb >= 0.5 * result.claimed_epsilon, result
   assert 0.8 * result.claimed_mu < result.mu_lb <= 1.05 * result.claimed_mu, result
@@ -87,6 +88,31 @@ def test_a_public_noise_key_is_caught(shipped):
   result = audit(shipped, privatizer=optax.with_extra_args_support(secret_gaussian(key=public)))
   assert result.violated, result
   assert result.public_key_matches == result.trials_in + result.trials_out
+
+
+def test_noise_shared_between_coordinates_is_caught(shipped):
+  inner = secret_gaussian()
+
+  def update(updates, state, params=None, **extra):
+    one = noise.noise_for_step(state.key, state.step, jnp.zeros(()), SIGMA * CLIP)
+    noised = jax.tree_util.tree_map(lambda g: (g + one) / BATCH, updates)
+    return noised, state._replace(step=state.step + 1)
+
+  result = audit(shipped, privatizer=optax.GradientTransformationExtraArgs(inner.init, update))
+  assert result.violated, result
+  assert result.attacks["difference"]["epsilon_lb"] > result.claimed_epsilon
+
+
+def test_an_ignored_mask_makes_the_audit_fail_as_inconclusive(shipped):
+  real = shipped.grad_fn(whitebox._audit_loss, has_aux=False)
+  ignores_mask = lambda params, batch, mask: real(params, batch, jnp.ones_like(mask))
+  result = audit(shipped, grad_fn=ignores_mask)
+  assert result.inconclusive and not result.passed, result
+
+
+def test_a_background_the_microbatches_cannot_hold_is_refused(shipped):
+  with pytest.raises(ValueError, match="multiple of the mechanism's microbatch_size=8"):
+    whitebox.audit_step(shipped, background=4)
 
 
 def test_only_private_mechanisms_are_audited():

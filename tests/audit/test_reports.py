@@ -1,0 +1,117 @@
+"""The audit reports and ``python -m dpjax.audit`` on a finished tiny run."""
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from dpjax import privacy, report
+from dpjax.audit import __main__ as audit_cli
+from dpjax.audit import membership, reports
+from dpjax.train.config import ConfigError
+from tests.train.runs import ROOT, copy_run
+
+
+def flags_for(workdir, **overrides):
+  values = dict(
+    workdir=str(workdir),
+    reports=list(audit_cli.REPORTS),
+    reference=None,
+    group_by="label",
+    max_rows=150,
+    bootstrap=20,
+    trials=2000,
+    seed=0,
+  )
+  return types.SimpleNamespace(**{**values, **overrides})
+
+
+def test_every_report_is_written_and_states_its_inputs(trained, tmp_path, capsys):
+  workdir, summary = trained
+  run = copy_run(workdir, tmp_path / "run")
+  written = audit_cli.run(flags_for(run, reference=str(run)))
+  names = sorted(p.name for p in written)
+  assert names == sorted(
+    ["membership.json", "membership_roc.png", "groups.json", "groups.png", "whitebox.json"]
+  )
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split(" ")[0] for line in lines] == ["membership", "groups", "whitebox:"]
+  shown = report.audit_lines(run)  # python -m dpjax.report lists them too
+  assert [line for line in shown if not line.endswith(".png")] == lines
+  assert sum(line.endswith(".png") for line in shown) == 2
+
+  mia = json.loads((run / "audit" / "membership.json").read_text())
+  assert mia["epsilon"] == pytest.approx(summary["epsilon"])
+  assert "not itself a release" in mia["computed_from"]
+  assert mia["members"].startswith("150 rows of the training subset")
+  assert "outside the training subset" in mia["non_members"]
+  ledger = privacy.PrivacyLedger.from_dict(summary["ledger"])
+  for attack in mia["attacks"]:
+    assert 0 <= attack["auroc"] <= 1
+    low, high = attack["auroc_interval"]
+    assert low <= attack["auroc"] <= high
+    assert attack["max_tpr_at_fpr"]["0.01"] == pytest.approx(
+      float(membership.max_tpr(ledger, 0.01))
+    )
+
+  groups = json.loads((run / "audit" / "groups.json").read_text())
+  assert groups["computed_from"] == "released parameters and the public evaluation split only"
+  assert sum(row["count"] for row in groups["groups"]) == summary["eval"]["count"]
+  accuracy = (
+    sum(row["count"] * row["dp_accuracy"] for row in groups["groups"]) / summary["eval"]["count"]
+  )
+  assert accuracy == pytest.approx(summary["eval"]["accuracy"])
+  # The run is its own reference here: no accuracy drop in any group.
+  assert all(row["accuracy_drop"] == 0 for row in groups["groups"])
+  assert all(
+    0 <= row["clipped_fraction"] <= 1 and row["mean_grad_norm"] > 0 for row in groups["groups"]
+  )
+
+  box = json.loads((run / "audit" / "whitebox.json").read_text())
+  assert box["applicable"] and not box["violated"]
+  assert box["noise_multiplier"] == pytest.approx(summary["noise_multiplier"])
+  assert box["trials_in"] + box["trials_out"] == 2000
+
+
+def test_groups_by_length_and_a_mismatched_reference(trained, tmp_path):
+  workdir, _ = trained
+  report = reports.groups(workdir, group_by="length", bootstrap_samples=20)
+  assert all(row["group"].startswith("len ") for row in report["groups"])
+  other = copy_run(workdir, tmp_path / "other")
+  config = json.loads((other / "config.json").read_text())
+  config["data"]["eval_limit"] = 32
+  (other / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ConfigError, match="evaluates on other rows"):
+    reports.groups(workdir, reference=other, bootstrap_samples=20)
+
+
+def test_loss_scores_of_members_use_the_released_model(trained):
+  workdir, _ = trained
+  report = reports.membership(workdir, max_rows=40, bootstrap_samples=10)
+  assert [a["attack"] for a in report["attacks"]] == ["loss", "loss_vs_pretrained"]
+  assert all(np.isfinite(a["auroc"]) for a in report["attacks"])
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--reports=membership,nonsense"], "--reports must be a comma-separated subset"),
+    (["--group_by=colour"], "--group_by must be one of"),
+    (["--max_rows=1"], "--max_rows must be an integer >= 2"),
+  ],
+)
+def test_bad_flags_exit_2_with_one_line(trained, args, message):
+  workdir, _ = trained
+  result = subprocess.run(
+    [sys.executable, "-m", "dpjax.audit", f"--workdir={workdir}", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+  assert not (workdir / "audit").exists()
