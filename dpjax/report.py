@@ -91,13 +91,12 @@ def audit_lines(workdir: str | Path) -> list[str]:
   from dpjax.audit import reports  # pylint: disable=import-outside-toplevel
 
   lines = []
-  for name in ("membership", "groups", "whitebox"):
-    path = Path(workdir) / "audit" / f"{name}.json"
+  for path in sorted((Path(workdir) / "audit").glob("*.json")):
     try:
       lines.append(reports.summary_line(json.loads(path.read_text())))
     except (OSError, ValueError, KeyError, TypeError):
       continue
-    lines += [str(p) for p in sorted(path.parent.glob(f"{name}*.png"))]
+    lines += [str(p) for p in sorted(path.parent.glob(f"{path.stem}*.png"))]
   return lines
 
 

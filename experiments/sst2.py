@@ -11,6 +11,14 @@ Variants:
               secret noise each), ε = 7.993 (δ = 1.84e-5,
               σ = 0.5000, N = 20,208); `make run` 2 min 38 s with .venv set up.
   nonprivate  `quick` without DP, lr 5e-3 (the baseline it is compared to): dev accuracy 0.846.
+  audit       `quick` with 1000 audit canaries (random words, random labels; each in by a fair
+              coin), for the whole audit; `audit_nonprivate` is its non-private twin:
+                python -m dpjax.main --config=experiments/sst2.py:audit --workdir=DIR_DP
+                python -m dpjax.main --config=experiments/sst2.py:audit_nonprivate --workdir=DIR_NP
+                python -m dpjax.audit --workdir=DIR_DP --reference=DIR_NP \
+                  --reports=membership,groups,whitebox,canaries --shadows=2
+                python -m dpjax.audit --workdir=DIR_NP --reports=membership,canaries --shadows=2
+              Measured: see the README's audit table.
   lora        LoRA (rank 8) + head on all of SST-2, ε = 8.
   li2022      Li et al. 2022's recipe on all of SST-2: batch 1000, lr 5e-4 linear decay,
               3 epochs, clip 0.1, full fine-tuning, label-word objective; ε from --config.dp.epsilon
@@ -39,7 +47,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 4
     c.train.log_every_steps = 4
     c.train.eval_batch_size = 64
-  elif variant in ("quick", "nonprivate"):
+  elif variant in ("quick", "nonprivate", "audit", "audit_nonprivate"):
     c.model.train = "lora"
     # Adapters on every Dense layer of the top 3 of MiniLM's 6 layers: the backward pass
     # stops at layer 3, and these adapters matched q,v adapters on all 6 layers (0.812).
@@ -56,9 +64,11 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.train.eval_every_steps = 0
     c.train.log_every_steps = 10
     c.train.checkpoint_every_steps = 20
-    if variant == "nonprivate":
+    if variant in ("nonprivate", "audit_nonprivate"):
       c.dp.enabled = False
       c.train.learning_rate = 5e-3
+    if variant.startswith("audit"):
+      c.audit.canaries = 1000
   elif variant == "lora":
     c.model.train = "lora"
     c.train.batch_size = 1000
@@ -80,5 +90,8 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.dp.microbatch_size = 20
     c.train.eval_every_steps = 20
   else:
-    raise ValueError(f"unknown sst2 variant {variant!r}: tiny, quick, nonprivate, lora or li2022")
+    raise ValueError(
+      f"unknown sst2 variant {variant!r}: tiny, quick, nonprivate, audit, audit_nonprivate, "
+      "lora or li2022"
+    )
   return c

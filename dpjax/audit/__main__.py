@@ -1,11 +1,16 @@
-"""Audit a trained run: membership inference, disparate impact, white-box step audit.
+"""Audit a trained run: membership inference, disparate impact, white-box step, canaries.
 
-    python -m dpjax.audit --workdir=DIR [--reports=membership,groups,whitebox]
+    python -m dpjax.audit --workdir=DIR [--reports=membership,groups,whitebox,canaries]
         [--reference=NONPRIVATE_DIR] [--group_by=label|length] [--max_rows=2000]
+        [--shadows=K]
 
-Writes ``DIR/audit/<report>.json`` (and ``membership_roc.png``, ``groups.png``)
-and prints one summary line per report. Each report states what it was
-computed from (see :mod:`dpjax.audit.reports`).
+``canaries`` (the one-run audit) needs a run trained with ``config.audit.canaries``;
+``--shadows=K`` adds offline LiRA against K shadow runs to the membership report.
+
+Writes ``DIR/audit/<report>.json`` (the groups report: ``groups_by_<group_by>.json``)
+with the figures ``membership_roc.png`` and ``groups_by_<group_by>.png``, and prints
+one summary line per report. Each report states what it was computed from (see
+:mod:`dpjax.audit.reports`).
 """
 
 from __future__ import annotations
@@ -23,15 +28,20 @@ from dpjax.models.pretrained import PretrainedError
 from dpjax.train.checkpoint import CheckpointError
 from dpjax.train.config import ConfigError
 
-REPORTS = ("membership", "groups", "whitebox")
+REPORTS = ("membership", "groups", "whitebox", "canaries")
 
 
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A dpjax.main workdir to audit.")
-  flags.DEFINE_list("reports", list(REPORTS), f"Which reports, from {REPORTS}.")
+  flags.DEFINE_list(
+    "reports",
+    ["membership", "groups", "whitebox"],
+    f"Which reports, from {REPORTS} (canaries: runs with config.audit.canaries).",
+  )
   flags.DEFINE_string("reference", None, "A non-private twin run's workdir (groups report).")
   flags.DEFINE_string("group_by", "label", f"Groups of the groups report: {reports.GROUP_BY}.")
   flags.DEFINE_integer("max_rows", 2000, "Members and non-members scored (each).")
+  flags.DEFINE_integer("shadows", 0, "Shadow runs for offline LiRA (0: no LiRA).")
   flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples of every interval.")
   flags.DEFINE_integer("trials", 100_000, "Steps of the white-box audit.")
   flags.DEFINE_integer("seed", 0, "The auditor's seed (row choice, resampling, coins).")
@@ -53,6 +63,8 @@ def _check_flags(f) -> None:
   for name, low in (("max_rows", 2), ("bootstrap", 1), ("trials", 100)):
     if getattr(f, name) < low:
       _fail(f"--{name} must be an integer >= {low} (got {getattr(f, name)})")
+  if f.shadows < 0:
+    _fail(f"--shadows must be an integer >= 0 (got {f.shadows})")
   if f.seed < 0:
     _fail(f"--seed must be an integer >= 0 (got {f.seed})")
   if not (Path(f.workdir) / "config.json").is_file():
@@ -66,7 +78,11 @@ def run(f) -> list[Path]:
   for name in f.reports:
     if name == "membership":
       report = reports.membership(
-        workdir, max_rows=f.max_rows, bootstrap_samples=f.bootstrap, seed=f.seed
+        workdir,
+        max_rows=f.max_rows,
+        shadows=f.shadows,
+        bootstrap_samples=f.bootstrap,
+        seed=f.seed,
       )
     elif name == "groups":
       report = reports.groups(
@@ -76,10 +92,13 @@ def run(f) -> list[Path]:
         bootstrap_samples=max(f.bootstrap, 200),
         seed=f.seed,
       )
+    elif name == "canaries":
+      report = reports.canaries(workdir)
     else:
       report = reports.whitebox_report(workdir, trials=f.trials, seed=f.seed)
     out.mkdir(exist_ok=True)
-    path = out / f"{name}.json"
+    stem = f"groups_by_{f.group_by}" if name == "groups" else name
+    path = out / f"{stem}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(path)
@@ -88,7 +107,7 @@ def run(f) -> list[Path]:
       ledger = privacy.PrivacyLedger.from_dict(report["ledger"])
       written.append(plots.roc_plot(report, ledger, out / "membership_roc.png"))
     if name == "groups":
-      written.append(plots.group_plot(report, out / "groups.png"))
+      written.append(plots.group_plot(report, out / f"{stem}.png"))
     print(reports.summary_line(report), flush=True)
   return written
 

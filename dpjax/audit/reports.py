@@ -8,6 +8,8 @@ Each report is a JSON-able dict that states what it was computed from:
   itself is not a release covered by (ε, δ).
 * ``groups``: released parameters (of the run and of a non-private reference
   run) and the public evaluation split only.
+* ``canaries``: released and pretrained parameters and the run's synthetic
+  canaries (one-run audit); no training row.
 * ``whitebox``: no data at all: canary gradients through the run's mechanism
   (its clip rule and σ) with a fresh secret.
 """
@@ -15,20 +17,22 @@ Each report is a JSON-able dict that states what it was computed from:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from dpjax import privacy
 from dpjax.audit import groups as groups_lib
 from dpjax.audit import membership as membership_lib
-from dpjax.audit import scoring, whitebox
+from dpjax.audit import scoring, statistics, whitebox
 from dpjax.models import lora
 from dpjax.privacy.secret import RunSecret
 from dpjax.train import config as config_lib
-from dpjax.train import splits
+from dpjax.train import loop, splits
 from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
 from dpjax.trained import Trained, load_trained
@@ -61,20 +65,61 @@ def _json_number(x: float) -> float | str:
   return x if math.isfinite(x) else str(x)
 
 
+def _train_shadows(
+  workdir: Path,
+  c,
+  pool: np.ndarray,
+  count: int,
+  size: int,
+  rng: np.random.Generator,
+) -> list[Trained]:
+  """``count`` shadow runs of the run's config, each on ``size`` random rows of ``pool``.
+
+  ``pool`` holds indices of training-file rows that no target is among. Each
+  shadow is a dpjax.main workdir under ``workdir/audit/shadows/``; a finished
+  one is reused.
+  """
+  source = splits.source_for(c.data.train, c)
+  trained = []
+  for k in range(count):
+    rows = np.sort(rng.choice(pool, min(size, len(pool)), replace=False))
+    home = workdir / "audit" / "shadows" / f"shadow_{k}"
+    home.mkdir(parents=True, exist_ok=True)
+    data = home / "train.jsonl"
+    lines = []
+    for i in rows:
+      example = source[int(i)]
+      lines.append(json.dumps({c.data.text_field: example.text, c.data.label_field: example.label}))
+    data.write_text("\n".join(lines) + "\n")
+    shadow = ml_collections.ConfigDict(c.to_dict())
+    shadow.data.train = str(data)
+    shadow.data.train_fraction = 1.0
+    shadow.data.cache_dir = None
+    shadow.audit.canaries = 0
+    shadow.resume = "same_config"
+    loop.train_and_evaluate(shadow, home / "run")
+    trained.append(load_trained(home / "run"))
+  return trained
+
+
 def membership(
   workdir: str | Path,
   *,
   max_rows: int = 2000,
+  shadows: int = 0,
   bootstrap_samples: int = 200,
   seed: int = 0,
   batch_size: int = 64,
 ) -> dict[str, Any]:
-  """Loss-threshold and pretrained-calibrated loss attacks on members vs non-members.
+  """Membership attacks on members vs non-members of the run.
 
-  Members are training rows; non-members are the rows of the training file
-  that ``data.train_fraction`` left out (same distribution), or the eval split
-  when the run trained on the whole file (a different distribution can make
-  the attack look stronger than it is; the report says which).
+  Members are training rows; non-members are rows of the training file that
+  ``data.train_fraction`` left out (same distribution), or the eval split when
+  the run trained on the whole file (a different distribution can make the
+  attack look stronger than it is; the report says which). Attacks: loss
+  threshold, the loss drop from the pretrained model, and with ``shadows`` > 0
+  offline LiRA against that many shadow runs trained on other left-out rows
+  (never on a target).
   """
   workdir = Path(workdir)
   trained = load_trained(workdir)
@@ -84,24 +129,56 @@ def membership(
   train = splits.load_split(
     c.data.train, trained.tokenizer, c, cache, fraction=c.data.train_fraction, seed=c.seed
   )
-  left_out = np.setdiff1d(np.arange(len(train.encoded)), train.indices)
+  left_out = rng.permutation(np.setdiff1d(np.arange(len(train.encoded)), train.indices))
+  shadow_pool = left_out[max_rows:]
   if len(left_out) >= 2:
-    outside = splits.Split(train.encoded, left_out)
+    outside = splits.Split(train.encoded, np.sort(left_out[:max_rows]))
     source = f"rows of {c.data.train} outside the training subset (data.train_fraction)"
   else:
     outside = splits.load_split(c.data.eval, trained.tokenizer, c, cache, seed=c.seed + 1)
     source = f"{c.data.eval} (another split: the attack may look stronger than it is)"
+  if shadows and len(shadow_pool) < 2:
+    raise ConfigError(
+      "--shadows needs rows of the training file outside the training subset and the "
+      f"{max_rows} non-member targets (config.data.train_fraction < 1, or a lower --max_rows)"
+    )
   members, non_members = _subsample(train, max_rows, rng), _subsample(outside, max_rows, rng)
   task = task_lib.build(c)
   initial = lora.combine(task.trainable, task.frozen)
+  stats = {
+    name: scoring.example_stats(trained.params, trained.model, split, batch_size)
+    for name, split in (("members", members), ("non_members", non_members))
+  }
   scores = {}
   for name, split in (("members", members), ("non_members", non_members)):
-    final = scoring.example_stats(trained.params, trained.model, split, batch_size)
     start = scoring.example_stats(initial, trained.model, split, batch_size)
     scores[name] = {
-      "loss": membership_lib.loss_scores(final["loss"]),
-      "loss_vs_pretrained": start["loss"] - final["loss"],
+      "loss": membership_lib.loss_scores(stats[name]["loss"]),
+      "loss_vs_pretrained": start["loss"] - stats[name]["loss"],
     }
+  names = ["loss", "loss_vs_pretrained"]
+  if shadows:
+    models = _train_shadows(workdir, c, shadow_pool, shadows, len(train), rng)
+    targets = np.concatenate(
+      [stats["members"]["label_probability"], stats["non_members"]["label_probability"]]
+    )
+    shadow_phi = np.stack(
+      [
+        membership_lib.logit_confidence(
+          np.concatenate(
+            [
+              scoring.example_stats(m.params, m.model, split, batch_size)["label_probability"]
+              for split in (members, non_members)
+            ]
+          )
+        )
+        for m in models
+      ]
+    )
+    lira = membership_lib.lira_offline_scores(membership_lib.logit_confidence(targets), shadow_phi)
+    scores["members"]["lira_offline"] = lira[: len(members)]
+    scores["non_members"]["lira_offline"] = lira[len(members) :]
+    names.append("lira_offline")
   ledger, epsilon, delta = _privacy(trained)
   attacks = [
     membership_lib.evaluate_attack(
@@ -112,7 +189,7 @@ def membership(
       bootstrap_samples=bootstrap_samples,
       seed=seed,
     ).to_dict()
-    for attack in ("loss", "loss_vs_pretrained")
+    for attack in names
   ]
   return {
     "report": "membership",
@@ -123,6 +200,7 @@ def membership(
     "ledger": trained.ledger,
     "members": f"{len(members)} rows of the training subset",
     "non_members": f"{len(non_members)} {source}",
+    "shadows": shadows,
     "computed_from": (
       "released and pretrained parameters, training rows and held-out rows: a leakage "
       "measurement for the data owner, not itself a release covered by (epsilon, delta)"
@@ -256,6 +334,12 @@ def summary_line(report: dict[str, Any]) -> str:
     if report["reference"]:
       text += f" (non-private reference gap {report['reference']['gap']:.3f})"
     return text
+  if report["report"] == "canaries":
+    return (
+      f"canaries ({report['canaries_in']} of {report['canaries']} in): one-run epsilon lower "
+      f"bound {report['epsilon_one_run']:.3f} (f-DP {report['epsilon_one_run_fdp']:.3f}) "
+      f"vs ledger epsilon {report['epsilon']}"
+    )
   if not report["applicable"]:
     return f"whitebox: not applicable ({report['why']})"
   verdict = "VIOLATED" if report["violated"] else "consistent"
@@ -264,3 +348,58 @@ def summary_line(report: dict[str, Any]) -> str:
     f"{report['delta']:g}; lower bound {report['epsilon_lb']:.3f} (GDP fit "
     f"{report['epsilon_gdp']:.3f}): {verdict}"
   )
+
+
+def canaries(
+  workdir: str | Path, *, significance: float = 0.05, batch_size: int = 64
+) -> dict[str, Any]:
+  """The one-run audit: score the run's m canaries, bound ε from the guesses on their coins.
+
+  Two scores (each at α/2): -loss, and the loss drop from the pretrained model.
+  The bound is for the whole run; set it beside the ledger's ε at the run's δ.
+  """
+  workdir = Path(workdir)
+  trained = load_trained(workdir)
+  c = trained.config
+  if not c.audit.canaries:
+    raise ConfigError(
+      f"{workdir} trained without canaries: set config.audit.canaries (e.g. 1000) for the "
+      "one-run audit"
+    )
+  planted = splits.canaries_of(c, trained.tokenizer)
+  encoded = splits.encode_canaries(c, trained.tokenizer, list(planted.examples))
+  split = splits.Split(encoded, np.arange(len(encoded)))
+  task = task_lib.build(c)
+  initial = lora.combine(task.trainable, task.frozen)
+  final = scoring.example_stats(trained.params, trained.model, split, batch_size)["loss"]
+  start = scoring.example_stats(initial, trained.model, split, batch_size)["loss"]
+  ledger, epsilon, delta = _privacy(trained)
+  coins = planted.included
+  attacks = []
+  for name, score in (("loss", -final), ("loss_vs_pretrained", start - final)):
+    audit = statistics.ScoreAudit(score[coins], score[~coins])
+    attacks.append(
+      {
+        "attack": name,
+        "epsilon_one_run": audit.epsilon_one_run(significance / 2, delta),
+        "epsilon_one_run_fdp": audit.epsilon_one_run_fdp(significance / 2, delta),
+        "auroc": audit.auroc(),
+      }
+    )
+  return {
+    "report": "canaries",
+    "workdir": str(workdir),
+    "step": trained.step,
+    "epsilon": _json_number(epsilon),
+    "delta": delta,
+    "significance": significance,
+    "canaries": len(planted),
+    "canaries_in": int(coins.sum()),
+    "epsilon_one_run": max(a["epsilon_one_run"] for a in attacks),
+    "epsilon_one_run_fdp": max(a["epsilon_one_run_fdp"] for a in attacks),
+    "computed_from": (
+      "released and pretrained parameters and the synthetic canaries (public seed "
+      "audit.canary_seed); no training row"
+    ),
+    "attacks": attacks,
+  }

@@ -232,3 +232,42 @@ def encode(
     label_word_ids=label_word_ids,
     name=source.name,
   )
+
+
+def concatenate(first: EncodedDataset, second: EncodedDataset) -> EncodedDataset:
+  """The examples of ``first`` followed by those of ``second`` (same encoding settings).
+
+  Raises:
+    ValueError: the two were encoded differently (padding, lengths, buckets,
+      label words) or only one has labels, user ids or mask positions.
+  """
+  same = (first.pad_id, first.max_length, first.buckets, first.label_word_ids) == (
+    second.pad_id,
+    second.max_length,
+    second.buckets,
+    second.label_word_ids,
+  )
+  if not same:
+    raise ValueError("datasets encoded with different settings cannot be concatenated")
+  a, b = first.arrays, second.arrays
+
+  def join(x, y, what):
+    if (x is None) != (y is None):
+      raise ValueError(f"only one of the datasets has {what}")
+    return None if x is None else np.concatenate([x, y])
+
+  arrays = TokenArrays(
+    np.concatenate([a.ids, b.ids]),
+    np.concatenate([a.offsets, b.offsets[1:] + a.offsets[-1]]),
+    join(a.labels, b.labels, "labels"),
+    join(a.user_ids, b.user_ids, "user ids"),
+    join(a.mask_positions, b.mask_positions, "mask positions"),
+  )
+  return EncodedDataset(
+    arrays,
+    pad_id=first.pad_id,
+    max_length=first.max_length,
+    buckets=first.buckets,
+    label_word_ids=first.label_word_ids,
+    name=f"{first.name}+{second.name}",
+  )

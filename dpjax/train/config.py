@@ -128,6 +128,15 @@ def default_config() -> ml_collections.ConfigDict:
   # They are NOT covered by (ε, δ): operator-only, never for publication.
   c.train.private_metrics = False
 
+  # Canaries for the one-run audit (python -m dpjax.audit --reports=canaries).
+  c.audit = ml_collections.ConfigDict()
+  # m synthetic examples (random words, random label), each added to the training set by a
+  # fair coin: they count in N and are sampled, clipped, noised and accounted like any row.
+  # 0: none.
+  c.audit.canaries = 0
+  # Seed of the canaries' words, labels and coins (public: they are synthetic).
+  c.audit.canary_seed = 0
+
   # Devices: a ("data", "fsdp") mesh over all devices of all processes (dpjax.parallel).
   c.parallel = ml_collections.ConfigDict()
   c.parallel.data = config_dict.placeholder(int)  # examples split this many ways; None: the rest
@@ -282,6 +291,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive(c, f"train.{key}", allow_zero=True, integer=True)
   for key in ("eval_batch_size", "log_every_steps", "keep_checkpoints"):
     _positive(c, f"train.{key}", integer=True)
+  _positive(c, "audit.canaries", allow_zero=True, integer=True)
+  _positive(c, "audit.canary_seed", allow_zero=True, integer=True)
   for key in ("data", "fsdp"):
     _optional(c, f"parallel.{key}", lambda key: _positive(c, key, integer=True))
   if c.parallel.data is None and c.parallel.fsdp is None:

@@ -352,9 +352,7 @@ def _run(
   # The task (model and parameters), the data, and the mechanism calibrated for them.
   task = task_lib.build(c)
   with _token_cache(c, workdir) as cache:
-    train = splits.load_split(
-      c.data.train, task.tokenizer, c, cache, fraction=c.data.train_fraction, seed=c.seed
-    )
+    train, num_canaries = splits.training_split(c, task.tokenizer, cache)
     evals = splits.load_split(
       c.data.eval, task.tokenizer, c, cache, limit=c.data.eval_limit, seed=c.seed + 1
     )
@@ -463,6 +461,7 @@ def _run(
   say(
     f"plan: N={mechanism.dataset_size} B={mechanism.expected_batch_size:g} "
     f"q={mechanism.sampling_prob:.5f} steps={mechanism.steps} "
+    f"{f'(with {num_canaries} audit canaries) ' if num_canaries else ''}"
     f"{privacy_plan} trainable={lora.count(trainable):,} params "
     f"devices={mesh.size} (data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}) "
     f"processes={jax.process_count()}"
@@ -597,6 +596,7 @@ def _run(
     "eval": result,
     "params_sha256": params_sha256(params),
     "params_global_norm": float(optax.tree.norm(params)),
+    "audit_canaries": num_canaries,  # canaries in the training set (config audit.canaries)
     "stopped_by_budget": stopped_by_budget,
     "preempted": preempted,
     "model": c.model.name,

@@ -10,6 +10,8 @@ import ml_collections
 import numpy as np
 
 from dpjax import data as data_lib
+from dpjax.audit import canaries
+from dpjax.data import encoded as encoded_lib
 from dpjax.train.config import ConfigError
 
 
@@ -100,6 +102,50 @@ def load_split(
   if limit is not None and 0 < limit < len(indices):
     indices = np.sort(np.random.default_rng(seed).choice(indices, limit, replace=False))
   return Split(encoded, indices)
+
+
+def training_split(
+  c: ml_collections.ConfigDict, tokenizer, cache_dir: Path | None
+) -> tuple[Split, int]:
+  """(the training set, its number of canaries): the kept file rows, then the in-canaries.
+
+  With ``audit.canaries = m``, the canaries whose coin is heads are appended
+  after the file's rows (see :mod:`dpjax.audit.canaries`); they are rows like
+  any other from here on.
+  """
+  train = load_split(
+    c.data.train, tokenizer, c, cache_dir, fraction=c.data.train_fraction, seed=c.seed
+  )
+  if not c.audit.canaries:
+    return train, 0
+  extra = encode_canaries(c, tokenizer, canaries_of(c, tokenizer).in_examples)
+  if len(extra) == 0:
+    return train, 0
+  base = train.encoded
+  joined = encoded_lib.concatenate(base, extra)
+  indices = np.concatenate([train.indices, len(base) + np.arange(len(extra))])
+  return Split(joined, indices), len(extra)
+
+
+def canaries_of(c: ml_collections.ConfigDict, tokenizer) -> canaries.Canaries:
+  """The run's canaries (all m, with their coins), from ``audit.canaries`` and ``canary_seed``."""
+  return canaries.make_canaries(
+    int(c.audit.canaries),
+    int(c.audit.canary_seed),
+    int(c.data.num_labels),
+    canaries.vocabulary_words(tokenizer),
+  )
+
+
+def encode_canaries(c: ml_collections.ConfigDict, tokenizer, examples) -> data_lib.EncodedDataset:
+  """Canary examples encoded exactly as the training rows are."""
+  return data_lib.encode(
+    canaries.CanarySource(examples),
+    tokenizer,
+    c.data.max_length,
+    buckets=tuple(c.data.buckets),
+    template=template_for(c),
+  )
 
 
 def row_hash(encoded: data_lib.EncodedDataset, index: int, seed: int) -> int:

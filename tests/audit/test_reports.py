@@ -5,12 +5,15 @@ import subprocess
 import sys
 import types
 
+import ml_collections
 import numpy as np
 import pytest
 
 from dpjax import privacy, report
 from dpjax.audit import __main__ as audit_cli
 from dpjax.audit import membership, reports
+from dpjax.models import pretrained
+from dpjax.train import splits
 from dpjax.train.config import ConfigError
 from tests.train.runs import ROOT, copy_run
 
@@ -18,10 +21,11 @@ from tests.train.runs import ROOT, copy_run
 def flags_for(workdir, **overrides):
   values = dict(
     workdir=str(workdir),
-    reports=list(audit_cli.REPORTS),
+    reports=["membership", "groups", "whitebox"],
     reference=None,
     group_by="label",
     max_rows=150,
+    shadows=0,
     bootstrap=20,
     trials=2000,
     seed=0,
@@ -35,12 +39,18 @@ def test_every_report_is_written_and_states_its_inputs(trained, tmp_path, capsys
   written = audit_cli.run(flags_for(run, reference=str(run)))
   names = sorted(p.name for p in written)
   assert names == sorted(
-    ["membership.json", "membership_roc.png", "groups.json", "groups.png", "whitebox.json"]
+    [
+      "membership.json",
+      "membership_roc.png",
+      "groups_by_label.json",
+      "groups_by_label.png",
+      "whitebox.json",
+    ]
   )
   lines = capsys.readouterr().out.splitlines()
   assert [line.split(" ")[0] for line in lines] == ["membership", "groups", "whitebox:"]
-  shown = report.audit_lines(run)  # python -m dpjax.report lists them too
-  assert [line for line in shown if not line.endswith(".png")] == lines
+  shown = report.audit_lines(run)  # python -m dpjax.report lists them too (by file name)
+  assert sorted(line for line in shown if not line.endswith(".png")) == sorted(lines)
   assert sum(line.endswith(".png") for line in shown) == 2
 
   mia = json.loads((run / "audit" / "membership.json").read_text())
@@ -57,7 +67,7 @@ def test_every_report_is_written_and_states_its_inputs(trained, tmp_path, capsys
       float(membership.max_tpr(ledger, 0.01))
     )
 
-  groups = json.loads((run / "audit" / "groups.json").read_text())
+  groups = json.loads((run / "audit" / "groups_by_label.json").read_text())
   assert groups["computed_from"] == "released parameters and the public evaluation split only"
   assert sum(row["count"] for row in groups["groups"]) == summary["eval"]["count"]
   accuracy = (
@@ -88,11 +98,35 @@ def test_groups_by_length_and_a_mismatched_reference(trained, tmp_path):
     reports.groups(workdir, reference=other, bootstrap_samples=20)
 
 
-def test_loss_scores_of_members_use_the_released_model(trained):
+def test_offline_lira_trains_shadows_that_never_see_a_target(trained, tmp_path):
   workdir, _ = trained
-  report = reports.membership(workdir, max_rows=40, bootstrap_samples=10)
-  assert [a["attack"] for a in report["attacks"]] == ["loss", "loss_vs_pretrained"]
+  run = copy_run(workdir, tmp_path / "run")
+  report = reports.membership(run, max_rows=40, shadows=1, bootstrap_samples=10)
+  assert [a["attack"] for a in report["attacks"]] == ["loss", "loss_vs_pretrained", "lira_offline"]
   assert all(np.isfinite(a["auroc"]) for a in report["attacks"])
+  shadow = run / "audit" / "shadows" / "shadow_0"
+  shadow_rows = {json.loads(line)["sentence"] for line in (shadow / "train.jsonl").open()}
+  config = json.loads((run / "config.json").read_text())
+  assert json.loads((shadow / "run" / "summary.json").read_text())["dataset_size"] == len(
+    shadow_rows
+  )
+  # No member (a training row) is a shadow training row.
+
+  c = ml_collections.ConfigDict(config)
+  _, _, tokenizer = pretrained.load("minilm")
+  source = splits.source_for(c.data.train, c)
+  members = splits.load_split(
+    c.data.train, tokenizer, c, c.data.cache_dir, fraction=c.data.train_fraction, seed=c.seed
+  )
+  assert not shadow_rows & {source[int(i)].text for i in members.indices}
+  with pytest.raises(ConfigError, match="--shadows needs rows"):
+    reports.membership(run, max_rows=10**6, shadows=1, bootstrap_samples=10)
+
+
+def test_the_canary_report_needs_a_run_with_canaries(trained):
+  workdir, _ = trained
+  with pytest.raises(ConfigError, match="set config.audit.canaries"):
+    reports.canaries(workdir)
 
 
 @pytest.mark.parametrize(
