@@ -16,9 +16,11 @@ Each report is a JSON-able dict that states what it was computed from:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +99,14 @@ def _train_shadows(
     shadow.data.cache_dir = None
     shadow.audit.canaries = 0
     shadow.resume = "same_config"
-    loop.train_and_evaluate(shadow, home / "run")
+    with (home / "train.log").open("w") as log, contextlib.redirect_stdout(log):
+      summary = loop.train_and_evaluate(shadow, home / "run")
+    print(
+      f"shadow run {k + 1}/{count}: N={summary['dataset_size']} epsilon={summary['epsilon']} "
+      f"({home / 'run'}; progress in train.log)",
+      file=sys.stderr,
+      flush=True,
+    )
     trained.append(load_trained(home / "run"))
   return trained
 

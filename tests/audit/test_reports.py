@@ -6,7 +6,6 @@ import sys
 import types
 
 import ml_collections
-import numpy as np
 import pytest
 
 from dpjax import privacy, report
@@ -36,7 +35,7 @@ def flags_for(workdir, **overrides):
 def test_every_report_is_written_and_states_its_inputs(trained, tmp_path, capsys):
   workdir, summary = trained
   run = copy_run(workdir, tmp_path / "run")
-  written = audit_cli.run(flags_for(run, reference=str(run)))
+  written = audit_cli.run(flags_for(run, reference=str(run), shadows=1))
   names = sorted(p.name for p in written)
   assert names == sorted(
     [
@@ -59,6 +58,7 @@ def test_every_report_is_written_and_states_its_inputs(trained, tmp_path, capsys
   assert mia["members"].startswith("150 rows of the training subset")
   assert "outside the training subset" in mia["non_members"]
   ledger = privacy.PrivacyLedger.from_dict(summary["ledger"])
+  assert [a["attack"] for a in mia["attacks"]] == ["loss", "loss_vs_pretrained", "lira_offline"]
   for attack in mia["attacks"]:
     assert 0 <= attack["auroc"] <= 1
     low, high = attack["auroc_interval"]
@@ -66,6 +66,19 @@ def test_every_report_is_written_and_states_its_inputs(trained, tmp_path, capsys
     assert attack["max_tpr_at_fpr"]["0.01"] == pytest.approx(
       float(membership.max_tpr(ledger, 0.01))
     )
+
+  # The shadow run trained on rows of the file that are neither members nor non-member targets.
+  shadow = run / "audit" / "shadows" / "shadow_0"
+  shadow_rows = {json.loads(line)["sentence"] for line in (shadow / "train.jsonl").open()}
+  shadow_summary = json.loads((shadow / "run" / "summary.json").read_text())
+  assert shadow_summary["dataset_size"] == len(shadow_rows)
+  c = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+  _, _, tokenizer = pretrained.load("minilm")
+  source = splits.source_for(c.data.train, c)
+  members = splits.load_split(
+    c.data.train, tokenizer, c, c.data.cache_dir, fraction=c.data.train_fraction, seed=c.seed
+  )
+  assert not shadow_rows & {source[int(i)].text for i in members.indices}
 
   groups = json.loads((run / "audit" / "groups_by_label.json").read_text())
   assert groups["computed_from"] == "released parameters and the public evaluation split only"
@@ -98,29 +111,10 @@ def test_groups_by_length_and_a_mismatched_reference(trained, tmp_path):
     reports.groups(workdir, reference=other, bootstrap_samples=20)
 
 
-def test_offline_lira_trains_shadows_that_never_see_a_target(trained, tmp_path):
+def test_shadows_need_rows_outside_the_training_subset(trained):
   workdir, _ = trained
-  run = copy_run(workdir, tmp_path / "run")
-  report = reports.membership(run, max_rows=40, shadows=1, bootstrap_samples=10)
-  assert [a["attack"] for a in report["attacks"]] == ["loss", "loss_vs_pretrained", "lira_offline"]
-  assert all(np.isfinite(a["auroc"]) for a in report["attacks"])
-  shadow = run / "audit" / "shadows" / "shadow_0"
-  shadow_rows = {json.loads(line)["sentence"] for line in (shadow / "train.jsonl").open()}
-  config = json.loads((run / "config.json").read_text())
-  assert json.loads((shadow / "run" / "summary.json").read_text())["dataset_size"] == len(
-    shadow_rows
-  )
-  # No member (a training row) is a shadow training row.
-
-  c = ml_collections.ConfigDict(config)
-  _, _, tokenizer = pretrained.load("minilm")
-  source = splits.source_for(c.data.train, c)
-  members = splits.load_split(
-    c.data.train, tokenizer, c, c.data.cache_dir, fraction=c.data.train_fraction, seed=c.seed
-  )
-  assert not shadow_rows & {source[int(i)].text for i in members.indices}
   with pytest.raises(ConfigError, match="--shadows needs rows"):
-    reports.membership(run, max_rows=10**6, shadows=1, bootstrap_samples=10)
+    reports.membership(workdir, max_rows=10**6, shadows=1, bootstrap_samples=10)
 
 
 def test_the_canary_report_needs_a_run_with_canaries(trained):
