@@ -15,7 +15,9 @@ same evaluation rows:
 
 Every number is computed from released parameters and evaluation data. The
 (ε, δ) of the run is the same for every example, whatever its group; it does
-not bound what a group of k examples reveals together (group privacy).
+not bound what a group of k examples reveals together (group privacy). The
+empirical privacy cost per group, the membership attacks' AUROC within each
+label, is in the membership report (it needs training rows).
 """
 
 from __future__ import annotations

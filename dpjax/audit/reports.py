@@ -189,8 +189,13 @@ def membership(
     scores["non_members"]["lira_offline"] = lira[len(members) :]
     names.append("lira_offline")
   ledger, epsilon, delta = _privacy(trained)
-  attacks = [
-    membership_lib.evaluate_attack(
+  labels = {
+    name: split.encoded.labels[split.indices]
+    for name, split in (("members", members), ("non_members", non_members))
+  }
+  attacks = []
+  for attack in names:
+    result = membership_lib.evaluate_attack(
       attack,
       scores["members"][attack],
       scores["non_members"][attack],
@@ -198,8 +203,15 @@ def membership(
       bootstrap_samples=bootstrap_samples,
       seed=seed,
     ).to_dict()
-    for attack in names
-  ]
+    # The empirical privacy cost per group: the attack's AUROC within each label.
+    result["auroc_by_label"] = {}
+    for y in np.unique(labels["members"]):
+      inside, outside = (
+        scores[name][attack][labels[name] == y] for name in ("members", "non_members")
+      )
+      if inside.size and outside.size:
+        result["auroc_by_label"][f"label {y}"] = statistics.ScoreAudit(inside, outside).auroc()
+    attacks.append(result)
   return {
     "report": "membership",
     "workdir": str(workdir),

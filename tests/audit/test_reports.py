@@ -66,6 +66,8 @@ def test_every_report_is_written_and_states_its_inputs(trained, tmp_path, capsys
     assert attack["max_tpr_at_fpr"]["0.01"] == pytest.approx(
       float(membership.max_tpr(ledger, 0.01))
     )
+    assert set(attack["auroc_by_label"]) <= {"label 0", "label 1"}
+    assert all(0 <= v <= 1 for v in attack["auroc_by_label"].values())
 
   # The shadow run trained on rows of the file that are neither members nor non-member targets.
   shadow = run / "audit" / "shadows" / "shadow_0"
