@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from dpjax import privacy
+from dpjax import _cli, privacy
 from dpjax.data import DataError
 from dpjax.models.pretrained import PretrainedError
 from dpjax.train import journal as journal_lib
@@ -91,4 +91,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

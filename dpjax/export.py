@@ -45,6 +45,7 @@ from flax import traverse_util
 from safetensors.numpy import save as safetensors_bytes
 
 import dpjax
+from dpjax import _cli
 from dpjax.models import bert, heads, layers, lora, pretrained
 from dpjax.models.pretrained import PretrainedError
 from dpjax.train import loop
@@ -412,4 +413,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from dpjax import _cli
 from dpjax.train import metrics as metrics_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A dpjax.main workdir.")
@@ -101,4 +102,4 @@ def audit_lines(workdir: str | Path) -> list[str]:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -69,7 +69,10 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
   if not config_file.is_file():
     raise ConfigError(f"{config_file} not found: --workdir must be a dpjax.main workdir")
   try:
-    return ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    saved = json.loads(config_file.read_text())
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+    return ml_collections.ConfigDict(config_lib.with_defaults(saved))
   except (ValueError, UnicodeDecodeError) as err:
     raise ConfigError(f"{config_file} is not a dpjax config: {err}") from None
 

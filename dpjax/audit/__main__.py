@@ -21,7 +21,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from dpjax import privacy
+from dpjax import _cli, privacy
 from dpjax.audit import plots, reports
 from dpjax.data import DataError
 from dpjax.models.pretrained import PretrainedError
@@ -127,4 +127,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

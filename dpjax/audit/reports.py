@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,10 @@ def _train_shadows(
     for i in rows:
       example = source[int(i)]
       lines.append(json.dumps({c.data.text_field: example.text, c.data.label_field: example.label}))
-    data.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    if data.is_file() and data.read_text() != text:
+      shutil.rmtree(home / "run", ignore_errors=True)  # other rows (seed, --max_rows): retrain
+    data.write_text(text)
     shadow = ml_collections.ConfigDict(c.to_dict())
     shadow.data.train = str(data)
     shadow.data.train_fraction = 1.0
@@ -139,10 +143,19 @@ def membership(
     c.data.train, trained.tokenizer, c, cache, fraction=c.data.train_fraction, seed=c.seed
   )
   left_out = rng.permutation(np.setdiff1d(np.arange(len(train.encoded)), train.indices))
-  shadow_pool = left_out[max_rows:]
+  # Shadows train on left-out rows that are not targets, by content: a duplicate of a
+  # non-member target (or of a member) in a shadow's data would make it "in" there.
+  row_key = lambda i: (train.encoded.token_ids(int(i)).tobytes(), int(train.encoded.labels[i]))
+  targets = {row_key(i) for i in np.concatenate([train.indices, left_out[:max_rows]])}
+  shadow_pool = np.array([i for i in left_out[max_rows:] if row_key(i) not in targets], np.int64)
   if len(left_out) >= 2:
     outside = splits.Split(train.encoded, np.sort(left_out[:max_rows]))
     source = f"rows of {c.data.train} outside the training subset (data.train_fraction)"
+  elif c.data.eval == c.data.train:
+    raise ConfigError(
+      f"{workdir} trained on every row of {c.data.train}, which is also its eval split: no "
+      "held-out rows to use as non-members"
+    )
   else:
     outside = splits.load_split(c.data.eval, trained.tokenizer, c, cache, seed=c.seed + 1)
     source = f"{c.data.eval} (another split: the attack may look stronger than it is)"
@@ -280,7 +293,8 @@ def groups(
     stats["correct"],
     reference_correct,
     norms,
-    clip_norm=c.dp.clip_norm if c.dp.enabled else None,
+    # Only flat clipping compares the whole gradient's norm with one bound.
+    clip_norm=c.dp.clip_norm if c.dp.enabled and c.dp.clip == "flat" else None,
     bootstrap_samples=bootstrap_samples,
     seed=seed,
   )
@@ -297,7 +311,12 @@ def groups(
       "the same (epsilon, delta) for every example in every group; it does not bound what "
       "several examples of one group reveal together"
     ),
-    "computed_from": "released parameters and the public evaluation split only",
+    "computed_from": (
+      "released parameters and the public evaluation split only"
+      if c.data.eval != c.data.train
+      else f"released parameters and {c.data.eval}, which is also the TRAINING file: this "
+      "report reads training rows and is not public"
+    ),
     **report,
   }
 
@@ -396,6 +415,11 @@ def canaries(
   start = scoring.example_stats(initial, trained.model, split, batch_size)["loss"]
   ledger, epsilon, delta = _privacy(trained)
   coins = planted.included
+  if coins.all() or not coins.any():
+    raise ConfigError(
+      f"all {len(coins)} canaries landed {'in' if coins.all() else 'out'}: nothing to compare; "
+      "use more canaries (config.audit.canaries) or another audit.canary_seed"
+    )
   attacks = []
   for name, score in (("loss", -final), ("loss_vs_pretrained", start - final)):
     audit = statistics.ScoreAudit(score[coins], score[~coins])

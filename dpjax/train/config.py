@@ -292,6 +292,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ("eval_batch_size", "log_every_steps", "keep_checkpoints"):
     _positive(c, f"train.{key}", integer=True)
   _positive(c, "audit.canaries", allow_zero=True, integer=True)
+  if 0 < c.audit.canaries < 10:
+    raise _fail(
+      "audit.canaries", c.audit.canaries, "0 (none) or an integer >= 10 (~1000 for power)"
+    )
   _positive(c, "audit.canary_seed", allow_zero=True, integer=True)
   for key in ("data", "fsdp"):
     _optional(c, f"parallel.{key}", lambda key: _positive(c, key, integer=True))
@@ -350,6 +354,20 @@ def lora_config(c: ml_collections.ConfigDict, model_type: str) -> lora_lib.LoraC
     return None
   targets = tuple(c.model.lora_targets) or lora_lib.LORA_TARGETS[model_type]
   return lora_lib.LoraConfig(c.model.lora_rank, float(c.model.lora_alpha), targets)
+
+
+def with_defaults(saved: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+  """A saved config (JSON dict) with the keys added to :func:`default_config` since, at
+  their defaults: a run saved before a key existed behaved as its default says."""
+  if defaults is None:
+    defaults = default_config().to_dict()
+  out = dict(saved)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = with_defaults(out[key], value)
+  return out
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

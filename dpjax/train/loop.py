@@ -84,7 +84,7 @@ def _check_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
   saved = workdir / "config.json"
   if saved.exists():
     try:
-      previous = json.loads(saved.read_text())
+      previous = config_lib.with_defaults(json.loads(saved.read_text()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
       raise config_lib.ConfigError(
         f"{saved} is not a readable config (edited or damaged); restore it or use a new workdir"

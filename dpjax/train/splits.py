@@ -129,11 +129,12 @@ def training_split(
 
 def canaries_of(c: ml_collections.ConfigDict, tokenizer) -> canaries.Canaries:
   """The run's canaries (all m, with their coins), from ``audit.canaries`` and ``canary_seed``."""
+  try:
+    words = canaries.vocabulary_words(tokenizer)
+  except ValueError as err:
+    raise ConfigError(f"config.audit.canaries: {err}") from None
   return canaries.make_canaries(
-    int(c.audit.canaries),
-    int(c.audit.canary_seed),
-    int(c.data.num_labels),
-    canaries.vocabulary_words(tokenizer),
+    int(c.audit.canaries), int(c.audit.canary_seed), int(c.data.num_labels), words
   )
 
 

@@ -10,7 +10,9 @@ from dpjax.audit import canaries, reports
 from dpjax.data import encoded as encoded_lib
 from dpjax.models import pretrained
 from dpjax.privacy import PoissonSampler
+from dpjax.train import config as config_lib
 from dpjax.train import loop, splits
+from dpjax.train.config import ConfigError
 from tests.train.runs import tiny
 
 WORDS = [f"word{chr(97 + i)}{chr(97 + j)}" for i in range(26) for j in range(26)]
@@ -33,6 +35,14 @@ def test_coins_are_fair_independent_and_fixed_by_the_seed():
   assert all(len(e.text.split()) == canaries.CANARY_WORDS for e in planted.examples)
   with pytest.raises(ValueError, match="count must be an integer >= 1"):
     canaries.make_canaries(0, seed=0, num_labels=2, words=WORDS)
+
+
+def test_too_few_canaries_are_refused_by_the_config():
+  c = tiny("unused", **{"audit.canaries": 5})
+  with pytest.raises(
+    ConfigError, match=r"config.audit.canaries must be 0 \(none\) or an integer >= 10"
+  ):
+    config_lib.validate(c)
 
 
 def test_concatenated_datasets_keep_every_row():

@@ -12,9 +12,9 @@ from dpjax import privacy, report
 from dpjax.audit import __main__ as audit_cli
 from dpjax.audit import membership, reports
 from dpjax.models import pretrained
-from dpjax.train import splits
+from dpjax.train import loop, splits
 from dpjax.train.config import ConfigError
-from tests.train.runs import ROOT, copy_run
+from tests.train.runs import ROOT, SHARED_RUN, copy_run, tiny
 
 
 def flags_for(workdir, **overrides):
@@ -119,6 +119,28 @@ def test_shadows_need_rows_outside_the_training_subset(trained):
     reports.membership(workdir, max_rows=10**6, shadows=1, bootstrap_samples=10)
 
 
+def test_a_run_saved_before_the_audit_keys_existed_is_audited_and_resumed(trained, tmp_path):
+  workdir, summary = trained
+  run = copy_run(workdir, tmp_path / "old")
+  saved = json.loads((run / "config.json").read_text())
+  del saved["audit"]
+  (run / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match="set config.audit.canaries"):
+    reports.canaries(run)  # read with the default (no canaries), not an AttributeError
+  c = tiny(saved["data"]["cache_dir"], **SHARED_RUN)
+  assert loop.train_and_evaluate(c, run)["params_sha256"] == summary["params_sha256"]
+
+
+def test_membership_without_held_out_rows_is_refused(trained, tmp_path):
+  workdir, _ = trained
+  run = copy_run(workdir, tmp_path / "whole_file")
+  saved = json.loads((run / "config.json").read_text())
+  saved["data"].update(train_fraction=1.0, eval="sst2:train")
+  (run / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match="no held-out rows to use as non-members"):
+    reports.membership(run, max_rows=10, bootstrap_samples=5)
+
+
 def test_the_canary_report_needs_a_run_with_canaries(trained):
   workdir, _ = trained
   with pytest.raises(ConfigError, match="set config.audit.canaries"):
@@ -131,6 +153,8 @@ def test_the_canary_report_needs_a_run_with_canaries(trained):
     (["--reports=membership,nonsense"], "--reports must be a comma-separated subset"),
     (["--group_by=colour"], "--group_by must be one of"),
     (["--max_rows=1"], "--max_rows must be an integer >= 2"),
+    (["--max_rows=abc"], "flag --max_rows=abc: invalid literal"),
+    (["--bogus=1"], "Unknown command line flag 'bogus'"),
   ],
 )
 def test_bad_flags_exit_2_with_one_line(trained, args, message):

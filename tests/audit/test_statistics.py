@@ -19,12 +19,15 @@ def deterministic_normal(mean: float, n: int) -> np.ndarray:
 )
 def test_one_run_bounds_reproduce_the_published_values(shift, one_run, one_run_fdp):
   # 10,000 IN scores ~ N(shift, 1) and 10,000 OUT scores ~ N(0, 1), significance 0.05,
-  # δ = 1e-6: jax_privacy's reference values for the two one-run bounds.
+  # δ = 1e-6, thresholds on the ROC hull: jax_privacy's reference values for the two bounds.
   audit = statistics.ScoreAudit(
     deterministic_normal(shift, 10_000), deterministic_normal(0, 10_000)
   )
-  np.testing.assert_allclose(audit.epsilon_one_run(0.05, 1e-6), one_run, rtol=1e-5)
-  np.testing.assert_allclose(audit.epsilon_one_run_fdp(0.05, 1e-6), one_run_fdp, rtol=1e-5)
+  np.testing.assert_allclose(audit.epsilon_one_run(0.05, 1e-6, "hull"), one_run, rtol=1e-5)
+  np.testing.assert_allclose(audit.epsilon_one_run_fdp(0.05, 1e-6, "hull"), one_run_fdp, rtol=1e-5)
+  # The coin-blind family (the default) is valid, and here stronger: its 48 thresholds cost
+  # less Bonferroni than the hull's ~400, which matters where the 2mδ term dominates.
+  assert one_run <= audit.epsilon_one_run(0.05, 1e-6) < statistics.gaussian_epsilon(shift, 1e-6)
 
 
 def test_one_run_p_value_equals_the_theorem_written_as_a_loop():
@@ -61,12 +64,27 @@ def test_clopper_pearson_bound_is_below_and_near_the_true_epsilon(mu, thresholds
 def test_clopper_pearson_at_a_fixed_threshold_is_the_formula():
   in_scores, out_scores = deterministic_normal(1, 1000), deterministic_normal(0, 1000)
   audit = statistics.ScoreAudit(in_scores, out_scores)
-  eps, threshold = audit.epsilon_clopper_pearson(0.1, 0.0)
+  eps, threshold = audit.epsilon_clopper_pearson(0.1, 0.0, "hull")
   tp, fp = np.sum(in_scores >= threshold), np.sum(out_scores >= threshold)
   alpha = 0.1 / len(audit.thresholds) / 2
   tpr_lb = 1 - statistics.clopper_pearson_upper(1000 - tp, 1000, alpha)
   fpr_ub = statistics.clopper_pearson_upper(fp, 1000, alpha)
   np.testing.assert_allclose(eps, np.log(tpr_lb / fpr_ub))
+
+
+def test_the_default_families_reject_a_true_null_at_most_at_the_nominal_rate():
+  # Scores that carry no information about the coins: every ε >= 0 claim is true, so any
+  # positive lower bound is a false rejection; it must happen at most α of the time.
+  rng = np.random.default_rng(0)
+  reps, alpha = 400, 0.05
+  false_one_run = false_cp = 0
+  for _ in range(reps):
+    scores, coins = rng.normal(size=1000), rng.random(1000) < 0.5
+    audit = statistics.ScoreAudit(scores[coins], scores[~coins])
+    false_one_run += audit.epsilon_one_run(alpha, 0.0) > 0
+    false_cp += audit.epsilon_clopper_pearson(alpha, 0.0)[0] > 0
+  # Binomial(400, 0.05) exceeds 31 with probability < 1%.
+  assert false_one_run <= 31 and false_cp <= 31, (false_one_run, false_cp)
 
 
 def test_gdp_fit_recovers_mu():
