@@ -22,6 +22,7 @@ label, is in the membership report (it needs training rows).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,7 +69,7 @@ def group_report(
     raise ValueError(
       f"groups and correct must be equal-length 1-d (got {labels.shape}, {correct.shape})"
     )
-  names = sorted(set(labels.tolist()))
+  names = sorted(set(labels.tolist()), key=_natural_key)
   members = [np.flatnonzero(labels == name) for name in names]
   models = {"dp": correct}
   if reference_correct is not None:
@@ -116,12 +117,21 @@ def group_report(
 
 
 def length_bins(lengths: Sequence[int], bins: int = 4) -> list[str]:
-  """Each example's token-length quartile (or ``bins``-tile) as a label like ``"len 9-14"``."""
+  """Each example's token-length quartile (or ``bins``-tile) as a label like ``"len 9-14"``.
+
+  The bins are [e_i, e_(i+1) - 1] between quantile edges e_i, the last one up to the
+  longest example; the labels name the lengths each holds (both ends included).
+  """
   lengths = np.asarray(lengths)
   edges = np.unique(np.quantile(lengths, np.linspace(0, 1, bins + 1)).round().astype(int))
-  index = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, len(edges) - 2)
-  labels = []
-  for i in index:
-    high = edges[i + 1] if i + 1 < len(edges) - 1 else lengths.max()
-    labels.append(f"len {edges[i]}-{high}")
-  return labels
+  if len(edges) < 2:
+    return [f"len {int(lengths.min())}-{int(lengths.max())}"] * len(lengths)
+  starts = edges[:-1]
+  index = np.clip(np.searchsorted(starts, lengths, side="right") - 1, 0, len(starts) - 1)
+  ends = [*(edges[1:-1] - 1), int(lengths.max())]
+  return [f"len {starts[i]}-{ends[i]}" for i in index]
+
+
+def _natural_key(name: str) -> tuple:
+  """Sort key that orders the numbers in names by value ("len 4-9" before "len 10-14")."""
+  return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))

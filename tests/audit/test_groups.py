@@ -42,11 +42,19 @@ def test_known_per_group_accuracy_gap_and_worst_group():
   )
 
 
-def test_length_bins_cover_every_example():
+def test_length_bins_cover_every_example_without_overlap():
   lengths = np.arange(1, 101)
   labels = groups.length_bins(lengths)
   assert len(set(labels)) == 4 and len(labels) == 100
+  for length, label in zip(lengths, labels):  # each label names a range holding its length
+    low, high = map(int, label.removeprefix("len ").split("-"))
+    assert low <= length <= high
   assert labels[0].startswith("len 1-") and labels[-1].endswith("-100")
+  report = groups.group_report(labels[::-1], np.ones(100, bool), bootstrap_samples=5)
+  assert [r["group"] for r in report["groups"]] == sorted(
+    set(labels), key=lambda g: int(g[4:].split("-")[0])
+  )
+  assert groups.length_bins([7, 7, 7]) == ["len 7-7"] * 3
 
 
 def test_mismatched_inputs_are_refused():
