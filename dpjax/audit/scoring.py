@@ -15,17 +15,6 @@ from dpjax.train import splits
 PyTree = Any
 
 
-def _padded_batches(split: splits.Split, batch_size: int):
-  """(positions, padded positions, mask) per batch, shortest examples first."""
-  order = np.argsort(split.encoded.lengths[split.indices], kind="stable")
-  for start in range(0, len(split), batch_size):
-    positions = order[start : start + batch_size]
-    mask = np.zeros(batch_size, bool)
-    mask[: len(positions)] = True
-    padded = np.concatenate([positions, np.full(batch_size - len(positions), positions[0])])
-    yield positions, padded, mask
-
-
 def example_stats(params: PyTree, model, split: splits.Split, batch_size: int = 64) -> dict:
   """``loss``, ``label_probability`` and ``correct`` of every example of ``split``, in order."""
 
@@ -38,7 +27,7 @@ def example_stats(params: PyTree, model, split: splits.Split, batch_size: int = 
 
   n = len(split)
   losses, correct = np.zeros(n), np.zeros(n, bool)
-  for positions, padded, _ in _padded_batches(split, batch_size):
+  for positions, padded, _ in split.padded_batches(batch_size):
     loss, right = jax.device_get(stats(params, split.batch(padded)))
     losses[positions] = loss[: len(positions)]
     correct[positions] = right[: len(positions)]
@@ -56,7 +45,7 @@ def gradient_norms(
   grad_fn = per_example.clipped_grad(loss_fn, clipping.FlatClip(1.0), has_aux=True)
   run = jax.jit(functools.partial(grad_fn))
   norms = np.zeros(len(split))
-  for positions, padded, mask in _padded_batches(split, batch_size):
+  for positions, padded, mask in split.padded_batches(batch_size):
     _, aux = run(trainable, split.batch(padded), mask)
     norms[positions] = np.asarray(aux.norms)[: len(positions)]
   return norms

@@ -320,12 +320,17 @@ class ScoreAudit:
     """ε(δ) of the μ-GDP mechanism with μ = :meth:`gdp_mu`."""
     return gaussian_epsilon(self.gdp_mu(significance), delta)
 
-  def _one_run_candidates(self, family: str) -> tuple[float, list[tuple[int, int]]]:
-    """(α divisor, [(guesses, right guesses)] per threshold, most promising first)."""
+  def _one_run(self, significance: float, family: str, bound) -> float:
+    """The largest ε any threshold of ``family`` rejects; ``bound(m, guesses, right, α, best)``
+    gives one threshold's, or ``best`` when it cannot beat it."""
+    _check_significance(significance, upper=1.0)
     taus, tp, fp = self._family(family)
-    guesses, right = tp + fp, tp
-    order = np.argsort(-(right + 1) / (guesses + 2), kind="stable")
-    return len(taus), [(int(guesses[k]), int(right[k])) for k in order if guesses[k] > 0]
+    m, alpha = self.num_in + self.num_out, significance / len(taus)
+    best = 0.0
+    for k in np.argsort(-(tp + 1) / (tp + fp + 2), kind="stable"):  # most promising first
+      if tp[k] + fp[k] > 0:
+        best = bound(m, int(tp[k] + fp[k]), int(tp[k]), alpha, best)
+    return best
 
   def epsilon_one_run(
     self, significance: float = 0.05, delta: float = 1e-6, family: str = "ranks"
@@ -336,19 +341,16 @@ class ScoreAudit:
     (``"ranks"``: the r highest scores for r on a fixed grid; ``"hull"``: the
     ROC hull, as published); α is divided by their number.
     """
-    _check_significance(significance, upper=1.0)
-    m = self.num_in + self.num_out
-    count, candidates = self._one_run_candidates(family)
-    alpha = significance / count
-    best = 0.0
-    for guesses, right in candidates:
+
+    def bound(m, guesses, right, alpha, best):
       if right / guesses <= special.expit(best):
-        continue  # its precision cannot reject any ε >= best
+        return best  # its precision cannot reject any ε >= best
       if one_run_p_value(m, guesses, right, best, 0.0) > alpha:
-        continue  # not even δ = 0 rejects best
-      rejects = lambda eps, g=guesses, c=right: alpha - one_run_p_value(m, g, c, eps, delta)
-      best = _largest_rejected(rejects, best)
-    return best
+        return best  # not even δ = 0 rejects best
+      rejects = lambda eps: alpha - one_run_p_value(m, guesses, right, eps, delta)
+      return _largest_rejected(rejects, best)
+
+    return self._one_run(significance, family, bound)
 
   def epsilon_one_run_fdp(
     self, significance: float = 0.05, delta: float = 1e-6, family: str = "ranks"
@@ -357,17 +359,14 @@ class ScoreAudit:
 
     Thresholds as in :meth:`epsilon_one_run`.
     """
-    _check_significance(significance, upper=1.0)
-    m = self.num_in + self.num_out
-    count, candidates = self._one_run_candidates(family)
-    alpha = significance / count
-    best = 0.0
-    for guesses, right in candidates:
+
+    def bound(m, guesses, right, alpha, best):
       if right / guesses <= 0.5:
-        continue
-      rejects = lambda eps, g=guesses, c=right: one_run_fdp_rejects(m, g, c, eps, delta, alpha)
-      best = _largest_rejected(rejects, best)
-    return best
+        return best
+      rejects = lambda eps: one_run_fdp_rejects(m, guesses, right, eps, delta, alpha)
+      return _largest_rejected(rejects, best)
+
+    return self._one_run(significance, family, bound)
 
   # Uncertainty of the estimates.
 

@@ -29,6 +29,21 @@ class Split:
     """Arrays of the examples at ``positions`` (indices into this split), padded to ``length``."""
     return self.encoded.batch(self.indices[positions], length=length)
 
+  def padded_batches(self, batch_size: int):
+    """Yields (positions, padded positions, mask) covering the split in fixed-size batches.
+
+    Shortest examples first, so each batch pads to the bucket of its own longest
+    example; padding rows repeat the batch's first (shortest) example and are
+    masked out.
+    """
+    order = np.argsort(self.encoded.lengths[self.indices], kind="stable")
+    for start in range(0, len(self), batch_size):
+      positions = order[start : start + batch_size]
+      mask = np.zeros(batch_size, bool)
+      mask[: len(positions)] = True
+      padded = np.concatenate([positions, np.full(batch_size - len(positions), positions[0])])
+      yield positions, padded, mask
+
   def length_groups(self) -> np.ndarray:
     """int [len(self)]: each example's token-length bucket (an index into ``encoded.buckets``)."""
     return np.searchsorted(self.encoded.buckets, self.encoded.lengths[self.indices])

@@ -174,13 +174,7 @@ def evaluate(params: PyTree, model, split: splits.Split, batch_size: int) -> dic
     return {"accuracy": float("nan"), "loss": float("nan"), "count": 0}
   fn = jax.jit(functools.partial(eval_step, model=model))
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-  by_length = np.argsort(split.encoded.lengths[split.indices], kind="stable")
-  for start in range(0, len(split), batch_size):
-    positions = by_length[start : start + batch_size]
-    mask = np.zeros(batch_size, bool)
-    mask[: len(positions)] = True
-    # Padding rows repeat the batch's first (shortest) example: they never lengthen it.
-    padded = np.concatenate([positions, np.full(batch_size - len(positions), positions[0])])
+  for _, padded, mask in split.padded_batches(batch_size):
     out = fn(params, split.batch(padded), mask)
     for key in totals:
       totals[key] += float(out[key])
