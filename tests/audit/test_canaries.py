@@ -98,3 +98,22 @@ def test_the_canary_report_bounds_epsilon_below_the_ledger(canary_run):
   assert 0 <= report["epsilon_one_run_fdp"] <= summary["epsilon"]
   assert "no training row" in report["computed_from"]
   assert json.loads(json.dumps(report)) == report
+
+
+def test_the_one_run_audit_detects_a_run_that_memorizes_its_canaries(tmp_path, token_cache):
+  # Without DP and with ~30 epochs, the tiny model memorizes its random-label canaries: the
+  # f-DP one-run bound must see it (the Steinke bound cannot here: 2mδ = 0.32 at N = 658).
+  c = tiny(
+    token_cache,
+    **{
+      "audit.canaries": 200,
+      "dp.enabled": False,
+      "train.steps": 300,
+      "train.log_every_steps": 100,
+      "train.checkpoint_every_steps": 0,
+    },
+  )
+  loop.train_and_evaluate(c, tmp_path / "run")
+  report = reports.canaries(tmp_path / "run")
+  assert max(a["auroc"] for a in report["attacks"]) > 0.9, report
+  assert report["epsilon_one_run_fdp"] > 1.0, report
