@@ -1,7 +1,7 @@
 """Audit a trained run: membership inference, disparate impact, white-box step, canaries.
 
     python -m dpjax.audit --workdir=DIR [--reports=membership,groups,whitebox,canaries]
-        [--reference=NONPRIVATE_DIR] [--group_by=label|length] [--max_rows=2000]
+        [--reference=NONPRIVATE_DIR] [--group_by=label|length|column:NAME] [--max_rows=2000]
         [--shadows=K]
 
 ``canaries`` (the one-run audit) needs a run trained with ``config.audit.canaries``;
@@ -16,6 +16,7 @@ one summary line per report. Each report states what it was computed from (see
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def _check_flags(f) -> None:
   unknown = [r for r in f.reports if r not in REPORTS]
   if unknown or not f.reports:
     _fail(f"--reports must be a comma-separated subset of {REPORTS} (got {','.join(f.reports)})")
-  if f.group_by not in reports.GROUP_BY:
+  if not reports.valid_group_by(f.group_by):
     _fail(f"--group_by must be one of {reports.GROUP_BY} (got {f.group_by!r})")
   for name, low in (("max_rows", 2), ("bootstrap", 1), ("trials", 100)):
     if getattr(f, name) < low:
@@ -97,7 +98,7 @@ def run(f) -> list[Path]:
     else:
       report = reports.whitebox_report(workdir, trials=f.trials, seed=f.seed)
     out.mkdir(exist_ok=True)
-    stem = f"groups_by_{f.group_by}" if name == "groups" else name
+    stem = f"groups_by_{re.sub(r'[^A-Za-z0-9_-]', '_', f.group_by)}" if name == "groups" else name
     path = out / f"{stem}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))

@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from dpjax import data as data_lib
 from dpjax import privacy
 from dpjax.audit import groups as groups_lib
 from dpjax.audit import membership as membership_lib
@@ -40,7 +41,15 @@ from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
 from dpjax.trained import Trained, load_trained
 
-GROUP_BY = ("label", "length")
+#: Groups of the groups report: the label, a token-length quartile, or ``column:NAME`` (a
+#: column of the eval file).
+GROUP_BY = ("label", "length", "column:NAME")
+
+
+def valid_group_by(group_by: str) -> bool:
+  return group_by in ("label", "length") or (
+    group_by.startswith("column:") and len(group_by) > len("column:")
+  )
 
 
 def _cache_dir(workdir: Path, trained: Trained) -> Path | None:
@@ -253,7 +262,7 @@ def groups(
   batch_size: int = 64,
 ) -> dict[str, Any]:
   """Per-group accuracy of the run (and of a non-private reference run) on the eval split."""
-  if group_by not in GROUP_BY:
+  if not valid_group_by(group_by):
     raise ConfigError(f"--group_by must be one of {GROUP_BY} (got {group_by!r})")
   workdir = Path(workdir)
   trained = load_trained(workdir)
@@ -286,8 +295,10 @@ def groups(
   norms = scoring.gradient_norms(trained.trainable, task.loss(trained.frozen), evals, batch_size)
   if group_by == "label":
     labels = [f"label {y}" for y in evals.encoded.labels[evals.indices]]
-  else:
+  elif group_by == "length":
     labels = groups_lib.length_bins(evals.encoded.lengths[evals.indices])
+  else:
+    labels = _column_values(c, group_by.removeprefix("column:"), evals.indices)
   report = groups_lib.group_report(
     labels,
     stats["correct"],
@@ -319,6 +330,27 @@ def groups(
     ),
     **report,
   }
+
+
+def _column_values(c, column: str, indices: np.ndarray) -> list[str]:
+  """The eval file's ``column`` at each of ``indices`` (rows in file order, as encoded)."""
+  if c.data.eval.startswith("sst2:"):
+    raise ConfigError(
+      f"--group_by=column:{column} needs an eval file with that column (data.eval is "
+      f"{c.data.eval}, which has only sentence and label)"
+    )
+  try:
+    source = data_lib.TextFileSource(
+      c.data.eval,
+      text_field=c.data.text_field,
+      label_field=c.data.label_field,
+      user_field=column,
+      num_labels=c.data.num_labels,
+      skip_bad_rows=c.data.skip_bad_rows,
+    )
+  except data_lib.DataError as err:
+    raise ConfigError(f"--group_by=column:{column}: {err}") from None
+  return [source[int(i)].user_id for i in indices]
 
 
 def whitebox_report(

@@ -113,6 +113,28 @@ def test_groups_by_length_and_a_mismatched_reference(trained, tmp_path):
     reports.groups(workdir, reference=other, bootstrap_samples=20)
 
 
+def test_groups_by_a_column_of_the_eval_file(trained, tmp_path):
+  workdir, _ = trained
+  run = copy_run(workdir, tmp_path / "column")
+  rows = ["sentence\tlabel\ttopic"]
+  rows += [
+    f"a {'fine' if i % 2 else 'poor'} film number {i}\t{i % 2}\t{'ab'[i % 3 == 0]}"
+    for i in range(30)
+  ]
+  eval_file = tmp_path / "eval.tsv"
+  eval_file.write_text("\n".join(rows) + "\n")
+  saved = json.loads((run / "config.json").read_text())
+  saved["data"].update(eval=str(eval_file), eval_limit=None)
+  (run / "config.json").write_text(json.dumps(saved))
+  report = reports.groups(run, group_by="column:topic", bootstrap_samples=20)
+  counts = {row["group"]: row["count"] for row in report["groups"]}
+  assert counts == {"a": 20, "b": 10}
+  with pytest.raises(ConfigError, match="column:colour: .*colour"):
+    reports.groups(run, group_by="column:colour", bootstrap_samples=20)
+  with pytest.raises(ConfigError, match="needs an eval file with that column"):
+    reports.groups(workdir, group_by="column:topic", bootstrap_samples=20)
+
+
 def test_shadows_need_rows_outside_the_training_subset(trained):
   workdir, _ = trained
   with pytest.raises(ConfigError, match="--shadows needs rows"):
