@@ -16,14 +16,13 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from dpjax import _cli, privacy
+from dpjax import _cli
 from dpjax.data import DataError
 from dpjax.models.pretrained import PretrainedError
-from dpjax.train import journal as journal_lib
 from dpjax.train import splits
 from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
-from dpjax.trained import load_trained
+from dpjax.trained import load_trained, spent_ledger
 
 
 def _define_flags() -> None:
@@ -42,21 +41,8 @@ def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> di
   plan = trained.mechanism
   if "delta" not in plan:
     raise ConfigError(f"{workdir}'s checkpoint does not state its privacy plan (delta)")
-  ledger = privacy.PrivacyLedger.from_dict(trained.ledger)
-  # ε and δ exactly as the run reports them: the ledger at the run's own δ ...
+  ledger, note = spent_ledger(workdir, trained)
   epsilon = ledger.epsilon(plan["delta"])
-  # ... unless the run executed (and may have released the outputs of) steps past this
-  # checkpoint, e.g. a newer one is damaged: then every execution on record counts.
-  executed = journal_lib.PrivacyJournal(workdir, writer=False).executed_segments()
-  note = None
-  if executed:
-    total = privacy.PrivacyLedger.from_dict({**trained.ledger, "segments": executed})
-    if total.epsilon(plan["delta"]) > epsilon:
-      epsilon = total.epsilon(plan["delta"])
-      note = (
-        f"checkpoint {trained.step} is older than the run's last executed step: epsilon "
-        "counts every step in privacy_journal.jsonl"
-      )
   result.update(
     {
       "step": trained.step,

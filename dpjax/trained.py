@@ -21,6 +21,7 @@ import ml_collections
 import tokenizers
 
 from dpjax.models import lora
+from dpjax.privacy import accounting
 from dpjax.train import checkpoint, integrity, optimizer
 from dpjax.train import config as config_lib
 from dpjax.train import journal as journal_lib
@@ -46,6 +47,7 @@ class Trained:
       δ, σ, q, the accountant and the budget.
     trainable: the trained parameters alone (what DP clipped and noised).
     frozen: the parameters training did not change (pretrained or seeded).
+    initial: the full parameters before training (pretrained or seeded; public).
   """
 
   config: ml_collections.ConfigDict
@@ -57,6 +59,7 @@ class Trained:
   mechanism: dict[str, Any]
   trainable: PyTree = dataclasses.field(repr=False, default=None)
   frozen: PyTree = dataclasses.field(repr=False, default=None)
+  initial: PyTree = dataclasses.field(repr=False, default=None)
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -124,4 +127,27 @@ def load_trained(workdir: str | Path) -> Trained:
     mechanism=meta.get("mechanism", {}),
     trainable=state.params,
     frozen=task.frozen,
+    initial=lora.combine(task.trainable, task.frozen),
   )
+
+
+def spent_ledger(
+  workdir: str | Path, trained: Trained
+) -> tuple[accounting.PrivacyLedger, str | None]:
+  """(the ledger to report ε from, a note or None) for the model of ``trained``.
+
+  The checkpoint's ledger, unless the run executed (and may have released the
+  outputs of) steps past that checkpoint, e.g. a newer one is damaged: then
+  every execution in ``privacy_journal.jsonl`` counts, with a note saying so.
+  """
+  ledger = accounting.PrivacyLedger.from_dict(trained.ledger)
+  executed = journal_lib.PrivacyJournal(workdir, writer=False).executed_segments()
+  delta = trained.mechanism.get("delta")
+  if executed and delta is not None:
+    total = accounting.PrivacyLedger.from_dict({**trained.ledger, "segments": executed})
+    if total.epsilon(delta) > ledger.epsilon(delta):
+      return total, (
+        f"checkpoint {trained.step} is older than the run's last executed step: epsilon "
+        "counts every step in privacy_journal.jsonl"
+      )
+  return ledger, None

@@ -79,10 +79,11 @@ def group_report(
     models["reference"] = reference
   rng = np.random.default_rng(seed)
   draws = {name: [] for name in models}
+  # A resample keeps each group's size: group i occupies the same slice of every draw.
+  edges = np.cumsum([0] + [m.size for m in members])
+  resampled = [np.arange(edges[i], edges[i + 1]) for i in range(len(members))]
   for _ in range(bootstrap_samples):
     picks = np.concatenate([rng.choice(m, m.size) for m in members])
-    positions = np.cumsum([0] + [m.size for m in members])
-    resampled = [np.arange(positions[i], positions[i + 1]) for i in range(len(members))]
     for name, values in models.items():
       draws[name].append(_summaries(values[picks], resampled))
   out: dict[str, Any] = {"groups": [], "reference": None}

@@ -33,13 +33,12 @@ from dpjax import privacy
 from dpjax.audit import groups as groups_lib
 from dpjax.audit import membership as membership_lib
 from dpjax.audit import scoring, statistics, whitebox
-from dpjax.models import lora
+from dpjax.models import heads
 from dpjax.privacy.secret import RunSecret
 from dpjax.train import config as config_lib
 from dpjax.train import loop, splits
-from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
-from dpjax.trained import Trained, load_trained
+from dpjax.trained import Trained, load_trained, spent_ledger
 
 #: Groups of the groups report: the label, a token-length quartile, or ``column:NAME`` (a
 #: column of the eval file).
@@ -65,11 +64,12 @@ def _subsample(split: splits.Split, limit: int | None, rng: np.random.Generator)
   return splits.Split(split.encoded, np.sort(rng.choice(split.indices, limit, replace=False)))
 
 
-def _privacy(trained: Trained) -> tuple[privacy.PrivacyLedger, float, float]:
-  ledger = privacy.PrivacyLedger.from_dict(trained.ledger)
+def _privacy(workdir: Path, trained: Trained) -> tuple[privacy.PrivacyLedger, float, float]:
+  """(ledger, ε, δ) as ``dpjax.evaluate`` reports them (every executed step counts)."""
   delta = trained.mechanism.get("delta")
   if delta is None:
     raise ConfigError("the run's checkpoint does not state its privacy plan (delta)")
+  ledger, _ = spent_ledger(workdir, trained)
   return ledger, ledger.epsilon(delta), delta
 
 
@@ -174,15 +174,13 @@ def membership(
       f"{max_rows} non-member targets (config.data.train_fraction < 1, or a lower --max_rows)"
     )
   members, non_members = _subsample(train, max_rows, rng), _subsample(outside, max_rows, rng)
-  task = task_lib.build(c)
-  initial = lora.combine(task.trainable, task.frozen)
   stats = {
     name: scoring.example_stats(trained.params, trained.model, split, batch_size)
     for name, split in (("members", members), ("non_members", non_members))
   }
   scores = {}
   for name, split in (("members", members), ("non_members", non_members)):
-    start = scoring.example_stats(initial, trained.model, split, batch_size)
+    start = scoring.example_stats(trained.initial, trained.model, split, batch_size)
     scores[name] = {
       "loss": membership_lib.loss_scores(stats[name]["loss"]),
       "loss_vs_pretrained": start["loss"] - stats[name]["loss"],
@@ -210,7 +208,7 @@ def membership(
     scores["members"]["lira_offline"] = lira[: len(members)]
     scores["non_members"]["lira_offline"] = lira[len(members) :]
     names.append("lira_offline")
-  ledger, epsilon, delta = _privacy(trained)
+  ledger, epsilon, delta = _privacy(workdir, trained)
   labels = {
     name: split.encoded.labels[split.indices]
     for name, split in (("members", members), ("non_members", non_members))
@@ -291,8 +289,8 @@ def groups(
     reference_correct = scoring.example_stats(other.params, other.model, evals, batch_size)[
       "correct"
     ]
-  task = task_lib.build(c)
-  norms = scoring.gradient_norms(trained.trainable, task.loss(trained.frozen), evals, batch_size)
+  loss = heads.classification_loss(trained.model, trained.frozen)
+  norms = scoring.gradient_norms(trained.trainable, loss, evals, batch_size)
   if group_by == "label":
     labels = [f"label {y}" for y in evals.encoded.labels[evals.indices]]
   elif group_by == "length":
@@ -309,7 +307,7 @@ def groups(
     bootstrap_samples=bootstrap_samples,
     seed=seed,
   )
-  _, epsilon, delta = _privacy(trained)
+  _, epsilon, delta = _privacy(workdir, trained)
   return {
     "report": "groups",
     "workdir": str(workdir),
@@ -441,11 +439,9 @@ def canaries(
   planted = splits.canaries_of(c, trained.tokenizer)
   encoded = splits.encode_canaries(c, trained.tokenizer, list(planted.examples))
   split = splits.Split(encoded, np.arange(len(encoded)))
-  task = task_lib.build(c)
-  initial = lora.combine(task.trainable, task.frozen)
   final = scoring.example_stats(trained.params, trained.model, split, batch_size)["loss"]
-  start = scoring.example_stats(initial, trained.model, split, batch_size)["loss"]
-  ledger, epsilon, delta = _privacy(trained)
+  start = scoring.example_stats(trained.initial, trained.model, split, batch_size)["loss"]
+  ledger, epsilon, delta = _privacy(workdir, trained)
   coins = planted.included
   if coins.all() or not coins.any():
     raise ConfigError(

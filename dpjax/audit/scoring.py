@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -43,7 +42,7 @@ def gradient_norms(
   model allows it), without clipping.
   """
   grad_fn = per_example.clipped_grad(loss_fn, clipping.FlatClip(1.0), has_aux=True)
-  run = jax.jit(functools.partial(grad_fn))
+  run = jax.jit(grad_fn)
   norms = np.zeros(len(split))
   for positions, padded, mask in split.padded_batches(batch_size):
     _, aux = run(trainable, split.batch(padded), mask)

@@ -139,6 +139,17 @@ def one_run_fdp_rejects(
   return right + wrong - guesses / m
 
 
+def _clopper_pearson_epsilon(
+  tp, num_in: int, fp, num_out: int, significance: float, delta: float
+) -> np.ndarray:
+  """ln((TPR_lb - δ) / FPR_ub), one-sided Clopper–Pearson bounds at α/2 each; 0 if TPR_lb <= δ."""
+  tpr_lb = 1 - clopper_pearson_upper(num_in - np.asarray(tp), num_in, significance / 2)
+  fpr_ub = clopper_pearson_upper(np.asarray(fp), num_out, significance / 2)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    eps = np.log(tpr_lb - delta) - np.log(fpr_ub)
+  return np.where(tpr_lb > delta, eps, 0.0)
+
+
 def _largest_rejected(rejects: Callable[[float], float], floor: float) -> float:
   """The root of ``rejects`` (> 0: ε rejected) above ``floor``; ``floor`` if it rejects nothing."""
   if rejects(floor) <= 0:
@@ -248,15 +259,6 @@ class ScoreAudit:
     fp = self.num_out - np.searchsorted(sorted_out, thresholds, side="left")
     return thresholds, tp, fp
 
-  def _clopper_pearson(
-    self, significance: float, delta: float, tp: np.ndarray, fp: np.ndarray
-  ) -> np.ndarray:
-    tpr_lb = 1 - clopper_pearson_upper(self.num_in - tp, self.num_in, significance / 2)
-    fpr_ub = clopper_pearson_upper(fp, self.num_out, significance / 2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-      eps = np.log(tpr_lb - delta) - np.log(fpr_ub)
-    return np.where(tpr_lb > delta, eps, 0.0)
-
   def epsilon_clopper_pearson(
     self,
     significance: float = 0.05,
@@ -279,7 +281,9 @@ class ScoreAudit:
       raise ValueError(f"thresholds must be one of {THRESHOLD_STRATEGIES} (got {thresholds!r})")
     if thresholds != "split":
       taus, tp, fp = self._family(thresholds)
-      eps = self._clopper_pearson(significance / len(taus), delta, tp, fp)
+      eps = _clopper_pearson_epsilon(
+        tp, self.num_in, fp, self.num_out, significance / len(taus), delta
+      )
       best = int(np.argmax(eps))
       return max(0.0, float(eps[best])), float(taus[best])
     rng = np.random.default_rng(seed)
@@ -290,14 +294,15 @@ class ScoreAudit:
     choose = ScoreAudit(self.in_scores[in_perm[:half_in]], self.out_scores[out_perm[:half_out]])
     _, threshold = choose.epsilon_clopper_pearson(significance, delta, "ranks")
     held_in, held_out = self.in_scores[in_perm[half_in:]], self.out_scores[out_perm[half_out:]]
-    bound = ScoreAudit(held_in, held_out)
-    eps = bound._clopper_pearson(
+    eps = _clopper_pearson_epsilon(
+      np.sum(held_in >= threshold),
+      held_in.size,
+      np.sum(held_out >= threshold),
+      held_out.size,
       significance,
       delta,
-      np.array([np.sum(held_in >= threshold)]),
-      np.array([np.sum(held_out >= threshold)]),
     )
-    return max(0.0, float(eps[0])), threshold
+    return max(0.0, float(eps)), threshold
 
   def gdp_mu(self, significance: float = 0.05, family: str = "ranks") -> float:
     """The largest μ the scores prove for a Gaussian-like mechanism (Nasr et al. 2023).

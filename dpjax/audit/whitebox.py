@@ -215,8 +215,12 @@ def audit_step(
       grad_sum, state, params, num_examples=jnp.sum(mask).astype(jnp.int32)
     )
     observed = jnp.concatenate([update["canary"], update["other"]]) * denom
-    guess = lambda k: noise_lib.noise_for_step(k, step, update, scale)
-    guesses = jax.vmap(lambda k: jnp.concatenate([guess(k)["canary"], guess(k)["other"]]))(keys)
+
+    def guess(key):
+      noise = noise_lib.noise_for_step(key, step, update, scale)
+      return jnp.concatenate([noise["canary"], noise["other"]])
+
+    guesses = jax.vmap(guess)(keys)
     residual = observed[None] - guesses
     fit = jnp.minimum(
       jnp.linalg.norm(residual - out_sum, axis=1), jnp.linalg.norm(residual - in_sum, axis=1)
