@@ -1,8 +1,9 @@
-"""Score a trained run on any labelled file in the training format.
+"""Score a trained run on any file in the training format (labelled, for classifiers).
 
     python -m dpjax.evaluate --workdir=DIR --data=FILE.tsv [--batch_size=64]
 
-Prints JSON: accuracy, loss, count, the checkpoint step, and the run's ε and δ (from
+Prints JSON: accuracy, loss, count (causal LMs: loss, perplexity, token accuracy and
+target tokens over the completions), the checkpoint step, and the run's ε and δ (from
 the checkpoint's ledger and plan, as ``summary.json`` states them).
 Evaluation touches only the given file (and the public pretrained weights).
 """
@@ -37,7 +38,7 @@ def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> di
   trained = load_trained(workdir)
   c = trained.config
   split = splits.load_split(data, trained.tokenizer, c, None)
-  result = task_lib.evaluate(trained.params, trained.model, split, batch_size)
+  result = task_lib.evaluate_model(trained.params, trained.model, split, batch_size)
   plan = trained.mechanism
   if "delta" not in plan:
     raise ConfigError(f"{workdir}'s checkpoint does not state its privacy plan (delta)")

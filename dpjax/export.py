@@ -3,7 +3,8 @@
     python -m dpjax.export --workdir=DIR --out=DIR
 
 A workdir is secret material (its checkpoints hold the run's random secret and
-private statistics); the release holds only what may be published, and nothing else:
+private statistics); the release holds only what may be published, and nothing else.
+A classifier (``model.task`` classify or label_words, BERT-family encoder):
 
   model.safetensors  the backbone under Hugging Face names (``bert.``/``roberta.`` prefix), LoRA
                      adapters merged into their kernels (W + (alpha / rank) A B), and the head;
@@ -12,6 +13,20 @@ private statistics); the release holds only what may be published, and nothing e
   tokenizer.json     the run's tokenizer;
   dp_summary.json    the public fields of the run's summary.json (ε, δ, σ, q, steps, ...),
                      when the run wrote one.
+
+A causal LM (``model.task = causal_lm``, GPT-2 decoder), a ``GPT2LMHeadModel`` directory:
+
+  model.safetensors     the decoder under Hugging Face names (``transformer.`` prefix; Conv1D
+                        kernels ``[in, out]`` as GPT-2 stores them), LoRA adapters merged;
+                        no ``lm_head.weight``: the output layer is tied to
+                        ``transformer.wte.weight`` (what ``save_pretrained`` writes, and what
+                        ``from_pretrained`` ties back with ``tie_word_embeddings``);
+  config.json           the ``GPT2LMHeadModel`` config, with the bos/eos/pad token ids of the
+                        run's data format and every dropout 0;
+  dpjax_generation.json how the run wrote its sequences, to prompt the model as it was
+                        trained: task, template and label words, bos/eos/pad ids, and
+                        the prompt ids of each label when the template holds only ``{label}``;
+  tokenizer.json, dp_summary.json  as for a classifier.
 
 Head tensors (``[out, in]`` weights, as ``torch.nn.Linear`` stores them):
 
@@ -46,9 +61,10 @@ from safetensors.numpy import save as safetensors_bytes
 
 import dpjax
 from dpjax import _cli
-from dpjax.models import bert, heads, layers, lora, pretrained
+from dpjax.data import causal, tokenizer_utils
+from dpjax.models import bert, gpt2, heads, layers, lora, pretrained
 from dpjax.models.pretrained import PretrainedError
-from dpjax.train import loop
+from dpjax.train import loop, splits
 from dpjax.train.config import ConfigError
 from dpjax.trained import Trained, load_trained
 
@@ -79,8 +95,19 @@ PUBLIC_SUMMARY_FIELDS = (
   "params_sha256",
   "model",
   "noise",
+  "releases",
 )
+# The files of a release (dp_summary.json only when the run wrote its summary).
 FILES = ("model.safetensors", "config.json", "dpjax_head.json", "tokenizer.json", "dp_summary.json")
+GENERATION_FILE = "dpjax_generation.json"
+CAUSAL_LM_FILES = (
+  "model.safetensors",
+  "config.json",
+  GENERATION_FILE,
+  "tokenizer.json",
+  "dp_summary.json",
+)
+GPT2_PREFIX = "transformer."
 
 
 class ExportError(ValueError):
@@ -111,17 +138,23 @@ def merge_lora(params: PyTree, lora_config: layers.LoraConfig | None) -> PyTree:
   return traverse_util.unflatten_dict(merged)
 
 
-def backbone_tensors(config: bert.BertConfig, params: PyTree) -> dict[str, np.ndarray]:
-  """Backbone params (no adapters) -> the tensors ``pretrained.load`` reads, ``bert.``-prefixed.
+def backbone_tensors(
+  config: bert.BertConfig | gpt2.GPT2Config, params: PyTree
+) -> dict[str, np.ndarray]:
+  """Backbone params (no adapters) -> the tensors ``pretrained.load`` reads, with the prefix of
+  the Hugging Face task model (``bert.``, ``roberta.``, ``transformer.``).
 
-  Names and orientation are those of :func:`dpjax.models.pretrained.load`: kernels are stored
-  transposed ([out, in]), ``embedding``/``scale`` leaves are called ``weight``.
+  Names and orientation are those of :func:`dpjax.models.pretrained.load`: ``embedding``/``scale``
+  leaves are called ``weight``; BERT-family kernels are stored transposed ([out, in]), GPT-2's
+  as they are ([in, out], Hugging Face's Conv1D).
   """
-  prefix = f"{config.model_type}."
+  is_gpt2 = isinstance(config, gpt2.GPT2Config)
+  prefix = GPT2_PREFIX if is_gpt2 else f"{config.model_type}."
   tensors = {}
   for path, value in traverse_util.flatten_dict(params).items():
     name, is_kernel = pretrained._hf_name(path)  # pylint: disable=protected-access
-    tensors[prefix + name] = np.asarray(value).T if is_kernel else np.asarray(value)
+    value = np.asarray(value)
+    tensors[prefix + name] = value.T if is_kernel and not is_gpt2 else value
   return tensors
 
 
@@ -178,16 +211,22 @@ def head_tensors(
 
 
 def model_tensors(
-  model: heads.SequenceClassifier | heads.LabelWordClassifier, params: PyTree
+  model: heads.SequenceClassifier | heads.LabelWordClassifier | gpt2.GPT2LMHeadModel,
+  params: PyTree,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str | None]:
   """(backbone tensors, head tensors, Hugging Face architecture of the head or None).
 
   LoRA adapters are merged first, so the tensors describe a plain model; all are
-  contiguous float32 and no name is in both dicts.
+  contiguous float32 and no name is in both dicts. A GPT-2 decoder has no head tensors
+  (its output layer is tied to ``transformer.wte.weight``).
 
   Raises:
-    ExportError: the model is not a task model on a BERT-family backbone.
+    ExportError: the model is neither a task model on a BERT-family backbone nor GPT-2.
   """
+  as_f32 = lambda tensors: {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+  if isinstance(model, gpt2.GPT2LMHeadModel):
+    params = merge_lora(params, model.lora)
+    return as_f32(backbone_tensors(model.config, params)), {}, "GPT2LMHeadModel"
   if not isinstance(model, (heads.SequenceClassifier, heads.LabelWordClassifier)):
     raise ExportError(f"cannot export a {type(model).__name__}; only dpjax task models")
   params = merge_lora(params, model.lora)
@@ -195,7 +234,6 @@ def model_tensors(
   backbone = backbone_tensors(model.backbone, params["backbone"])
   if backbone.keys() & head.keys():
     raise ExportError(f"head tensors collide with the backbone's: {backbone.keys() & head.keys()}")
-  as_f32 = lambda tensors: {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
   return as_f32(backbone), as_f32(head), architecture
 
 
@@ -233,6 +271,86 @@ def hf_config(
   )
   if bert.BertConfig.from_hf(out) != no_dropout:
     raise ExportError(f"the backbone config {config} has no Hugging Face equivalent")
+  return out
+
+
+def gpt2_hf_config(config: gpt2.GPT2Config, bos: int, eos: int, pad: int) -> dict[str, Any]:
+  """The ``GPT2LMHeadModel`` ``config.json`` of a decoder (read back by ``read_config``).
+
+  Every dropout is 0 (the release is for inference); the output layer is tied to the token
+  embedding; ``bos``/``eos``/``pad`` are the token ids the run wrote its sequences with.
+
+  Raises:
+    ExportError: the config would not read back to ``config`` (dropout aside).
+  """
+  out = {
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "vocab_size": config.vocab_size,
+    "n_positions": config.n_positions,
+    "n_embd": config.n_embd,
+    "n_layer": config.n_layer,
+    "n_head": config.n_head,
+    "n_inner": config.n_inner,
+    "activation_function": config.activation_function,
+    "layer_norm_epsilon": config.layer_norm_epsilon,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "summary_first_dropout": 0.0,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "bos_token_id": int(bos),
+    "eos_token_id": int(eos),
+    "pad_token_id": int(pad),
+    "tie_word_embeddings": True,
+    "use_cache": True,
+  }
+  if gpt2.GPT2Config.from_hf(out) != dataclasses.replace(config, dropout=0.0):
+    raise ExportError(f"the decoder config {config} has no Hugging Face equivalent")
+  return out
+
+
+def _causal_format(trained: Trained) -> tuple[causal.CausalFormat, tuple[int, int, int]]:
+  """(the run's causal-LM format, its (bos, eos, pad) ids)."""
+  fmt = splits.causal_format_for(trained.config)
+  if fmt is None:
+    raise ExportError(f"the run's model.task is {trained.config.model.task!r}, not causal_lm")
+  try:
+    return fmt, fmt.special_ids(trained.tokenizer)
+  except ValueError as err:
+    raise ExportError(f"the run's special tokens: {err}") from None
+
+
+def generation_description(trained: Trained) -> dict[str, Any]:
+  """What ``dpjax_generation.json`` says: how the run wrote its sequences, to prompt it alike."""
+  c = trained.config
+  fmt, (bos, eos, pad) = _causal_format(trained)
+  out = {
+    "dpjax_version": dpjax.__version__,
+    "task": c.model.task,
+    "architecture": "GPT2LMHeadModel",
+    "template": fmt.template,
+    "label_words": list(fmt.label_words),
+    "bos_token_id": int(bos),
+    "eos_token_id": int(eos),
+    "pad_token_id": int(pad),
+    "max_length": int(c.data.max_length),
+    "sequence": (
+      "training sequences were [bos_token_id] + encode(prompt) + encode(completion) + "
+      "[eos_token_id], each encode(...) = tokenizer.encode(text, add_special_tokens=False).ids "
+      "with no padding or truncation; prompt = template with {prompt} replaced by the row's "
+      "prompt and {label} by label_words[label]; to generate, feed [bos_token_id] + "
+      "encode(prompt) and stop at eos_token_id"
+    ),
+  }
+  if fmt.uses_label and not fmt.uses_prompt:
+    plain = tokenizer_utils.unpadded_copy(trained.tokenizer)
+    out["label_prompt_ids"] = [
+      [int(bos), *plain.encode(fmt.prompt_text(None, label), add_special_tokens=False).ids]
+      for label in range(len(fmt.label_words))
+    ]
   return out
 
 
@@ -333,18 +451,36 @@ def _json(value: Any) -> bytes:
   return (json.dumps(value, indent=2) + "\n").encode()
 
 
-def release_files(trained: Trained, summary: dict[str, Any] | None) -> dict[str, bytes]:
-  """{file name: contents} of the release of ``trained`` (dp_summary.json only with a summary)."""
+def _classifier_files(trained: Trained) -> dict[str, bytes]:
   backbone, head, architecture = model_tensors(trained.model, trained.params)
   num_labels = (
     int(trained.config.data.num_labels) if trained.config.model.task == "classify" else None
   )
-  files = {
+  return {
     "model.safetensors": safetensors_bytes({**backbone, **head}, metadata={"format": "pt"}),
     "config.json": _json(hf_config(trained.model.backbone, architecture, num_labels)),
     "dpjax_head.json": _json(head_description(trained, head, architecture)),
-    "tokenizer.json": _tokenizer_json(trained),
   }
+
+
+def _causal_lm_files(trained: Trained) -> dict[str, bytes]:
+  tensors, _, _ = model_tensors(trained.model, trained.params)
+  _, special_ids = _causal_format(trained)
+  return {
+    "model.safetensors": safetensors_bytes(tensors, metadata={"format": "pt"}),
+    "config.json": _json(gpt2_hf_config(trained.model.config, *special_ids)),
+    GENERATION_FILE: _json(generation_description(trained)),
+  }
+
+
+def release_files(trained: Trained, summary: dict[str, Any] | None) -> dict[str, bytes]:
+  """{file name: contents} of the release of ``trained`` (dp_summary.json only with a summary):
+  :data:`FILES` for a classifier, :data:`CAUSAL_LM_FILES` for a causal LM."""
+  if isinstance(trained.model, gpt2.GPT2LMHeadModel):
+    files = _causal_lm_files(trained)
+  else:
+    files = _classifier_files(trained)
+  files["tokenizer.json"] = _tokenizer_json(trained)
   if summary is not None:
     files["dp_summary.json"] = _json(public_summary(summary))
   return files

@@ -107,7 +107,9 @@ def main(argv: list[str]) -> None:
     fail(str(err))
   if not parallel.is_main_process():
     sys.exit(EXIT_PREEMPTED if summary["preempted"] else 0)
-  accuracy = summary["eval"]["accuracy"]
+  result = summary["eval"]
+  # Classifiers report dev accuracy; causal LMs dev perplexity (and BLEU etc. when asked).
+  metric = "accuracy" if "accuracy" in result else "perplexity"
   eps = summary["epsilon"]
   eps_text = f"{eps:.3f}" if isinstance(eps, float) else str(eps)  # "inf" when sigma = 0
   guarantee = (
@@ -120,7 +122,8 @@ def main(argv: list[str]) -> None:
       {
         "epsilon": eps,
         "delta": summary["delta"],
-        "eval_accuracy": accuracy,
+        f"eval_{metric}": result[metric],
+        **{f"eval_{k}": result[k] for k in ("bleu", "rouge_l") if k in result},
         "steps": summary["steps"],
       }
     )
@@ -134,7 +137,7 @@ def main(argv: list[str]) -> None:
     sys.exit(EXIT_PREEMPTED)
   stopped = " (stopped by the epsilon budget)" if summary["stopped_by_budget"] else ""
   print(
-    f"done{stopped}: {guarantee} dev accuracy={accuracy:.4f}; "
+    f"done{stopped}: {guarantee} dev {metric}={result[metric]:.4f}; "
     f"summary, checkpoints and metrics in {summary['workdir']} "
     f"(plots: python -m dpjax.report --workdir {summary['workdir']})"
   )

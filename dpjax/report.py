@@ -1,4 +1,4 @@
-"""Plots of a run: eval accuracy and ε spent against the step (and, for the operator, loss).
+"""Plots of a run: eval accuracy (or perplexity) and ε spent against the step, and (operator) loss.
 
     python -m dpjax.report --workdir=DIR        # writes DIR/plots/{eval_accuracy,epsilon}.png
 
@@ -34,6 +34,7 @@ def write_plots(workdir: str | Path) -> list[Path]:
   out_dir = Path(workdir) / "plots"
   series = [
     ("eval_accuracy", public, "eval", "accuracy", "eval accuracy (held-out split)"),
+    ("eval_perplexity", public, "eval", "perplexity", "eval perplexity (causal LM, held-out)"),
     ("epsilon", public, "privacy", "epsilon", "ε spent (privacy ledger)"),
     (
       "private_loss",

@@ -37,7 +37,8 @@ class Trained:
 
   Attributes:
     config: the run's config (``workdir/config.json``).
-    model: the Flax task model (``SequenceClassifier`` or ``LabelWordClassifier``).
+    model: the Flax task model (``SequenceClassifier``, ``LabelWordClassifier`` or, for
+      ``model.task = causal_lm``, ``GPT2LMHeadModel``).
     params: the full parameter tree, frozen and trainable combined; LoRA adapters
       are still separate leaves (``lora_a``, ``lora_b``).
     step: the checkpoint's step.
@@ -48,6 +49,8 @@ class Trained:
     trainable: the trained parameters alone (what DP clipped and noised).
     frozen: the parameters training did not change (pretrained or seeded).
     initial: the full parameters before training (pretrained or seeded; public).
+    releases: one-off releases of the run besides its steps, as the checkpoint holds
+      them (e.g. ``{"label_histogram": {"counts": [...], ...}}``; in the ledger).
   """
 
   config: ml_collections.ConfigDict
@@ -60,6 +63,7 @@ class Trained:
   trainable: PyTree = dataclasses.field(repr=False, default=None)
   frozen: PyTree = dataclasses.field(repr=False, default=None)
   initial: PyTree = dataclasses.field(repr=False, default=None)
+  releases: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -128,6 +132,7 @@ def load_trained(workdir: str | Path) -> Trained:
     trainable=state.params,
     frozen=task.frozen,
     initial=lora.combine(task.trainable, task.frozen),
+    releases=meta.get("releases", {}),
   )
 
 
@@ -144,7 +149,11 @@ def spent_ledger(
   executed = journal_lib.PrivacyJournal(workdir, writer=False).executed_segments()
   delta = trained.mechanism.get("delta")
   if executed and delta is not None:
-    total = accounting.PrivacyLedger.from_dict({**trained.ledger, "segments": executed})
+    # The journal lists training steps; one-off releases (the label histogram) are added.
+    released = list(trained.mechanism.get("releases", [])) if trained.releases else []
+    total = accounting.PrivacyLedger.from_dict(
+      {**trained.ledger, "segments": released + list(executed)}
+    )
     if total.epsilon(delta) > ledger.epsilon(delta):
       return total, (
         f"checkpoint {trained.step} is older than the run's last executed step: epsilon "

@@ -1,7 +1,8 @@
 """The release of a run (python -m dpjax.export): Hugging Face files only, equal to the run.
 
-Two tiny runs are trained once for the module: full fine-tuning with a mean-pooled head, and
-LoRA with BERT's pooler (where merging the adapters matters).
+Three tiny runs are trained once for the module: two classifiers (full fine-tuning with a
+mean-pooled head, and LoRA with BERT's pooler, where merging the adapters matters) and a
+causal LM (GPT-2 with LoRA on attn/c_attn), each only when a test asks for it.
 """
 
 import json
@@ -15,24 +16,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dpjax import data as data_lib
 from dpjax import export as export_lib
-from dpjax.models import bert, heads, layers, pretrained
-from dpjax.train import loop
+from dpjax.data import causal
+from dpjax.models import bert, gpt2, heads, layers, pretrained
+from dpjax.train import loop, splits
 from dpjax.train.config import ConfigError
 from dpjax.trained import load_trained
-from experiments import sst2
+from experiments import sst2, synthetic_sst2
 from tests.shared_fixtures import shared_once
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ["a gorgeous , witty , seductive movie .", "dull", "it is n't a bad film at all"]
 RUNS = {"full": {}, "lora": {"model.train": "lora", "model.pooling": "pooler"}}
+CAUSAL = "causal_lora"  # the causal-LM run's name among the parametrized ones
 
 
-def _train(workdir: Path, token_cache: str, overrides: dict) -> Path:
-  c = sst2.get_config("tiny")
+def _train(workdir: Path, token_cache: str, overrides: dict, experiment=sst2) -> Path:
+  c = experiment.get_config("tiny")
   c.data.cache_dir = token_cache
   c.train.steps = 2
   for key, value in overrides.items():
@@ -54,6 +59,25 @@ def runs(tmp_path_factory):
   """{name: (workdir, release directory)} of the two tiny runs, each exported once per test run."""
   root = shared_once(tmp_path_factory, "export_runs", _train_and_export)
   return {name: (root / f"run_{name}", root / name / "release") for name in RUNS}
+
+
+def _train_and_export_causal(root: Path) -> None:
+  workdir = _train(root / "run", str(root / "token_cache"), {"model.train": "lora"}, synthetic_sst2)
+  export_lib.export(workdir, root / "release")
+
+
+@pytest.fixture(scope="module")
+def causal_run(tmp_path_factory):
+  """(workdir, release directory) of the tiny causal LM run (LoRA), exported once per test run."""
+  root = shared_once(tmp_path_factory, "export_causal_run", _train_and_export_causal)
+  return root / "run", root / "release"
+
+
+def _run(request, name: str) -> tuple[Path, Path]:
+  """(workdir, release) of the run ``name``; trains it (once) only when a test asks for it."""
+  if name == CAUSAL:
+    return request.getfixturevalue("causal_run")
+  return request.getfixturevalue("runs")[name]
 
 
 def _tensors(directory: Path) -> dict[str, np.ndarray]:
@@ -115,6 +139,93 @@ def test_release_loads_back_and_computes_what_the_run_trained(runs, name):
     assert float(jnp.max(jnp.abs(without - want))) > 1e-4
 
 
+def _causal_rows(trained, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+  """(ids, attention mask, prompts) of SENTENCES written as the run wrote its training rows
+  (``[bos] prompt sentence [eos]``, alternating labels), right-padded with the pad id."""
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text(
+    "".join(json.dumps({"sentence": t, "label": i % 2}) + "\n" for i, t in enumerate(SENTENCES))
+  )
+  fmt = splits.causal_format_for(trained.config)
+  encoded = causal.tokenize(data_lib.TextFileSource(rows), trained.tokenizer, 48, fmt)
+  offsets = encoded.offsets
+  sequences = [encoded.ids[offsets[i] : offsets[i + 1]].tolist() for i in range(len(SENTENCES))]
+  prompts = [seq[:n] for seq, n in zip(sequences, encoded.prompt_lengths)]
+  _, _, pad = fmt.special_ids(trained.tokenizer)
+  ids = np.full((len(sequences), max(map(len, sequences))), pad, np.int32)
+  mask = np.zeros_like(ids)
+  for i, seq in enumerate(sequences):
+    ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
+  return ids, mask, prompts
+
+
+def test_causal_release_is_a_tied_gpt2_lm_equal_to_the_run(causal_run, tmp_path):
+  workdir, release = causal_run
+  trained = load_trained(workdir)
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert trained.step == summary["steps"] == 2
+  assert loop.params_sha256(trained.params) == summary["params_sha256"]
+  model, params, tokenizer = pretrained.load(release)
+  assert isinstance(model, gpt2.GPT2LMHeadModel) and model.lora is None
+  assert model.config == trained.model.config
+  assert tokenizer.to_str() == trained.tokenizer.to_str()
+  ids, mask, prompts = _causal_rows(trained, tmp_path)
+  want = trained.model.apply({"params": trained.params}, ids, mask)
+  got = model.apply({"params": params}, ids, mask)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  # The adapters trained away from B = 0: leaving them out would change the model.
+  without = gpt2.GPT2LMHeadModel(trained.model.config).apply(
+    {"params": _drop_adapters(trained.params)}, ids, mask
+  )
+  assert float(jnp.max(jnp.abs(without - want))) > 1e-4
+  # config.json: a tied GPT2LMHeadModel without dropout, with the run's special tokens.
+  bos, eos, pad = splits.causal_format_for(trained.config).special_ids(trained.tokenizer)
+  config = json.loads((release / "config.json").read_text())
+  assert config["architectures"] == ["GPT2LMHeadModel"] and config["model_type"] == "gpt2"
+  assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (bos, eos, pad)
+  assert config["tie_word_embeddings"] is True
+  assert config["resid_pdrop"] == config["embd_pdrop"] == config["attn_pdrop"] == 0.0
+  assert "lm_head.weight" not in _tensors(release)  # tied, as save_pretrained writes it
+  # dpjax_generation.json: the run's format; each label's prompt as training wrote it.
+  generation = json.loads((release / export_lib.GENERATION_FILE).read_text())
+  assert generation["task"] == "causal_lm" and generation["architecture"] == "GPT2LMHeadModel"
+  assert generation["template"] == trained.config.data.template == "sentiment: {label} :"
+  assert generation["label_words"] == ["negative", "positive"]
+  assert (
+    generation["bos_token_id"],
+    generation["eos_token_id"],
+    generation["pad_token_id"],
+  ) == (bos, eos, pad)
+  assert [generation["label_prompt_ids"][i % 2] for i in range(len(SENTENCES))] == prompts
+
+
+def test_causal_release_merges_lora_into_the_conv1d_kernels(causal_run):
+  workdir, release = causal_run
+  trained = load_trained(workdir)
+  tensors = _tensors(release)
+  adapters = trained.model.lora
+  assert adapters.targets == ("attn/c_attn",)
+  flat = traverse_util.flatten_dict(trained.params)
+  names = {}
+  for path in flat:
+    if path[-1] not in ("lora_a", "lora_b"):
+      names["transformer." + pretrained._hf_name(path)[0]] = path  # pylint: disable=protected-access
+  assert set(tensors) == set(names)  # Every parameter, no adapter, no lm_head.weight.
+  merged = 0
+  for name, path in names.items():
+    value = np.asarray(flat[path], np.float64)
+    if path[-2] == "c_attn" and path[-1] == "kernel":
+      a, b = (np.asarray(flat[path[:-1] + (leaf,)], np.float64) for leaf in ("lora_a", "lora_b"))
+      want = value + adapters.alpha / adapters.rank * (a @ b)  # [in, out] like Conv1D
+      assert tensors[name].shape == value.shape == (32, 96)
+      np.testing.assert_allclose(tensors[name], want, atol=1e-6, rtol=0)
+      assert np.max(np.abs(tensors[name] - value)) > 1e-5
+      merged += 1
+    else:
+      np.testing.assert_array_equal(tensors[name], value.astype(np.float32))
+  assert merged == trained.model.config.n_layer == 2
+
+
 def _drop_adapters(tree):
   if isinstance(tree, dict):
     return {k: _drop_adapters(v) for k, v in tree.items() if k not in ("lora_a", "lora_b")}
@@ -134,16 +245,18 @@ def _meta(workdir: Path, step: int) -> dict:
   raise AssertionError(f"no meta JSON among {files}")
 
 
-@pytest.mark.parametrize("name", sorted(RUNS))
-def test_release_holds_only_public_files_and_no_secret(runs, name):
-  workdir, release = runs[name]
-  assert sorted(p.name for p in release.iterdir()) == sorted(export_lib.FILES)
+@pytest.mark.parametrize("name", [*sorted(RUNS), CAUSAL])
+def test_release_holds_only_public_files_and_no_secret(request, name):
+  workdir, release = _run(request, name)
+  files = export_lib.CAUSAL_LM_FILES if name == CAUSAL else export_lib.FILES
+  assert sorted(p.name for p in release.iterdir()) == sorted(files)
   summary = json.loads((workdir / "summary.json").read_text())
   public = json.loads((release / "dp_summary.json").read_text())
   assert set(public) <= set(export_lib.PUBLIC_SUMMARY_FIELDS)
   assert public == {k: v for k, v in summary.items() if k in export_lib.PUBLIC_SUMMARY_FIELDS}
   assert "workdir" not in public and "examples_seen" not in public
-  assert public["epsilon"] == summary["epsilon"] and public["steps"] == 2
+  assert "params_global_norm" not in public and "ledger" not in public
+  assert public["epsilon"] == summary["epsilon"] and public["steps"] == summary["steps"] == 2
   assert "seed" not in json.loads((release / "config.json").read_text())
   contents = {p.name: p.read_bytes() for p in release.iterdir()}
   assert not any(str(workdir).encode() in data for data in contents.values())

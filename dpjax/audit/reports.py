@@ -124,6 +124,20 @@ def _train_shadows(
   return trained
 
 
+def _classifier(trained: Trained, workdir: Path, report: str) -> Trained:
+  """``trained``, if it is a classifier (the report scores labels).
+
+  Raises:
+    ConfigError: the run is a causal language model.
+  """
+  if trained.config.model.task == "causal_lm":
+    raise ConfigError(
+      f"--reports={report} scores a classifier; {workdir} is model.task=causal_lm "
+      "(its white-box audit applies: --reports=whitebox)"
+    )
+  return trained
+
+
 def membership(
   workdir: str | Path,
   *,
@@ -144,7 +158,7 @@ def membership(
   (never on a target).
   """
   workdir = Path(workdir)
-  trained = load_trained(workdir)
+  trained = _classifier(load_trained(workdir), workdir, "membership")
   c = trained.config
   rng = np.random.default_rng(seed)
   cache = _cache_dir(workdir, trained)
@@ -263,7 +277,7 @@ def groups(
   if not valid_group_by(group_by):
     raise ConfigError(f"--group_by must be one of {GROUP_BY} (got {group_by!r})")
   workdir = Path(workdir)
-  trained = load_trained(workdir)
+  trained = _classifier(load_trained(workdir), workdir, "groups")
   c = trained.config
   evals = splits.load_split(
     c.data.eval,

@@ -18,11 +18,13 @@ class Example:
     text: the raw text, as stored in the source.
     label: the integer class label, or None for unlabeled data.
     user_id: the id of the user who contributed the example (for user-level privacy), or None.
+    prompt: for causal-LM data, the text the completion ``text`` is conditioned on, or None.
   """
 
   text: str
   label: int | None = None
   user_id: str | None = None
+  prompt: str | None = None
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ from absl import logging
 from dpjax.data.tokenization import TokenArrays
 
 FORMAT_VERSION = 1
-_OPTIONAL = ("labels", "user_ids", "mask_positions")
+_OPTIONAL = ("labels", "user_ids", "mask_positions", "prompt_lengths")
 
 
 def cache_key(

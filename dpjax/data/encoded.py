@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from tokenizers import Tokenizer
 
-from dpjax.data import cache, tokenization, tokenizer_utils
+from dpjax.data import cache, causal, tokenization, tokenizer_utils
 from dpjax.data.base import Source
 from dpjax.data.templates import PromptTemplate
 from dpjax.data.tokenization import TokenArrays
@@ -62,6 +62,7 @@ class EncodedDataset:
     user_ids: str [n], or None.
     mask_positions: int32 [n], the index of the mask token (templates only), else None.
     label_word_ids: the token id of each class's label word (templates only), else None.
+    prompt_lengths: int32 [n], the leading tokens that carry no loss (causal-LM data), else None.
   """
 
   def __init__(
@@ -89,11 +90,19 @@ class EncodedDataset:
     self.labels = arrays.labels
     self.user_ids = arrays.user_ids
     self.mask_positions = arrays.mask_positions
+    self.prompt_lengths = arrays.prompt_lengths
 
   @property
   def arrays(self) -> TokenArrays:
     """The stored arrays (what the cache saves)."""
-    return TokenArrays(self._ids, self._offsets, self.labels, self.user_ids, self.mask_positions)
+    return TokenArrays(
+      self._ids,
+      self._offsets,
+      self.labels,
+      self.user_ids,
+      self.mask_positions,
+      self.prompt_lengths,
+    )
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -129,7 +138,8 @@ class EncodedDataset:
     Returns:
       ``input_ids``, ``attention_mask`` (1 on real tokens) and ``token_type_ids`` (zeros), all
       int32 [n, L]; ``label`` int32 [n] if the examples have labels; ``mask_position`` int32 [n]
-      if they were encoded with a template.
+      if they were encoded with a template; ``loss_mask`` int32 [n, L] (1 on the tokens to
+      predict: from ``prompt_lengths`` to the end of the example) for causal-LM data.
     """
     idx = np.asarray(indices)
     if idx.size == 0:
@@ -164,6 +174,9 @@ class EncodedDataset:
       out["label"] = self.labels[idx].astype(np.int32)
     if self.mask_positions is not None:
       out["mask_position"] = self.mask_positions[idx].astype(np.int32)
+    if self.prompt_lengths is not None:
+      targets = np.arange(length)[None, :] >= self.prompt_lengths[idx][:, None]
+      out["loss_mask"] = (targets & (attention > 0)).astype(np.int32)
     return out
 
   def __repr__(self) -> str:
@@ -180,6 +193,7 @@ def encode(
   buckets: Sequence[int] | None = None,
   template: PromptTemplate | None = None,
   cache_dir: str | os.PathLike[str] | None = None,
+  causal_format: causal.CausalFormat | None = None,
 ) -> EncodedDataset:
   """Tokenizes every example of ``source`` into an ``EncodedDataset``.
 
@@ -196,6 +210,8 @@ def encode(
       ``mask_position`` and the dataset ``label_word_ids``.
     cache_dir: if given, the token ids are stored there and reused by later calls with the same
       source content, tokenizer, ``max_length`` and template.
+    causal_format: encode for causal-LM training instead (``[bos] prompt completion [eos]``,
+      see :mod:`dpjax.data.causal`); batches then carry ``loss_mask``. Not with ``template``.
 
   Returns:
     The encoded dataset.
@@ -206,21 +222,29 @@ def encode(
     DataError: an example cannot be encoded (see ``tokenization.tokenize``).
   """
   buckets = resolve_buckets(buckets, max_length)
-  pad = tokenizer_utils.pad_id(tokenizer)
+  if causal_format is not None and template is not None:
+    raise ValueError("a causal-LM format and a cloze template cannot be combined")
+  if causal_format is not None:
+    pad = causal_format.special_ids(tokenizer)[2]
+    spec = causal_format.spec()
+  else:
+    pad = tokenizer_utils.pad_id(tokenizer)
+    spec = None if template is None else template.spec()
   label_word_ids = template.label_word_ids(tokenizer) if template is not None else None
 
   arrays, path = None, None
   if cache_dir is not None:
     tokenizer_json = tokenizer_utils.unpadded_copy(tokenizer).to_str()
-    key = cache.cache_key(
-      source.fingerprint, tokenizer_json, max_length, None if template is None else template.spec()
-    )
+    key = cache.cache_key(source.fingerprint, tokenizer_json, max_length, spec)
     path = cache.cache_path(cache_dir, source.name, key)
     arrays = cache.load(path, key)
     if arrays is not None:
       logging.info("%s: token ids loaded from %s", source.name, path)
   if arrays is None:
-    arrays = tokenization.tokenize(source, tokenizer, max_length, template)
+    if causal_format is not None:
+      arrays = causal.tokenize(source, tokenizer, max_length, causal_format)
+    else:
+      arrays = tokenization.tokenize(source, tokenizer, max_length, template)
     if path is not None:
       cache.save(path, key, arrays)
       logging.info("%s: token ids saved to %s", source.name, path)
@@ -262,6 +286,7 @@ def concatenate(first: EncodedDataset, second: EncodedDataset) -> EncodedDataset
     join(a.labels, b.labels, "labels"),
     join(a.user_ids, b.user_ids, "user ids"),
     join(a.mask_positions, b.mask_positions, "mask positions"),
+    join(a.prompt_lengths, b.prompt_lengths, "prompt lengths"),
   )
   return EncodedDataset(
     arrays,

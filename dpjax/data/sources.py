@@ -98,6 +98,7 @@ class TextFileSource:
     skip_bad_rows: bool = False,
     *,
     name: str | None = None,
+    prompt_field: str | None = None,
   ):
     """Reads and checks the whole file.
 
@@ -111,6 +112,8 @@ class TextFileSource:
       num_labels: if given, labels must lie in ``[0, num_labels)``.
       skip_bad_rows: drop bad rows (with a logged warning) instead of raising.
       name: the source's name; the file name by default.
+      prompt_field: the column or field holding a causal-LM prompt (the text ``text_field``
+        continues); None if there is none.
 
     Raises:
       DataError: the file is missing, unreadable, or has a bad row (see the class docstring).
@@ -122,10 +125,13 @@ class TextFileSource:
     ):
       raise ValueError(f"num_labels must be an integer >= 1 or None (got {num_labels!r})")
     self.text_field, self.label_field, self.user_field = text_field, label_field, user_field
+    self.prompt_field = prompt_field
     self.num_labels = num_labels
     self.skip_bad_rows = skip_bad_rows
     self._name = name or self.path.name
-    self._required = [f for f in (text_field, label_field, user_field) if f is not None]
+    self._required = [
+      f for f in (text_field, label_field, user_field, prompt_field) if f is not None
+    ]
 
     try:
       data = self.path.read_bytes()
@@ -138,6 +144,8 @@ class TextFileSource:
     self._texts: list[str] = []
     self._labels: list[int | None] = []
     self._users: list[str | None] = []
+    self._prompts: list[str | None] = []
+    self._lines: list[int] = []
     self.skipped_rows = 0
     self.skipped_examples: list[tuple[int, str]] = []
     self._read(data)
@@ -173,6 +181,7 @@ class TextFileSource:
         if row.error is not None:
           raise _BadValue(row.error)
         self._add(row.fields, kind)
+        self._lines.append(row.line)
       except _BadValue as exc:
         if not self.skip_bad_rows:
           raise self._fail(row.line, str(exc)) from None
@@ -206,9 +215,13 @@ class TextFileSource:
     user = None
     if self.user_field is not None:
       user = _parse_user(fields[self.user_field], f"{kind} {self.user_field!r}")
+    prompt = None
+    if self.prompt_field is not None:
+      prompt = _parse_text(fields[self.prompt_field], f"{kind} {self.prompt_field!r}")
     self._texts.append(text)
     self._labels.append(label)
     self._users.append(user)
+    self._prompts.append(prompt)
 
   @property
   def name(self) -> str:
@@ -227,6 +240,8 @@ class TextFileSource:
       "num_labels": self.num_labels,
       "skip_bad_rows": self.skip_bad_rows,
     }
+    if self.prompt_field is not None:
+      spec["prompt_field"] = self.prompt_field
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
   def __len__(self) -> int:
@@ -236,7 +251,11 @@ class TextFileSource:
     i = operator.index(index)
     if not -len(self) <= i < len(self):
       raise IndexError(f"index {i} out of range for {len(self)} examples")
-    return Example(self._texts[i], self._labels[i], self._users[i])
+    return Example(self._texts[i], self._labels[i], self._users[i], self._prompts[i])
+
+  def line_of(self, index: int) -> int:
+    """The file line (1-based, as an editor shows it) of example ``index``."""
+    return self._lines[operator.index(index)]
 
   def __repr__(self) -> str:
     return (

@@ -31,6 +31,8 @@ class TokenArrays(NamedTuple):
     labels: int32 [n], or None if the examples have no labels.
     user_ids: str [n], or None if the examples have no user ids.
     mask_positions: int32 [n], the mask token's index in each example (templates only).
+    prompt_lengths: int32 [n], the leading tokens of each example that carry no loss
+      (causal-LM data only, see :mod:`dpjax.data.causal`).
   """
 
   ids: np.ndarray
@@ -38,6 +40,7 @@ class TokenArrays(NamedTuple):
   labels: np.ndarray | None = None
   user_ids: np.ndarray | None = None
   mask_positions: np.ndarray | None = None
+  prompt_lengths: np.ndarray | None = None
 
 
 def _truncate(encoding: Encoding, span: tuple[int, int], max_length: int) -> list[int]:

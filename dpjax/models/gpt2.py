@@ -2,12 +2,17 @@
 
 Parameter names follow the Hugging Face checkpoints (``h_0/attn/c_attn/kernel``
 <-> ``h.0.attn.c_attn.weight``; GPT-2 stores these matrices [d_in, d_out] already).
+
+For autoregressive decoding the model also runs on a key/value cache
+(:func:`init_cache`): a plain pytree passed to and returned by ``__call__``, so
+a decode loop can carry it through ``jax.lax.while_loop``. Without a cache the
+call is exactly the full-sequence forward pass used for training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypedDict
 
 import flax.linen as nn
 import jax
@@ -50,19 +55,70 @@ class GPT2Config:
     )
 
 
+class LayerCache(TypedDict):
+  """Keys and values of one layer for every cache slot, [B, T_max, n_head, head_dim]."""
+
+  key: jax.Array
+  value: jax.Array
+
+
+class KVCache(TypedDict):
+  """The decoding state of :class:`GPT2LMHeadModel`: a pytree of arrays.
+
+  ``layers[i]`` holds layer ``h_i``'s keys and values; ``index`` (int32 scalar)
+  is the slot the next call writes its first token to (the same for every row:
+  batches are left-padded, so all rows advance together).
+  """
+
+  layers: tuple[LayerCache, ...]
+  index: jax.Array
+
+
+def init_cache(
+  config: GPT2Config, batch: int, max_length: int, dtype: jnp.dtype = jnp.float32
+) -> KVCache:
+  """An empty cache with ``max_length`` key/value slots per row, write index 0.
+
+  ``dtype`` should be the dtype of the model's activations (float32 unless the
+  params were cast). Unwritten slots are zeros; they are never attended to
+  because a query only sees slots up to its own.
+  """
+  shape = (batch, max_length, config.n_head, config.n_embd // config.n_head)
+  return KVCache(
+    layers=tuple(
+      LayerCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype))
+      for _ in range(config.n_layer)
+    ),
+    index=jnp.zeros((), jnp.int32),
+  )
+
+
 class GPT2Attention(nn.Module):
   config: GPT2Config
   lora: layers.LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x, bias, deterministic):
+  def __call__(self, x, bias, deterministic, cache: LayerCache | None = None, index=None):
+    """Self-attention; with ``cache``, returns ``(out, new_cache)``.
+
+    With a cache, the new keys/values of ``x`` ([B, S, ...]) are written at
+    slots ``index .. index+S-1`` and the queries attend over all cache slots
+    (``bias`` is then [B, 1, S, T_max]).
+    """
     c = self.config
     qkv = layers.Dense(3 * c.n_embd, lora=self.lora, name="c_attn")(x)
     split = lambda t: t.reshape(t.shape[:-1] + (c.n_head, c.n_embd // c.n_head))
     q, k, v = (split(t) for t in jnp.split(qkv, 3, axis=-1))
+    if cache is not None:
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
+      v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
+      cache = LayerCache(key=k, value=v)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
     out = layers.dot_product_attention(q, k, v, bias, nn.Dropout(c.dropout), deterministic)
     out = layers.Dense(c.n_embd, lora=self.lora, name="c_proj")(out.reshape(x.shape))
-    return nn.Dropout(c.dropout)(out, deterministic=deterministic)
+    out = nn.Dropout(c.dropout)(out, deterministic=deterministic)
+    return out if cache is None else (out, cache)
 
 
 class GPT2MLP(nn.Module):
@@ -84,14 +140,18 @@ class GPT2Block(nn.Module):
   lora: layers.LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x, bias, deterministic):
+  def __call__(self, x, bias, deterministic, cache: LayerCache | None = None, index=None):
     eps = self.config.layer_norm_epsilon
-    x = x + GPT2Attention(self.config, self.lora, name="attn")(
-      layers.LayerNorm(eps, name="ln_1")(x), bias, deterministic
+    attn = GPT2Attention(self.config, self.lora, name="attn")(
+      layers.LayerNorm(eps, name="ln_1")(x), bias, deterministic, cache, index
     )
-    return x + GPT2MLP(self.config, self.lora, name="mlp")(
+    if cache is not None:
+      attn, cache = attn
+    x = x + attn
+    x = x + GPT2MLP(self.config, self.lora, name="mlp")(
       layers.LayerNorm(eps, name="ln_2")(x), deterministic
     )
+    return x if cache is None else (x, cache)
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -100,6 +160,14 @@ class GPT2LMHeadModel(nn.Module):
   The output layer is tied to the token embedding ``wte``. Positions default to
   0..T-1 (right padding); pass ``position_ids`` for left-padded batches.
   ``return_hidden=True`` returns the final-LayerNorm hidden states instead.
+
+  With ``cache`` (from :func:`init_cache`, T_max slots) the call processes
+  ``input_ids`` [B, S] as the tokens at cache slots ``index .. index+S-1``
+  and returns ``(logits, new_cache)`` (the index advanced by S). Then
+  ``attention_mask`` is [B, T_max] over all cache slots, and a query at slot
+  ``t`` attends to the slots ``s <= t`` whose mask is 1; ``position_ids``
+  default to the slot numbers. The layers and parameters are the same as
+  without a cache (LoRA included).
   """
 
   config: GPT2Config
@@ -113,23 +181,37 @@ class GPT2LMHeadModel(nn.Module):
     position_ids=None,
     deterministic: bool = True,
     return_hidden: bool = False,
+    cache: KVCache | None = None,
   ):
     c = self.config
+    length = input_ids.shape[-1]
+    # Slot of each query (and key) position: 0..T-1, or after the cached ones.
+    start = 0 if cache is None else cache["index"]
     if position_ids is None:
-      position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+      position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
     wte = layers.Embed(c.vocab_size, c.n_embd, name="wte")
     x = wte(input_ids) + layers.Embed(c.n_positions, c.n_embd, name="wpe")(position_ids)
     x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
-    length = input_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
+    if cache is None:
+      causal = jnp.tril(jnp.ones((length, length), bool))
+    else:
+      key_slots = cache["layers"][0]["key"].shape[1]
+      causal = jnp.arange(key_slots)[None, :] <= start + jnp.arange(length)[:, None]
     keep = causal[None, None] & (attention_mask[:, None, None, :] > 0)
     bias = jnp.where(keep, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)
+    new_layers = []
     for i in range(c.n_layer):
-      x = GPT2Block(c, self.lora, name=f"h_{i}")(x, bias, deterministic)
+      block = GPT2Block(c, self.lora, name=f"h_{i}")
+      if cache is None:
+        x = block(x, bias, deterministic)
+      else:
+        x, layer_cache = block(x, bias, deterministic, cache["layers"][i], start)
+        new_layers.append(layer_cache)
     x = layers.LayerNorm(c.layer_norm_epsilon, name="ln_f")(x)
-    if return_hidden:
-      return x
-    return wte.attend(x)
+    out = x if return_hidden else wte.attend(x)
+    if cache is None:
+      return out
+    return out, KVCache(layers=tuple(new_layers), index=start + length)
 
 
 def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:

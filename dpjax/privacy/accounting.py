@@ -312,10 +312,17 @@ def compute_epsilon(
   dataset_size: int | None = None,
   max_batch_size: int | None = None,
   pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+  prior: tuple[Segment, ...] = (),
 ) -> float:
-  """ε(δ) of ``steps`` steps of the Poisson-subsampled Gaussian with rate q and noise σ."""
+  """ε(δ) of ``steps`` steps of the Poisson-subsampled Gaussian with rate q and noise σ.
+
+  ``prior`` segments (e.g. a one-off Gaussian release of a label histogram) are
+  composed first, as the run's ledger records them.
+  """
   segment = Segment(sampling_prob, noise_multiplier, steps, dataset_size, max_batch_size)
   ledger = PrivacyLedger(accountant=accountant, pld_discretization=pld_discretization)
+  for earlier in prior:
+    ledger = ledger.record(earlier)
   return ledger.record(segment).epsilon(delta)
 
 
@@ -330,8 +337,12 @@ def calibrate_noise(
   max_batch_size: int | None = None,
   rel_tolerance: float = 0.01,
   pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+  prior: tuple[Segment, ...] = (),
 ) -> float:
   """The smallest noise multiplier σ whose ε(δ) is at most ``target_epsilon``.
+
+  With ``prior`` segments (releases the run makes besides its steps), ε(σ) is
+  that of the prior segments composed with the steps: the target covers both.
 
   Returns σ with target·(1 - rel_tolerance) <= ε(σ) <= target, where ε(σ) is
   what :class:`PrivacyLedger` with the same accountant and discretization will
@@ -367,6 +378,7 @@ def calibrate_noise(
       dataset_size=dataset_size,
       max_batch_size=max_batch_size,
       pld_discretization=discretization,
+      prior=prior,
     )
 
   fine = pld_discretization

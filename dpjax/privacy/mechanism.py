@@ -120,6 +120,9 @@ class Mechanism:
       until :meth:`keyed` supplies it (the plan is calibrated before the
       secret is known: it comes from the checkpoint when a run resumes).
     attempt: the attempt number (a re-keyed resume uses fresh keys; see the journal).
+    releases: one-off releases the run makes besides its steps (e.g. a DP label
+      histogram, :mod:`dpjax.privacy.histogram`), recorded in the ledger before
+      the first step; a calibrated σ leaves room for them in the target ε.
   """
 
   spec: MechanismSpec
@@ -131,6 +134,7 @@ class Mechanism:
   epsilon_budget: float | None
   secret: RunSecret | None = dataclasses.field(default=None, repr=False, compare=False)
   attempt: int = 0
+  releases: tuple[accounting.Segment, ...] = ()
 
   @property
   def private(self) -> bool:
@@ -260,8 +264,11 @@ class Mechanism:
     return ledger.epsilon_replace_one(self.delta)
 
   def planned_epsilon(self) -> float:
-    """ε(δ) of the planned steps from an empty ledger."""
-    return self.epsilon(self.record(self.empty_ledger(), self.steps))
+    """ε(δ) of the releases and the planned steps, from an empty ledger."""
+    ledger = self.empty_ledger()
+    for release in self.releases:
+      ledger = ledger.record(release)
+    return self.epsilon(self.record(ledger, self.steps))
 
   def steps_within_budget(self, ledger: accounting.PrivacyLedger, wanted: int) -> int:
     """The largest k <= wanted with ε(ledger + k steps) <= the budget (wanted if no budget)."""
@@ -319,6 +326,7 @@ class Mechanism:
         "snap_grid_over_sigma_times_sensitivity": 2.0**-noise.SNAP_BITS if stddev else 0,
         "tail_probability": noise.tail_probability(stddev, self.steps) if stddev else None,
       },
+      **({"releases": [dataclasses.asdict(r) for r in self.releases]} if self.releases else {}),
     }
 
 
@@ -328,10 +336,12 @@ def make_mechanism(
   dataset_size: int,
   expected_batch_size: float,
   steps: int,
+  releases: tuple[accounting.Segment, ...] = (),
 ) -> Mechanism:
   """Calibrates the mechanism of a run: δ, σ and the budget, from ``spec`` and N, B, steps.
 
-  The result has no secret yet; :meth:`Mechanism.keyed` adds it.
+  The result has no secret yet; :meth:`Mechanism.keyed` adds it. ``releases``
+  (one-off mechanisms besides the steps) count against a target ε.
 
   Raises:
     ValueError: a value outside its range (the message names it), a target no σ
@@ -344,6 +354,7 @@ def make_mechanism(
   _validation.require_int_in("steps", steps, 1)
   if not spec.private:
     return Mechanism(spec, n, b, steps, accounting.default_delta(n), 0.0, None)
+  releases = tuple(releases)
   delta = accounting.default_delta(n) if spec.delta is None else spec.delta
   _validation.require_delta(delta, n)
   if spec.noise_multiplier is not None:
@@ -360,6 +371,7 @@ def make_mechanism(
       spec.accountant,
       dataset_size=n,
       max_batch_size=spec.max_batch_size,
+      prior=releases,
     )
     budget = spec.target_epsilon if spec.epsilon_budget is None else spec.epsilon_budget
   if budget is not None:
@@ -372,7 +384,7 @@ def make_mechanism(
       f"{MAX_TAIL_FRACTION_OF_DELTA:g}·delta = {MAX_TAIL_FRACTION_OF_DELTA * delta:.2g}); "
       "use σ >= 0.3"
     )
-  return Mechanism(spec, n, b, steps, delta, sigma, budget)
+  return Mechanism(spec, n, b, steps, delta, sigma, budget, releases=releases)
 
 
 def privatizer_template(spec: MechanismSpec) -> optax.GradientTransformationExtraArgs:

@@ -24,7 +24,7 @@ from dpjax.privacy import accounting, mechanism, per_example
 CLIPS = ("flat", "per_layer", "automatic")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("linear", "constant")
-TASKS = ("classify", "label_words")
+TASKS = ("classify", "label_words", "causal_lm")
 TRAINS = ("all", "lora", "head")
 RESUME = ("same_config", "allow_changes")
 
@@ -58,7 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "minilm"  # "minilm", a checkpoint directory, or "tiny" (random init)
-  c.model.task = "classify"  # classify | label_words
+  # classify | label_words (cloze, Li et al. 2022) | causal_lm (GPT-2: learn to write
+  # data.text_field, conditioned on data.template; see dpjax.data.causal)
+  c.model.task = "classify"
   c.model.pooling = "mean"  # cls | mean | pooler (classify only)
   c.model.train = "all"  # all | lora | head | a regex over "a/b/kernel" paths
   c.model.lora_rank = 8
@@ -67,14 +69,19 @@ def default_config() -> ml_collections.ConfigDict:
   # (BERT: attention/self/(query|value)); e.g. ("layer_[345]/.*(query|value|dense)",).
   c.model.lora_targets = ()
   c.model.dropout = 0.0  # >0: hidden and attention dropout, a key per example
-  c.model.tiny_hidden = 32  # architecture of name="tiny" (uses the MiniLM tokenizer)
+  # Architecture of name="tiny" (random init, MiniLM's tokenizer): a BERT encoder, or for
+  # causal_lm a GPT-2 decoder with 256 positions.
+  c.model.tiny_hidden = 32
   c.model.tiny_layers = 2
 
   c.data = ml_collections.ConfigDict()
   c.data.train = "sst2:train"  # sst2:train, or a .tsv/.csv/.jsonl file
   c.data.eval = "sst2:validation"
-  c.data.text_field = "sentence"
-  c.data.label_field = "label"
+  c.data.text_field = "sentence"  # the text to classify; for causal_lm the completion
+  c.data.label_field = "label"  # "": unlabeled (causal_lm without {label} only)
+  # causal_lm: the field holding each row's prompt ("" = none); the loss is on the
+  # completion only.
+  c.data.prompt_field = ""
   c.data.num_labels = 2
   c.data.max_length = 64
   c.data.buckets = (32, 64)
@@ -83,8 +90,20 @@ def default_config() -> ml_collections.ConfigDict:
   # most that row)
   c.data.train_fraction = 1.0
   c.data.eval_limit = config_dict.placeholder(int)  # None: the whole eval split
-  c.data.template = ""  # label_words: e.g. "{text} It was [MASK] ."
-  c.data.label_words = ("terrible", "great")
+  # label_words: the cloze, e.g. "{text} It was [MASK] ."; causal_lm: the prompt, with
+  # {prompt} (the prompt field) and/or {label} (the label's word: a control code for
+  # label-conditioned generation), e.g. "sentiment: {label} ."; "": "{prompt}" when
+  # data.prompt_field is set, else no prompt (plain text).
+  c.data.template = ""
+  c.data.label_words = ("terrible", "great")  # one word per label, for [MASK] or {label}
+  # causal_lm: a sequence over max_length: "truncate" its completion (counted in the log)
+  # or "refuse" the row.
+  c.data.too_long = "truncate"
+  # causal_lm special tokens (token strings), or "auto": <|endoftext|> (GPT-2), <s> </s> or
+  # [CLS] [SEP], whichever the tokenizer has; pad: its own padding token, else eos.
+  c.data.bos_token = "auto"
+  c.data.eos_token = "auto"
+  c.data.pad_token = "auto"
   c.data.skip_bad_rows = False
   c.data.cache_dir = config_dict.placeholder(str)  # token cache; None: <workdir>/token_cache
 
@@ -107,6 +126,11 @@ def default_config() -> ml_collections.ConfigDict:
   # An integer makes noise and sampling a public function of it: reproducible, and NO
   # privacy guarantee (for tests and debugging; the summary says so). None: secret.
   c.dp.insecure_fixed_noise_seed = config_dict.placeholder(int)
+  # σ of a DP histogram of the training labels released with the run (Gaussian, sensitivity
+  # 1, its own ledger segment inside the target ε), e.g. for synthetic data in the private
+  # label proportions (python -m dpjax.synthesize). 0: no histogram. Without DP the
+  # exact counts are kept instead.
+  c.dp.label_histogram_noise = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256  # expected (Poisson) batch size B
@@ -127,6 +151,22 @@ def default_config() -> ml_collections.ConfigDict:
   # sizes, clipped fraction, timings) to private_metrics.jsonl and the progress lines.
   # They are NOT covered by (ε, δ): operator-only, never for publication.
   c.train.private_metrics = False
+
+  # Decoding of a causal_lm run (python -m dpjax.generate and dpjax.synthesize, and the
+  # generation eval below); the meaning of each key is dpjax.generate.GenerationConfig's.
+  c.generate = ml_collections.ConfigDict()
+  c.generate.strategy = "greedy"  # greedy | sample | beam
+  c.generate.max_new_tokens = 64
+  c.generate.num_beams = 1  # > 1 only with beam
+  c.generate.length_penalty = 1.0  # beam: a finished beam scores logp / length^this
+  c.generate.temperature = 1.0  # sample only
+  c.generate.top_k = 0  # sample: keep the k most likely tokens; 0 = all
+  c.generate.top_p = 1.0  # sample: nucleus mass; 1.0 = all
+  c.generate.batch_size = 32  # prompts decoded together
+  # >0: after training, generate for up to this many distinct eval prompts and score
+  # BLEU / chrF++ / ROUGE-L against every eval completion of the same prompt (the eval
+  # file is public; table-to-text). 0: off.
+  c.generate.eval_prompts = 0
 
   # Canaries for the one-run audit (python -m dpjax.audit --reports=canaries).
   c.audit = ml_collections.ConfigDict()
@@ -251,6 +291,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         tuple(c.data.label_words),
         f"one word per label (data.num_labels={c.data.num_labels})",
       )
+  if c.model.task == "causal_lm":
+    _validate_causal(c)
   if not isinstance(c.dp.enabled, bool):
     raise _fail("dp.enabled", c.dp.enabled, "True or False")
   if c.dp.enabled:
@@ -274,6 +316,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   fixed = c.dp.insecure_fixed_noise_seed
   if fixed is not None and (not isinstance(fixed, int) or isinstance(fixed, bool) or fixed < 0):
     raise _fail("dp.insecure_fixed_noise_seed", fixed, "None or an integer >= 0")
+  value = c.dp.label_histogram_noise
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, float))
+    or not (value == 0 or value >= 0.3)
+  ):
+    raise _fail("dp.label_histogram_noise", value, "0 (no histogram) or a number >= 0.3")
+  if value:
+    if not c.data.label_field:
+      raise _fail("data.label_field", "", "a field name when dp.label_histogram_noise is set")
   if not isinstance(c.train.private_metrics, bool):
     raise _fail("train.private_metrics", c.train.private_metrics, "True or False")
   _positive(c, "train.batch_size")
@@ -291,6 +343,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive(c, f"train.{key}", allow_zero=True, integer=True)
   for key in ("eval_batch_size", "log_every_steps", "keep_checkpoints"):
     _positive(c, f"train.{key}", integer=True)
+  _validate_generate(c)
   _positive(c, "audit.canaries", allow_zero=True, integer=True)
   if 0 < c.audit.canaries < 10:
     raise _fail(
@@ -306,6 +359,84 @@ def validate(c: ml_collections.ConfigDict) -> None:
     parallel.parse_rules(tuple(c.parallel.rules))
   except parallel.ParallelError as err:
     raise config_error(err) from None
+
+
+def causal_template(c: ml_collections.ConfigDict) -> str:
+  """The causal-LM prompt template: ``data.template``, or ``"{prompt}"`` / ``""`` by default."""
+  if c.data.template:
+    return c.data.template
+  return "{prompt}" if c.data.prompt_field else ""
+
+
+def generation_config(c: ml_collections.ConfigDict, **overrides):
+  """The :class:`dpjax.generate.GenerationConfig` of ``config.generate`` (ids added by callers).
+
+  Raises:
+    ConfigError: naming the ``generate.*`` key out of range.
+  """
+  from dpjax import generate  # pylint: disable=import-outside-toplevel
+
+  fields = {
+    key: c.generate[key]
+    for key in (
+      "strategy",
+      "max_new_tokens",
+      "num_beams",
+      "length_penalty",
+      "temperature",
+      "top_k",
+      "top_p",
+    )
+  }
+  fields.update(overrides)
+  try:
+    return generate.GenerationConfig(**fields)
+  except ValueError as err:
+    raise ConfigError(f"config.generate.{err}") from None
+
+
+def _validate_generate(c: ml_collections.ConfigDict) -> None:
+  generation_config(c)
+  _positive(c, "generate.batch_size", integer=True)
+  _positive(c, "generate.eval_prompts", allow_zero=True, integer=True)
+  if c.generate.eval_prompts and (c.model.task != "causal_lm" or not c.data.prompt_field):
+    raise _fail(
+      "generate.eval_prompts",
+      c.generate.eval_prompts,
+      "0 unless model.task=causal_lm with a data.prompt_field",
+    )
+
+
+def _validate_causal(c: ml_collections.ConfigDict) -> None:
+  template = causal_template(c)
+  if not isinstance(c.data.prompt_field, str):
+    raise _fail("data.prompt_field", c.data.prompt_field, 'a field name, or "" for none')
+  if "{prompt}" in template and not c.data.prompt_field:
+    raise _fail("data.prompt_field", "", "a field name when data.template uses {prompt}")
+  if c.data.prompt_field and "{prompt}" not in template:
+    raise _fail("data.template", template, "a prompt with {prompt} when data.prompt_field is set")
+  if template.count("{prompt}") > 1 or template.count("{label}") > 1:
+    raise _fail("data.template", template, "a prompt with {prompt} and {label} at most once each")
+  if "{label}" in template:
+    if not c.data.label_field:
+      raise _fail("data.label_field", "", "a field name when data.template uses {label}")
+    if len(tuple(c.data.label_words)) != c.data.num_labels or not all(
+      isinstance(w, str) and w.strip() for w in c.data.label_words
+    ):
+      raise _fail(
+        "data.label_words",
+        tuple(c.data.label_words),
+        f"one non-empty word per label (data.num_labels={c.data.num_labels}) for {{label}}",
+      )
+  _one_of(c, "data.too_long", ("truncate", "refuse"))
+  for key in ("bos_token", "eos_token", "pad_token"):
+    value = c.data[key]
+    if not isinstance(value, str) or not value:
+      raise _fail(f"data.{key}", value, '"auto" or a token of the tokenizer')
+  if c.model.train == "head":
+    raise _fail("model.train", "head", "all, lora or a regex for causal_lm (GPT-2 has no head)")
+  if c.audit.canaries:
+    raise _fail("audit.canaries", c.audit.canaries, "0 for causal_lm (canaries are classification)")
 
 
 def clip_rule(c: ml_collections.ConfigDict) -> privacy.ClipRule:

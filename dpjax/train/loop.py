@@ -42,8 +42,9 @@ from absl import logging
 
 from dpjax import batching, parallel, privacy
 from dpjax.models import lora
+from dpjax.privacy import histogram
 from dpjax.privacy.secret import RunSecret
-from dpjax.train import checkpoint, integrity, optimizer, splits
+from dpjax.train import checkpoint, generation_eval, integrity, optimizer, splits
 from dpjax.train import config as config_lib
 from dpjax.train import journal as privacy_journal
 from dpjax.train import metrics as metrics_lib
@@ -139,12 +140,16 @@ def _token_cache(c: ml_collections.ConfigDict, workdir: Path) -> Iterator[Path]:
 
 def _plan(c: ml_collections.ConfigDict, dataset_size: int) -> privacy.Mechanism:
   """The run's calibrated mechanism (no secret yet); a bad value is one ConfigError."""
+  releases = ()
+  if c.dp.enabled and c.dp.label_histogram_noise:
+    releases = (histogram.segment(float(c.dp.label_histogram_noise), dataset_size),)
   try:
     return privacy.make_mechanism(
       config_lib.mechanism_spec(c),
       dataset_size=dataset_size,
       expected_batch_size=float(c.train.batch_size),
       steps=config_lib.planned_steps(c, dataset_size),
+      releases=releases,
     )
   except ValueError as err:
     raise config_lib.config_error(err) from None
@@ -173,9 +178,10 @@ def _progress(step: int, total: int, epsilon: float, private: dict[str, float] |
     f"step {step}/{total} eps {epsilon:.3f}" if np.isfinite(epsilon) else f"step {step}/{total}"
   )
   if private is not None:
+    accuracy = f"acc {private['accuracy']:.3f} " if "accuracy" in private else ""
     text += (
       f" | private, not covered by (eps, delta): loss {private['loss']:.4f} "
-      f"acc {private['accuracy']:.3f} {private['examples_per_second']:.1f} ex/s"
+      f"{accuracy}{private['examples_per_second']:.1f} ex/s"
     )
   print(text, flush=True)
 
@@ -408,6 +414,8 @@ def _run(
       )
   for segment_fields, steps in resume.charges:
     ledger = ledger.record(privacy.Segment(**{**segment_fields, "steps": steps}))
+  releases = dict(meta.get("releases", {})) if restored is not None else {}
+  ledger = _release_label_histogram(c, mechanism, train, run_secret, ledger, releases)
   attempt = resume.attempt
   mechanism = mechanism.keyed(run_secret, attempt)
   tx = optimizer.transform(mechanism.privatizer(), c, mechanism.steps)
@@ -511,6 +519,7 @@ def _run(
       "secret": run_secret.to_checkpoint(),
       "attempt": attempt,
       "data": data_facts,
+      "releases": releases,
       "state_sha256": integrity.state_digest(parallel.to_host(state)),
     }
     meta["seal"] = integrity.seal(meta, run_secret.derive(integrity.SEAL_PURPOSE))
@@ -571,6 +580,12 @@ def _run(
   ckpt.close()
   params = full_params(state)
   result = task.evaluate(params, evals, c.train.eval_batch_size)
+  if c.generate.eval_prompts and main:
+    generated = generation_eval.generation_eval(
+      c, task.model, params, task.tokenizer, int(c.generate.eval_prompts), workdir
+    )
+    result.update({key: generated[key] for key in generation_eval.HEADLINE})
+    result["generation"] = generated
   epsilon = mechanism.epsilon(ledger)
   if final_step > start_step:  # a rerun of a finished run adds no duplicate row
     write(final_step, "eval", {**result, "epsilon": epsilon})
@@ -597,6 +612,7 @@ def _run(
     "params_sha256": params_sha256(params),
     "params_global_norm": float(optax.tree.norm(params)),
     "audit_canaries": num_canaries,  # canaries in the training set (config audit.canaries)
+    "releases": releases,  # one-off DP releases (in the ledger), e.g. the label histogram
     "stopped_by_budget": stopped_by_budget,
     "preempted": preempted,
     "model": c.model.name,
@@ -612,6 +628,48 @@ def _run(
     tmp.replace(workdir / "summary.json")
   parallel.sync("summary written")
   return summary
+
+
+def _release_label_histogram(
+  c: ml_collections.ConfigDict,
+  mechanism: privacy.Mechanism,
+  train: splits.Split,
+  secret: RunSecret,
+  ledger: privacy.PrivacyLedger,
+  releases: dict[str, Any],
+) -> privacy.PrivacyLedger:
+  """Releases the DP label histogram once per run (``dp.label_histogram_noise``).
+
+  Done before the first step and kept in every checkpoint's metadata (sealed),
+  so a resumed run reuses it; its segment enters the ledger the moment it is
+  drawn. A non-private run keeps the exact counts (ε is infinite anyway).
+  Returns the ledger, with the release recorded if it was made now.
+  """
+  sigma = c.dp.label_histogram_noise
+  if not sigma or "label_histogram" in releases:
+    return ledger
+  labels = train.encoded.labels
+  if labels is None:
+    raise config_lib.ConfigError(
+      "config.dp.label_histogram_noise needs labelled training rows (data.label_field)"
+    )
+  labels = labels[train.indices]
+  k = int(c.data.num_labels)
+  if mechanism.private:
+    counts = histogram.release(labels, k, float(sigma), secret)
+    ledger = ledger.record(histogram.segment(float(sigma), len(train)))
+  else:
+    counts = [float(v) for v in np.bincount(labels, minlength=k)]
+  releases["label_histogram"] = {
+    "counts": counts,
+    "noise_multiplier": float(sigma) if mechanism.private else 0.0,
+    "mechanism": (
+      "Gaussian, L2 sensitivity 1 (add/remove one row), in the ledger"
+      if mechanism.private
+      else "exact counts (no privacy)"
+    ),
+  }
+  return ledger
 
 
 def _finite_or_text(tree: Any) -> Any:

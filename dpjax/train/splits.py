@@ -11,7 +11,9 @@ import numpy as np
 
 from dpjax import data as data_lib
 from dpjax.audit import canaries
+from dpjax.data import causal
 from dpjax.data import encoded as encoded_lib
+from dpjax.train import config as config_lib
 from dpjax.train.config import ConfigError
 
 
@@ -64,9 +66,10 @@ def source_for(spec: str, c: ml_collections.ConfigDict) -> data_lib.Source:
   return data_lib.TextFileSource(
     spec,
     text_field=c.data.text_field,
-    label_field=c.data.label_field,
+    label_field=c.data.label_field or None,
     num_labels=c.data.num_labels,
     skip_bad_rows=c.data.skip_bad_rows,
+    prompt_field=c.data.prompt_field or None,
   )
 
 
@@ -74,6 +77,20 @@ def template_for(c: ml_collections.ConfigDict) -> data_lib.PromptTemplate | None
   if c.model.task != "label_words":
     return None
   return data_lib.PromptTemplate(c.data.template, tuple(c.data.label_words))
+
+
+def causal_format_for(c: ml_collections.ConfigDict) -> causal.CausalFormat | None:
+  """How rows become causal-LM sequences (``model.task = causal_lm``), else None."""
+  if c.model.task != "causal_lm":
+    return None
+  return causal.CausalFormat(
+    template=config_lib.causal_template(c),
+    label_words=tuple(c.data.label_words),
+    bos_token=c.data.bos_token,
+    eos_token=c.data.eos_token,
+    pad_token=c.data.pad_token,
+    too_long=c.data.too_long,
+  )
 
 
 def load_split(
@@ -95,15 +112,23 @@ def load_split(
   random rows (for public evaluation splits only: one row more in the file
   reshuffles the choice).
   """
-  encoded = data_lib.encode(
-    source_for(spec, c),
-    tokenizer,
-    c.data.max_length,
-    buckets=tuple(c.data.buckets),
-    template=template_for(c),
-    cache_dir=cache_dir,
-  )
-  if encoded.labels is None:
+  try:
+    encoded = data_lib.encode(
+      source_for(spec, c),
+      tokenizer,
+      c.data.max_length,
+      buckets=tuple(c.data.buckets),
+      template=template_for(c),
+      cache_dir=cache_dir,
+      causal_format=causal_format_for(c),
+    )
+  except data_lib.DataError:
+    raise
+  except ValueError as err:  # a special token the tokenizer lacks (causal_lm)
+    if c.model.task != "causal_lm":
+      raise
+    raise ConfigError(f"config.data.{err}") from None
+  if encoded.labels is None and c.model.task != "causal_lm":
     raise ConfigError(f"{spec} has no labels (config.data.label_field={c.data.label_field!r})")
   indices = np.arange(len(encoded))
   if fraction < 1:
@@ -168,8 +193,16 @@ def row_hash(encoded: data_lib.EncodedDataset, index: int, seed: int) -> int:
   """A 64-bit hash of row ``index``'s tokens and label, keyed by ``seed``."""
   digest = hashlib.blake2b(digest_size=8, key=str(seed).encode())
   digest.update(encoded.token_ids(index).tobytes())
-  digest.update(np.asarray(encoded.labels[index]).tobytes())
+  _update_row_facts(digest, encoded, index)
   return int.from_bytes(digest.digest(), "little")
+
+
+def _update_row_facts(digest, encoded: data_lib.EncodedDataset, index: int) -> None:
+  """Feeds the row's label and (causal_lm) prompt length to ``digest``."""
+  if encoded.labels is not None:
+    digest.update(np.asarray(encoded.labels[index]).tobytes())
+  if encoded.prompt_lengths is not None:
+    digest.update(b"prompt" + np.asarray(encoded.prompt_lengths[index]).tobytes())
 
 
 def data_digest(split: Split) -> bytes:
@@ -177,5 +210,5 @@ def data_digest(split: Split) -> bytes:
   digest = hashlib.sha256()
   for i in split.indices:
     digest.update(split.encoded.token_ids(int(i)).tobytes())
-    digest.update(np.asarray(split.encoded.labels[int(i)]).tobytes())
+    _update_row_facts(digest, split.encoded, int(i))
   return digest.digest()

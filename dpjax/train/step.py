@@ -73,7 +73,11 @@ def train_step(
   )
   metrics = {
     "loss": over_real(lambda a: a.losses),
-    "accuracy": over_real(lambda a: a.loss_aux["correct"]),
+    **(
+      {"accuracy": over_real(lambda a: a.loss_aux["correct"])}
+      if "correct" in auxes[0].loss_aux
+      else {"tokens": over_real(lambda a: a.loss_aux["tokens"])}  # mean targets per example
+    ),
     "clipped_fraction": over_real(lambda a: a.clipped.astype(jnp.float32)),
     "examples": count,
     "nonfinite": sum(a.nonfinite_count for a in auxes),

@@ -1,4 +1,4 @@
-"""The classification task of a run: model, parameters, per-example loss and evaluation.
+"""The task of a run (classification or causal LM): model, parameters, loss and evaluation.
 
 The training loop reaches the model only through this module: :func:`build`
 gives the task model, its (trainable, frozen) parameters and the tokenizer;
@@ -20,11 +20,47 @@ import numpy as np
 import optax
 import tokenizers
 
-from dpjax.models import bert, heads, lora, pretrained
+from dpjax.models import bert, gpt2, heads, lora, pretrained
 from dpjax.train import splits
 from dpjax.train.config import ConfigError, lora_config
 
 PyTree = Any
+
+
+TINY_GPT2_POSITIONS = 256
+
+
+def _causal_model(c: ml_collections.ConfigDict):
+  """(GPT-2 model, pretrained params or None, tokenizer) for ``model.task = causal_lm``."""
+  lora_cfg = lora_config(c, "gpt2")
+  if c.model.name == "tiny":
+    _, _, tokenizer = pretrained.load("minilm")
+    hidden = c.model.tiny_hidden
+    config = gpt2.GPT2Config(
+      vocab_size=tokenizer.get_vocab_size(),
+      n_positions=max(TINY_GPT2_POSITIONS, c.data.max_length),
+      n_embd=hidden,
+      n_layer=c.model.tiny_layers,
+      n_head=max(1, hidden // 16),
+    )
+    params = None
+  else:
+    path = pretrained.resolve(c.model.name)
+    config = pretrained.read_config(path)
+    if not isinstance(config, gpt2.GPT2Config):
+      raise ConfigError(
+        f"config.model.name={c.model.name!r} is a {config.model_type} model; "
+        "model.task=causal_lm needs a GPT-2 directory (model_type gpt2)"
+      )
+    _, params, tokenizer = pretrained.load(path, lora=lora_cfg)
+  if c.data.max_length > config.n_positions:
+    raise ConfigError(
+      f"config.data.max_length must be <= the model's n_positions={config.n_positions} "
+      f"(got {c.data.max_length})"
+    )
+  if c.model.dropout:
+    config = dataclasses.replace(config, dropout=float(c.model.dropout))
+  return gpt2.GPT2LMHeadModel(config, lora_cfg), params, tokenizer
 
 
 def backbone_for(c: ml_collections.ConfigDict):
@@ -70,14 +106,20 @@ def init_params(
   """(trainable, frozen) parameters: pretrained where available, else seeded random."""
   rng = jax.random.PRNGKey(c.seed)
   batch = {k: jnp.asarray(v) for k, v in example_batch.items()}
-  if backbone_params is None:
+  if isinstance(model, gpt2.GPT2LMHeadModel):
+    if backbone_params is None:
+      ids, mask = batch["input_ids"], batch["attention_mask"]
+      params = jax.jit(lambda r: model.init(r, ids, mask)["params"])(rng)
+    else:
+      params = backbone_params
+  elif backbone_params is None:
     params = jax.jit(lambda r: model.init(r, batch)["params"])(rng)
   else:
     params = heads.init_with_backbone(model, rng, batch, backbone_params, head_params)
   if c.model.train == "lora" and not lora.has_adapters(params):
     raise ConfigError(
       f"config.model.lora_targets must match at least one Dense module path, "
-      f"e.g. 'attention/self/query' (got {tuple(c.model.lora_targets)!r})"
+      f"e.g. 'attention/self/query' or 'attn/c_attn' (got {tuple(c.model.lora_targets)!r})"
     )
   try:
     mask = lora.trainable_mask(params, c.model.train)
@@ -114,10 +156,11 @@ def example_batch(c: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """A classification task: the model, its parameters and tokenizer, its loss and metrics.
+  """A task: the model, its parameters and tokenizer, its loss and metrics.
 
   Attributes:
-    model: the Flax task model (``SequenceClassifier`` or ``LabelWordClassifier``).
+    model: the Flax task model (``SequenceClassifier``, ``LabelWordClassifier`` or, for
+      causal_lm, ``GPT2LMHeadModel``).
     trainable: the parameters that are trained (clipped and noised under DP).
     frozen: the parameters that are not (pretrained weights under LoRA or head-only).
     tokenizer: the pretrained model's tokenizer (public: it never sees private data).
@@ -128,13 +171,21 @@ class Task:
   frozen: PyTree
   tokenizer: tokenizers.Tokenizer
 
+  @property
+  def causal(self) -> bool:
+    return isinstance(self.model, gpt2.GPT2LMHeadModel)
+
   def loss(self, frozen: PyTree | None = None) -> heads.TaskLoss:
-    """``loss(trainable, example) -> (cross-entropy, {"correct": 0/1})`` for ONE example."""
-    return heads.classification_loss(self.model, self.frozen if frozen is None else frozen)
+    """The loss of ONE example: cross-entropy and ``{"correct": 0/1}`` (classifiers), or the
+    mean next-token cross-entropy over the completion and ``{"tokens": count}`` (causal LM)."""
+    frozen = self.frozen if frozen is None else frozen
+    if self.causal:
+      return heads.lm_loss(self.model, frozen)
+    return heads.classification_loss(self.model, frozen)
 
   def evaluate(self, params: PyTree, split: splits.Split, batch_size: int) -> dict[str, float]:
-    """Accuracy and mean loss of the full ``params`` over ``split`` (see :func:`evaluate`)."""
-    return evaluate(params, self.model, split, batch_size)
+    """Metrics of the full ``params`` over ``split`` (see :func:`evaluate_model`)."""
+    return evaluate_model(params, self.model, split, batch_size)
 
 
 def build(c: ml_collections.ConfigDict) -> Task:
@@ -143,10 +194,21 @@ def build(c: ml_collections.ConfigDict) -> Task:
   Raises:
     ConfigError: the model cannot be loaded or does not fit the task.
   """
+  if c.model.task == "causal_lm":
+    model, params, tokenizer = _causal_model(c)
+    trainable, frozen = init_params(c, model, example_batch(c), params, None)
+    return Task(model, trainable, frozen, tokenizer)
   backbone, backbone_params, head_params, tokenizer = backbone_for(c)
   model = task_model(c, backbone, label_word_ids(c, tokenizer))
   trainable, frozen = init_params(c, model, example_batch(c), backbone_params, head_params)
   return Task(model, trainable, frozen, tokenizer)
+
+
+def evaluate_model(params: PyTree, model, split: splits.Split, batch_size: int) -> dict[str, float]:
+  """:func:`evaluate_lm` for a GPT-2 language model, :func:`evaluate` for a classifier."""
+  if isinstance(model, gpt2.GPT2LMHeadModel):
+    return evaluate_lm(params, model, split, batch_size)
+  return evaluate(params, model, split, batch_size)
 
 
 def eval_step(
@@ -181,5 +243,48 @@ def evaluate(params: PyTree, model, split: splits.Split, batch_size: int) -> dic
   return {
     "accuracy": totals["correct"] / totals["count"],
     "loss": totals["loss_sum"] / totals["count"],
+    "count": int(totals["count"]),
+  }
+
+
+def lm_eval_step(
+  params: PyTree, batch: dict[str, jax.Array], mask: jax.Array, *, model: Any
+) -> dict[str, jax.Array]:
+  """Sums of next-token loss, correct next tokens and target tokens over the real rows."""
+  logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+  targets = batch["input_ids"][:, 1:]
+  weights = (batch["loss_mask"][:, 1:] * mask[:, None]).astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+  correct = (jnp.argmax(logits[:, :-1], -1) == targets).astype(jnp.float32)
+  return {
+    "loss_sum": jnp.sum(losses * weights),
+    "correct": jnp.sum(correct * weights),
+    "tokens": jnp.sum(weights),
+    "count": jnp.sum(mask).astype(jnp.float32),
+  }
+
+
+def evaluate_lm(params: PyTree, model, split: splits.Split, batch_size: int) -> dict[str, float]:
+  """Token-level metrics of a causal LM over a split (completion tokens and eos only).
+
+  ``loss`` = mean next-token cross-entropy over all target tokens of the split (nats),
+  ``perplexity`` = exp(loss), ``token_accuracy`` = the fraction of target tokens that
+  are the argmax prediction.
+  """
+  if len(split) == 0:
+    nan = float("nan")
+    return {"loss": nan, "perplexity": nan, "token_accuracy": nan, "tokens": 0, "count": 0}
+  fn = jax.jit(functools.partial(lm_eval_step, model=model))
+  totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0, "count": 0.0}
+  for _, padded, mask in split.padded_batches(batch_size):
+    out = fn(params, split.batch(padded), mask)
+    for key in totals:
+      totals[key] += float(out[key])
+  loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
+  return {
+    "loss": loss,
+    "perplexity": float(np.exp(min(loss, 700.0))),
+    "token_accuracy": totals["correct"] / max(totals["tokens"], 1.0),
+    "tokens": int(totals["tokens"]),
     "count": int(totals["count"]),
   }

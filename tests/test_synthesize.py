@@ -1,0 +1,107 @@
+"""python -m dpjax.synthesize: DP synthetic text in the released label proportions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpjax import privacy, synthesize
+from dpjax.train import loop
+from dpjax.train.config import ConfigError
+from experiments import synthetic_sst2
+from tests.causal_runs import generator  # noqa: F401  (a fixture)
+from tests.train.runs import ROOT, copy_run
+
+
+def test_the_histogram_segment_is_in_the_ledger_and_epsilon_covers_it(generator):  # noqa: F811
+  summary = json.loads((generator / "summary.json").read_text())
+  ledger = privacy.PrivacyLedger.from_dict(summary["ledger"])
+  first = ledger.segments[0]
+  assert (first.sampling_prob, first.noise_multiplier, first.steps) == (1.0, 10.0, 1)
+  assert summary["epsilon"] == pytest.approx(ledger.epsilon(summary["delta"]))
+  assert summary["epsilon"] <= summary["target_epsilon"]
+  steps_only = privacy.PrivacyLedger(segments=ledger.segments[1:])
+  assert steps_only.epsilon(summary["delta"]) < summary["epsilon"]
+  counts = summary["releases"]["label_histogram"]["counts"]
+  assert sum(counts) == pytest.approx(summary["dataset_size"], abs=6 * 10 * np.sqrt(2))
+  assert all(c != round(c) for c in counts)  # noised (integers only with probability ~0)
+
+
+def test_a_resumed_run_keeps_its_one_histogram_release(generator, tmp_path):  # noqa: F811
+  workdir = copy_run(generator, tmp_path / "run")
+  before = json.loads((workdir / "summary.json").read_text())
+  c = synthetic_sst2.get_config("tiny")
+  c.data.cache_dir = str(generator.parent / "token_cache")
+  c.train.steps = 8
+  c.dp.noise_multiplier = 1.0  # σ given: no budget, so the run can go on past ε = 8
+  c.resume = "allow_changes"
+  after = loop.train_and_evaluate(c, workdir)
+  assert after["steps"] == 8
+  assert after["releases"] == before["releases"]  # drawn once, kept in the checkpoints
+  ledger = privacy.PrivacyLedger.from_dict(after["ledger"])
+  assert sum(s.sampling_prob == 1.0 for s in ledger.segments) == 1
+  assert after["epsilon"] > before["epsilon"]
+
+
+def test_synthesize_writes_labelled_text_in_the_released_proportions(generator, tmp_path):  # noqa: F811
+  out = tmp_path / "synthetic"
+  summary = synthesize.synthesize(generator, out, 40, max_new_tokens=12, batch_size=8, seed=3)
+  rows = [json.loads(line) for line in (out / synthesize.SYNTHETIC_FILE).read_text().splitlines()]
+  assert len(rows) == 40 == summary["texts"]
+  assert all(set(r) == {"sentence", "label"} and r["sentence"].strip() for r in rows)
+  run = json.loads((generator / "summary.json").read_text())
+  probs = privacy.histogram.proportions(run["releases"]["label_histogram"]["counts"])
+  expected = synthesize.allocate(40, probs)
+  assert summary["label_counts"] == list(expected)
+  assert [sum(r["label"] == k for r in rows) for k in (0, 1)] == list(expected)
+  assert summary["epsilon"] == pytest.approx(run["epsilon"])
+  written = (out / synthesize.SUMMARY_FILE).read_text()
+  assert "secret" not in written and "label_histogram" in written
+  # The same seed draws the same texts.
+  again = synthesize.synthesize(
+    generator, tmp_path / "again", 40, max_new_tokens=12, batch_size=8, seed=3
+  )
+  assert again["label_counts"] == summary["label_counts"]
+  assert (tmp_path / "again" / synthesize.SYNTHETIC_FILE).read_text() == (
+    out / synthesize.SYNTHETIC_FILE
+  ).read_text()
+  with pytest.raises(ConfigError, match="exists and is not an empty directory"):
+    synthesize.synthesize(generator, out, 4)
+
+
+def test_downstream_classifier_and_distance(generator, tmp_path):  # noqa: F811
+  out = tmp_path / "synthetic"
+  synthesize.synthesize(generator, out, 80, max_new_tokens=10, batch_size=16, seed=0)
+  classifier = synthetic_sst2.get_config("downstream_tiny")
+  classifier.train.steps = 2
+  classifier.data.cache_dir = str(tmp_path / "cache")
+  report = synthesize.downstream(out, classifier, tmp_path / "classifier")
+  assert report["eval"]["count"] == 128 and 0 <= report["eval"]["accuracy"] <= 1
+  assert json.loads((tmp_path / "classifier" / "summary.json").read_text())["dataset_size"] == 80
+  result = synthesize.distance(out, "sst2:validation", synthetic_sst2.get_config("tiny"), 80)
+  assert result["frechet_synthetic_vs_real"] > result["frechet_real_half_vs_half"] > 0
+
+
+def test_cli_bad_inputs_get_one_line(generator, tmp_path):  # noqa: F811
+  def run(*flags):
+    return subprocess.run(
+      [sys.executable, "-m", "dpjax.synthesize", *flags],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
+  cases = {
+    ("--num=0",): "--num must be an integer >= 1",
+    ("--top_p=1.5",): "config.generate.top_p must be in (0, 1]",
+  }
+  for flags, message in cases.items():
+    result = run(f"--workdir={generator}", f"--out={tmp_path / 'o'}", *flags)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "o").exists()
