@@ -188,7 +188,9 @@ def _split(config: GenerationConfig) -> tuple[_Program, _Rules]:
 
 
 def _warp(logits: jax.Array, program: _Program, rules: _Rules) -> jax.Array:
-  logits = logits.astype(jnp.float32) / rules.temperature
+  logits = logits.astype(jnp.float32)
+  # Shifted first, so that a tiny temperature cannot overflow the largest logit to inf.
+  logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / rules.temperature
   if program.top_k > 0:
     k = min(program.top_k, logits.shape[-1])
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
@@ -742,10 +744,12 @@ def _read_prompts(path: str, field: str) -> list[str]:
       import json  # pylint: disable=import-outside-toplevel
 
       try:
-        row = json.loads(line)
-        prompts.append(str(row[field]))
+        value = json.loads(line)[field]
       except (ValueError, KeyError, TypeError):
-        raise DataError(f"{path}:{number}: expected a JSON object with field {field!r}") from None
+        value = None
+      if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{path}:{number}: expected a JSON object with a text field {field!r}")
+      prompts.append(value)
     else:
       prompts.append(line)
   return prompts
@@ -785,7 +789,7 @@ def generate_from_workdir(workdir, prompt_texts, labels, num, overrides, seed, b
   if isinstance(num, bool) or not isinstance(num, int) or num < 1:
     raise ConfigError(f"--num must be an integer >= 1 (got {num!r})")
   config = generation_config(c, **overrides, eos_token_id=fmt.eos_id, pad_token_id=fmt.pad_id)
-  size = int(batch_size or c.generate.batch_size)
+  size = int(c.generate.batch_size if batch_size is None else batch_size)
   if size < 1:
     raise ConfigError(f"--batch_size must be an integer >= 1 (got {size})")
   jobs = [(p, label) for p in (prompt_texts or [None]) for label in label_ids for _ in range(num)]

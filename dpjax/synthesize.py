@@ -106,6 +106,11 @@ def synthesize(
     raise ConfigError(f"--num must be an integer >= 1 (got {num!r})")
   if proportions not in PROPORTIONS:
     raise ConfigError(f"--proportions must be one of {PROPORTIONS} (got {proportions!r})")
+  if strategy != "sample":
+    raise ConfigError(
+      f"--strategy must be 'sample' for synthesis (got {strategy!r}: greedy and beam search "
+      "write the same text for every prompt of a label)"
+    )
   out = Path(out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise ConfigError(f"--out={out} exists and is not an empty directory")
@@ -130,7 +135,7 @@ def synthesize(
       f"--max_new_tokens must be <= {room} (the model's positions minus the prompt; got "
       f"{config.max_new_tokens})"
     )
-  size = int(batch_size or c.generate.batch_size)
+  size = int(c.generate.batch_size if batch_size is None else batch_size)
   if size < 1:
     raise ConfigError(f"--batch_size must be an integer >= 1 (got {size})")
   seed = int.from_bytes(os.urandom(4), "little") if seed is None else int(seed)
@@ -152,6 +157,12 @@ def synthesize(
         texts = [fmt.decode(row) for row in new[:n]]
         empty += sum(1 for t in texts if not t)
         made += [t for t in texts if t]
+    if len(made) < wanted:
+      raise ConfigError(
+        f"the generator wrote {len(made)} non-empty texts for label "
+        f"{c.data.label_words[label]!r} of the {wanted} asked for, in {MAX_ROUNDS} rounds "
+        "(it ends most texts at once: raise --temperature or --max_new_tokens?)"
+      )
     rows += [{c.data.text_field: t, c.data.label_field: label} for t in made[:wanted]]
   ledger, note = spent_ledger(workdir, trained)
   delta = trained.mechanism.get("delta")

@@ -146,11 +146,12 @@ def spent_ledger(
   every execution in ``privacy_journal.jsonl`` counts, with a note saying so.
   """
   ledger = accounting.PrivacyLedger.from_dict(trained.ledger)
-  executed = journal_lib.PrivacyJournal(workdir, writer=False).executed_segments()
+  journal = journal_lib.PrivacyJournal(workdir, writer=False)
+  executed = journal.executed_segments()
   delta = trained.mechanism.get("delta")
   if executed and delta is not None:
-    # The journal lists training steps; one-off releases (the label histogram) are added.
-    released = list(trained.mechanism.get("releases", [])) if trained.releases else []
+    # Every release drawn (the label histogram), then every executed step.
+    released = [r["segment"] for r in journal.releases()]
     total = accounting.PrivacyLedger.from_dict(
       {**trained.ledger, "segments": released + list(executed)}
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ def test_the_histogram_segment_is_in_the_ledger_and_epsilon_covers_it(generator)
   assert all(c != round(c) for c in counts)  # noised (integers only with probability ~0)
 
 
-def test_a_resumed_run_keeps_its_one_histogram_release(generator, tmp_path):  # noqa: F811
+def test_every_histogram_drawn_is_charged_once(generator, tmp_path):  # noqa: F811
   workdir = copy_run(generator, tmp_path / "run")
   before = json.loads((workdir / "summary.json").read_text())
   c = synthetic_sst2.get_config("tiny")
@@ -39,12 +40,27 @@ def test_a_resumed_run_keeps_its_one_histogram_release(generator, tmp_path):  # 
   c.train.steps = 8
   c.dp.noise_multiplier = 1.0  # σ given: no budget, so the run can go on past ε = 8
   c.resume = "allow_changes"
+  # A resumed run keeps the release its checkpoints hold: drawn once, charged once.
   after = loop.train_and_evaluate(c, workdir)
-  assert after["steps"] == 8
-  assert after["releases"] == before["releases"]  # drawn once, kept in the checkpoints
-  ledger = privacy.PrivacyLedger.from_dict(after["ledger"])
-  assert sum(s.sampling_prob == 1.0 for s in ledger.segments) == 1
-  assert after["epsilon"] > before["epsilon"]
+  assert after["steps"] == 8 and after["releases"] == before["releases"]
+  histograms = lambda summary: sum(  # histogram draws in the ledger (merged segments add up)
+    s.steps
+    for s in privacy.PrivacyLedger.from_dict(summary["ledger"]).segments
+    if s.sampling_prob == 1
+  )
+  assert histograms(after) == 1
+  # The checkpoints lost: the published histogram (draw 0) is still charged, and the new
+  # one (draw 1) has noise of its own.
+  shutil.rmtree(workdir / "checkpoints")
+  again = loop.train_and_evaluate(c, workdir)
+  assert again["releases"]["label_histogram"]["draw"] == 1
+  assert (
+    again["releases"]["label_histogram"]["counts"]
+    != before["releases"]["label_histogram"]["counts"]
+  )
+  assert histograms(again) == 2
+  journal = [json.loads(line) for line in (workdir / "privacy_journal.jsonl").open()]
+  assert [r["index"] for r in journal if "release" in r] == [0, 1]
 
 
 def test_synthesize_writes_labelled_text_in_the_released_proportions(generator, tmp_path):  # noqa: F811
@@ -71,6 +87,9 @@ def test_synthesize_writes_labelled_text_in_the_released_proportions(generator, 
   ).read_text()
   with pytest.raises(ConfigError, match="exists and is not an empty directory"):
     synthesize.synthesize(generator, out, 4)
+  with pytest.raises(ConfigError, match="--strategy must be 'sample'"):
+    synthesize.synthesize(generator, tmp_path / "greedy", 4, strategy="greedy")
+  assert not (tmp_path / "greedy").exists()
 
 
 def test_downstream_classifier_and_distance(generator, tmp_path):  # noqa: F811

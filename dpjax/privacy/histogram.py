@@ -39,9 +39,12 @@ def segment(noise_multiplier: float, dataset_size: int) -> accounting.Segment:
 
 
 def release(
-  labels: np.ndarray, num_labels: int, noise_multiplier: float, secret: RunSecret
+  labels: np.ndarray, num_labels: int, noise_multiplier: float, secret: RunSecret, index: int = 0
 ) -> list[float]:
   """The noisy count of each label 0..K-1 (see the module docstring).
+
+  ``index`` numbers the run's histogram draws: each one has a key of its own, so
+  a second draw (its first was lost) never reuses the first one's noise.
 
   Raises:
     ValueError: a label outside [0, num_labels), or σ below the minimum.
@@ -51,7 +54,7 @@ def release(
     raise ValueError(f"labels must lie in [0, {num_labels})")
   segment(noise_multiplier, max(len(labels), 1))  # validates σ
   counts = np.bincount(labels, minlength=num_labels).astype(np.float32)
-  key = noise.as_key(secret.derive(PURPOSE))
+  key = noise.as_key(secret.derive(PURPOSE, index))
   z = noise.standard_normals(jnp.asarray(key), jnp.uint32(0), num_labels)
   stddev = float(noise_multiplier)
   noisy = noise.snap(jnp.asarray(counts) + np.float32(stddev) * z, noise.snap_grid(stddev))

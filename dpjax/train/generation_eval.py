@@ -17,14 +17,41 @@ from typing import Any
 import jax
 import ml_collections
 import tokenizers
+from absl import logging
 
 from dpjax import generate, prompts, text_metrics
 from dpjax.train import splits
-from dpjax.train.config import generation_config
+from dpjax.train.config import ConfigError, generation_config
 
 PyTree = Any
 GENERATIONS_FILE = "eval_generations.jsonl"
 HEADLINE = ("bleu", "chrf++", "rouge_l")  # also top-level keys of the eval row
+
+
+def _eval_prompts(
+  c: ml_collections.ConfigDict, fmt: prompts.RunFormat, limit: int | None
+) -> tuple[list[tuple[str | None, int | None]], list[list[int]], list[list[str]]]:
+  """(distinct (prompt, label) pairs, their token ids, their reference completions)."""
+  source = splits.source_for(c.data.eval, c)
+  rows = [source[i] for i in range(len(source))]
+  keys = [json.dumps([r.prompt, r.label]) for r in rows]
+  unique, references = text_metrics.group_references(keys, [r.text for r in rows])
+  unique, references = unique[:limit], references[:limit]
+  inputs = [tuple(json.loads(k)) for k in unique]
+  return inputs, [fmt.prompt_ids(prompt, label) for prompt, label in inputs], references
+
+
+def check_fits(c: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer, n_positions: int):
+  """Refuses (ConfigError) eval prompts that leave no room for ``generate.max_new_tokens``."""
+  fmt = prompts.RunFormat(c, tokenizer)
+  _, ids, _ = _eval_prompts(c, fmt, int(c.generate.eval_prompts))
+  longest = max(len(i) for i in ids)
+  if longest + c.generate.max_new_tokens > n_positions:
+    raise ConfigError(
+      f"config.generate.max_new_tokens must be <= {n_positions - longest} (the model's "
+      f"{n_positions} positions minus the longest eval prompt, {longest} tokens) for "
+      f"generate.eval_prompts (got {c.generate.max_new_tokens})"
+    )
 
 
 def generation_eval(
@@ -40,16 +67,11 @@ def generation_eval(
   Returns:
     ``bleu``, ``chrf++``, ``rouge_l`` (0-100), ``inputs``, ``references``, the metric
     signatures and the decoding settings. With ``out_dir``, the generations go to
-    ``out_dir/eval_generations.jsonl`` (prompt, generation, references).
+    ``out_dir/eval_generations.jsonl`` (prompt, generation, references). When the eval
+    file is the training file, the result says so (the texts are training rows then).
   """
   fmt = prompts.RunFormat(c, tokenizer)
-  source = splits.source_for(c.data.eval, c)
-  rows = [source[i] for i in range(len(source))]
-  keys = [json.dumps([r.prompt, r.label]) for r in rows]
-  unique, references = text_metrics.group_references(keys, [r.text for r in rows])
-  unique, references = unique[:limit], references[:limit]
-  inputs = [json.loads(k) for k in unique]
-  ids = [fmt.prompt_ids(prompt, label) for prompt, label in inputs]
+  inputs, ids, references = _eval_prompts(c, fmt, limit)
   config = generation_config(c, eos_token_id=fmt.eos_id, pad_token_id=fmt.pad_id)
   rng = jax.random.PRNGKey(c.seed)  # public data and released parameters: no secret needed
   texts = []
@@ -60,9 +82,14 @@ def generation_eval(
     out = generate.generate(model, params, padded, config, jax.random.fold_in(rng, start))
     texts += [fmt.decode(row) for row in out[: len(chunk)]]
   scores = text_metrics.generation_scores(texts, references)
+  same = c.data.eval == c.data.train
+  if same:
+    logging.warning(
+      "generation eval: data.eval is the training file; %s holds training rows", GENERATIONS_FILE
+    )
   if out_dir is not None:
     with open(Path(out_dir) / GENERATIONS_FILE, "w") as f:
       for (prompt, label), text, refs in zip(inputs, texts, references):
         row = {"prompt": prompt, "label": label, "generation": text, "references": refs}
         f.write(json.dumps(row) + "\n")
-  return {**scores, "decoding": dataclasses.asdict(config)}
+  return {**scores, "eval_is_training_file": same, "decoding": dataclasses.asdict(config)}

@@ -17,6 +17,12 @@ The journal makes resumes safe:
   are charged to the privacy ledger, so ε counts every execution whose output
   may have been released.
 
+One-off releases besides the steps (the DP label histogram) get a line of
+their own, ``{"release": name, "index": i, "segment": ...}``, written before
+the release is drawn: every one ever drawn is charged, even if the checkpoint
+that held it is lost and the run draws another (with fresh noise: the index
+keys it).
+
 The journal holds step numbers, attempts, the public plan (q, σ, N) and keyed
 fingerprints (HMAC with a key derived from the run secret), never the secret.
 """
@@ -59,7 +65,7 @@ class PrivacyJournal:
     self.writer = writer
     self._last: tuple[int, int] | None = None  # (attempt, step) of the last line written
 
-  def records(self) -> list[dict[str, Any]]:
+  def _lines(self) -> list[dict[str, Any]]:
     """All lines written so far (a torn last line, from a crash mid-write, is ignored)."""
     if not self.path.exists():
       return []
@@ -70,6 +76,27 @@ class PrivacyJournal:
       except json.JSONDecodeError:
         continue
     return out
+
+  def records(self) -> list[dict[str, Any]]:
+    """The step lines: (attempt, start, step, fingerprint, segment)."""
+    return [r for r in self._lines() if "release" not in r]
+
+  def releases(self) -> list[dict[str, Any]]:
+    """The release lines, in order: ``{"release", "index", "segment"}``."""
+    return [r for r in self._lines() if "release" in r]
+
+  def next_release_index(self) -> int:
+    """The index the next release will have (the number on record)."""
+    return len(self.releases())
+
+  def write_release(self, name: str, index: int, segment: dict[str, Any]) -> None:
+    """Durably records release ``index`` before it is drawn (it is charged from then on)."""
+    if self.writer:
+      line = json.dumps({"release": name, "index": index, "segment": segment}, sort_keys=True)
+      with self.path.open("a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
   def plan_resume(
     self,

@@ -140,10 +140,10 @@ def _token_cache(c: ml_collections.ConfigDict, workdir: Path) -> Iterator[Path]:
 
 def _plan(c: ml_collections.ConfigDict, dataset_size: int) -> privacy.Mechanism:
   """The run's calibrated mechanism (no secret yet); a bad value is one ConfigError."""
-  releases = ()
-  if c.dp.enabled and c.dp.label_histogram_noise:
-    releases = (histogram.segment(float(c.dp.label_histogram_noise), dataset_size),)
   try:
+    releases = ()
+    if c.dp.enabled and c.dp.label_histogram_noise:
+      releases = (histogram.segment(float(c.dp.label_histogram_noise), dataset_size),)
     return privacy.make_mechanism(
       config_lib.mechanism_spec(c),
       dataset_size=dataset_size,
@@ -205,6 +205,21 @@ _BOOKKEEPING_KEYS = (
   "train.checkpoint_every_steps",
   "train.keep_checkpoints",
   "train.private_metrics",
+  # Decoding: the generation eval after training and dpjax.generate/synthesize.
+  *(
+    f"generate.{key}"
+    for key in (
+      "strategy",
+      "max_new_tokens",
+      "num_beams",
+      "length_penalty",
+      "temperature",
+      "top_k",
+      "top_p",
+      "batch_size",
+      "eval_prompts",
+    )
+  ),
 )
 
 
@@ -363,6 +378,8 @@ def _run(
       c.data.eval, task.tokenizer, c, cache, limit=c.data.eval_limit, seed=c.seed + 1
     )
     mechanism = _plan(c, len(train))
+    if c.generate.eval_prompts:  # refused now, not after training
+      generation_eval.check_fits(c, task.tokenizer, task.model.config.n_positions)
     _lock(workdir, cleanup)
     _check_workdir(workdir, c)  # again, under the lock: another run may have just finished
   frozen_host = jax.tree_util.tree_map(np.asarray, task.frozen)
@@ -415,7 +432,10 @@ def _run(
   for segment_fields, steps in resume.charges:
     ledger = ledger.record(privacy.Segment(**{**segment_fields, "steps": steps}))
   releases = dict(meta.get("releases", {})) if restored is not None else {}
-  ledger = _release_label_histogram(c, mechanism, train, run_secret, ledger, releases)
+  charged = list(meta.get("releases_charged", [])) if restored is not None else []
+  ledger = _release_label_histogram(
+    c, mechanism, train, run_secret, ledger, releases, charged, journal
+  )
   attempt = resume.attempt
   mechanism = mechanism.keyed(run_secret, attempt)
   tx = optimizer.transform(mechanism.privatizer(), c, mechanism.steps)
@@ -520,6 +540,7 @@ def _run(
       "attempt": attempt,
       "data": data_facts,
       "releases": releases,
+      "releases_charged": charged,
       "state_sha256": integrity.state_digest(parallel.to_host(state)),
     }
     meta["seal"] = integrity.seal(meta, run_secret.derive(integrity.SEAL_PURPOSE))
@@ -637,14 +658,22 @@ def _release_label_histogram(
   secret: RunSecret,
   ledger: privacy.PrivacyLedger,
   releases: dict[str, Any],
+  charged: list[int],
+  journal: privacy_journal.PrivacyJournal,
 ) -> privacy.PrivacyLedger:
-  """Releases the DP label histogram once per run (``dp.label_histogram_noise``).
+  """Charges every release on record, then releases the label histogram if the run has none.
 
-  Done before the first step and kept in every checkpoint's metadata (sealed),
-  so a resumed run reuses it; its segment enters the ledger the moment it is
-  drawn. A non-private run keeps the exact counts (ε is infinite anyway).
-  Returns the ledger, with the release recorded if it was made now.
+  ``dp.label_histogram_noise``: drawn once per run before the first step, kept in
+  every checkpoint's (sealed) metadata so a resumed run reuses it. Each draw is
+  written to the journal before it is made and keyed by its index there; every
+  draw on record enters the ledger (``charged`` lists those this ledger holds), so
+  a histogram whose checkpoint was lost still counts when another is drawn. A
+  non-private run keeps the exact counts (ε is infinite anyway). Returns the ledger.
   """
+  for record in journal.releases():
+    if record["index"] not in charged:
+      ledger = ledger.record(privacy.Segment(**record["segment"]))
+      charged.append(record["index"])
   sigma = c.dp.label_histogram_noise
   if not sigma or "label_histogram" in releases:
     return ledger
@@ -655,14 +684,21 @@ def _release_label_histogram(
     )
   labels = labels[train.indices]
   k = int(c.data.num_labels)
+  index = None
   if mechanism.private:
-    counts = histogram.release(labels, k, float(sigma), secret)
-    ledger = ledger.record(histogram.segment(float(sigma), len(train)))
+    segment = histogram.segment(float(sigma), len(train))
+    index = journal.next_release_index()
+    parallel.sync("release index read")  # every process keys the draw alike
+    journal.write_release("label_histogram", index, dataclasses.asdict(segment))
+    counts = histogram.release(labels, k, float(sigma), secret, index)
+    ledger = ledger.record(segment)
+    charged.append(index)
   else:
     counts = [float(v) for v in np.bincount(labels, minlength=k)]
   releases["label_histogram"] = {
     "counts": counts,
     "noise_multiplier": float(sigma) if mechanism.private else 0.0,
+    "draw": index,
     "mechanism": (
       "Gaussian, L2 sensitivity 1 (add/remove one row), in the ledger"
       if mechanism.private

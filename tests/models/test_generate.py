@@ -267,9 +267,12 @@ def test_warp_logits_on_hand_computed_cases():
   assert kept(top_p=0.4) == [0]
   assert kept(top_p=0.01) == [0]  # at least one token
   assert kept(top_k=3, top_p=0.6) == [0, 1]
-  # Temperature first: scaled logits, same order.
+  # Temperature first: scaled logits (shifted by their max), same order.
   warped = gen.warp_logits(logits, gen.GenerationConfig(temperature=0.5))
-  np.testing.assert_allclose(warped, logits / 0.5, rtol=1e-6)
+  np.testing.assert_allclose(warped, (logits - logits.max()) / 0.5, rtol=1e-6)
+  # A tiny temperature is greedy, not an overflow to inf.
+  cold = np.asarray(gen.warp_logits(logits, gen.GenerationConfig(temperature=1e-30)))
+  assert cold[0, 0] == 0 and np.all(cold[0, 1:] < -1e20)
   # The boundary: equal logits give exact cumulative sums 0.25, 0.5, ...; a token
   # whose ascending cumulative probability equals 1 - top_p is removed.
   flat = jnp.zeros((1, 4))

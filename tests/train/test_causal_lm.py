@@ -13,6 +13,7 @@ from dpjax import data, privacy, text_metrics
 from dpjax.data import causal
 from dpjax.models import gpt2, heads, lora
 from dpjax.train import loop, task
+from dpjax.train.config import ConfigError
 from tests.privacy.test_bookkeeping import assert_same, both_backends
 from tests.train.runs import ROOT
 
@@ -148,6 +149,17 @@ def test_table_to_text_recipe_runs_end_to_end(tmp_path):
   for key in ("bleu", "chrf++", "rouge_l"):
     assert result[key] == pytest.approx(rescored[key]) and 0 <= result[key] <= 100
   assert result["generation"]["decoding"]["eos_token_id"] == built.tokenizer.token_to_id("[SEP]")
+
+
+def test_generation_eval_that_cannot_fit_is_refused_before_training(tmp_path):
+  from experiments import e2e
+
+  c = e2e.get_config("tiny")
+  c.data.cache_dir = str(tmp_path / "token_cache")
+  c.generate.max_new_tokens = 250
+  with pytest.raises(ConfigError, match=r"config.generate.max_new_tokens must be <= 2\d\d "):
+    loop.train_and_evaluate(c, tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def _main(tmp_path, *flags):
