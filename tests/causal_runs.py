@@ -21,6 +21,7 @@ def _train(root: Path) -> None:
       "--config=experiments/synthetic_sst2.py:tiny",
       f"--workdir={root / 'run'}",
       f"--config.data.cache_dir={root / 'token_cache'}",
+      "--config.model.train=lora",  # adapters on attn/c_attn: the export merges them
     ],
     cwd=ROOT,
     capture_output=True,
@@ -33,5 +34,5 @@ def _train(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory) -> Path:
-  """The workdir of ``synthetic_sst2.py:tiny`` (6 DP steps, label histogram released)."""
+  """The workdir of ``synthetic_sst2.py:tiny`` with LoRA (6 DP steps, label histogram released)."""
   return shared_once(tmp_path_factory, "causal_generator_run", _train) / "run"

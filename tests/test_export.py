@@ -27,7 +27,8 @@ from dpjax.models import bert, gpt2, heads, layers, pretrained
 from dpjax.train import loop, splits
 from dpjax.train.config import ConfigError
 from dpjax.trained import load_trained
-from experiments import sst2, synthetic_sst2
+from experiments import sst2
+from tests.causal_runs import generator  # noqa: F401  (a fixture)
 from tests.shared_fixtures import shared_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,16 +62,12 @@ def runs(tmp_path_factory):
   return {name: (root / f"run_{name}", root / name / "release") for name in RUNS}
 
 
-def _train_and_export_causal(root: Path) -> None:
-  workdir = _train(root / "run", str(root / "token_cache"), {"model.train": "lora"}, synthetic_sst2)
-  export_lib.export(workdir, root / "release")
-
-
 @pytest.fixture(scope="module")
-def causal_run(tmp_path_factory):
-  """(workdir, release directory) of the tiny causal LM run (LoRA), exported once per test run."""
-  root = shared_once(tmp_path_factory, "export_causal_run", _train_and_export_causal)
-  return root / "run", root / "release"
+def causal_run(tmp_path_factory, generator):  # noqa: F811
+  """(workdir, release directory) of the shared tiny causal LM run (LoRA), exported once."""
+  build = lambda root: export_lib.export(generator, root / "release")
+  root = shared_once(tmp_path_factory, "export_causal_run", build)
+  return generator, root / "release"
 
 
 def _run(request, name: str) -> tuple[Path, Path]:
@@ -163,7 +160,7 @@ def test_causal_release_is_a_tied_gpt2_lm_equal_to_the_run(causal_run, tmp_path)
   workdir, release = causal_run
   trained = load_trained(workdir)
   summary = json.loads((workdir / "summary.json").read_text())
-  assert trained.step == summary["steps"] == 2
+  assert trained.step == summary["steps"] == 6  # the shared synthetic_sst2.py:tiny run
   assert loop.params_sha256(trained.params) == summary["params_sha256"]
   model, params, tokenizer = pretrained.load(release)
   assert isinstance(model, gpt2.GPT2LMHeadModel) and model.lora is None
@@ -256,13 +253,14 @@ def test_release_holds_only_public_files_and_no_secret(request, name):
   assert public == {k: v for k, v in summary.items() if k in export_lib.PUBLIC_SUMMARY_FIELDS}
   assert "workdir" not in public and "examples_seen" not in public
   assert "params_global_norm" not in public and "ledger" not in public
-  assert public["epsilon"] == summary["epsilon"] and public["steps"] == summary["steps"] == 2
+  assert public["epsilon"] == summary["epsilon"] and public["steps"] == summary["steps"]
+  assert public["steps"] == (6 if name == CAUSAL else 2)
   assert "seed" not in json.loads((release / "config.json").read_text())
   contents = {p.name: p.read_bytes() for p in release.iterdir()}
   assert not any(str(workdir).encode() in data for data in contents.values())
   # The checkpoint's secret must appear in no released file: neither as hex, nor as raw
   # bytes, nor as a decimal integer.
-  secret = _meta(workdir, 2)["secret"]["value"]
+  secret = _meta(workdir, public["steps"])["secret"]["value"]
   assert len(secret) == 64
   forms = [
     secret.encode(),

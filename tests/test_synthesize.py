@@ -37,6 +37,7 @@ def test_every_histogram_drawn_is_charged_once(generator, tmp_path):  # noqa: F8
   before = json.loads((workdir / "summary.json").read_text())
   c = synthetic_sst2.get_config("tiny")
   c.data.cache_dir = str(generator.parent / "token_cache")
+  c.model.train = "lora"  # as the shared run was trained
   c.train.steps = 8
   c.dp.noise_multiplier = 1.0  # σ given: no budget, so the run can go on past ε = 8
   c.resume = "allow_changes"
@@ -52,6 +53,7 @@ def test_every_histogram_drawn_is_charged_once(generator, tmp_path):  # noqa: F8
   # The checkpoints lost: the published histogram (draw 0) is still charged, and the new
   # one (draw 1) has noise of its own.
   shutil.rmtree(workdir / "checkpoints")
+  c.train.steps = 1
   again = loop.train_and_evaluate(c, workdir)
   assert again["releases"]["label_histogram"]["draw"] == 1
   assert (
