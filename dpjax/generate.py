@@ -644,6 +644,29 @@ def generate(
   return np.asarray(tokens, np.int32)
 
 
+def generate_in_batches(
+  model: gpt2.GPT2LMHeadModel,
+  params: PyTree,
+  prompts: Sequence[Sequence[int]],
+  config: GenerationConfig,
+  rng: jax.Array,
+  batch_size: int,
+) -> np.ndarray:
+  """:func:`generate` over any number of prompts, ``batch_size`` at a time.
+
+  The last batch is padded with copies of its first prompt, so one batch shape
+  is compiled; batch ``b`` (prompts ``b*batch_size ...``) samples with
+  ``fold_in(rng, b*batch_size)``. Returns int32 [len(prompts), max_new_tokens].
+  """
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start : start + batch_size])
+    padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+    tokens = generate(model, params, padded, config, jax.random.fold_in(rng, start))
+    out.append(tokens[: len(chunk)])
+  return np.concatenate(out) if out else np.zeros((0, config.max_new_tokens), np.int32)
+
+
 # ----------------------------------------------------------------------------
 # reference: no cache
 
@@ -799,24 +822,15 @@ def generate_from_workdir(workdir, prompt_texts, labels, num, overrides, seed, b
   except ValueError as err:
     raise ConfigError(str(err)) from None
   rng = jax.random.PRNGKey(seed)
-  rows = []
-  for start in range(0, len(ids), size):
-    chunk = ids[start : start + size]
-    out = generate(
-      trained.model,
-      trained.params,
-      chunk + [chunk[0]] * (size - len(chunk)),
-      config,
-      jax.random.fold_in(rng, start),
-    )
-    for (prompt, label), tokens in zip(jobs[start : start + size], out):
-      rows.append(
-        {
-          "prompt": prompt,
-          "label": None if label is None else fmt.label_words[label],
-          "generation": fmt.decode(tokens),
-        }
-      )
+  out = generate_in_batches(trained.model, trained.params, ids, config, rng, size)
+  rows = [
+    {
+      "prompt": prompt,
+      "label": None if label is None else fmt.label_words[label],
+      "generation": fmt.decode(tokens),
+    }
+    for (prompt, label), tokens in zip(jobs, out)
+  ]
   return rows
 
 

@@ -140,23 +140,20 @@ def synthesize(
     raise ConfigError(f"--batch_size must be an integer >= 1 (got {size})")
   seed = int.from_bytes(os.urandom(4), "little") if seed is None else int(seed)
   rng = jax.random.PRNGKey(seed)
-  rows, empty, calls = [], 0, 0
+  rows, empty = [], 0
   for label in range(k):
-    wanted, made = int(counts[label]), []
-    for _ in range(MAX_ROUNDS):
+    wanted, made, prompt = int(counts[label]), [], fmt.prompt_ids(label=label)
+    for attempt in range(MAX_ROUNDS):  # texts that came out empty are drawn again
       missing = wanted - len(made)
       if missing <= 0:
         break
-      for start in range(0, missing, size):
-        n = min(size, missing - start)
-        prompt = fmt.prompt_ids(label=label)
-        new = generate.generate(
-          trained.model, trained.params, [prompt] * size, config, jax.random.fold_in(rng, calls)
-        )
-        calls += 1
-        texts = [fmt.decode(row) for row in new[:n]]
-        empty += sum(1 for t in texts if not t)
-        made += [t for t in texts if t]
+      key = jax.random.fold_in(jax.random.fold_in(rng, label), attempt)
+      new = generate.generate_in_batches(
+        trained.model, trained.params, [prompt] * missing, config, key, size
+      )
+      texts = [fmt.decode(row) for row in new]
+      empty += sum(1 for t in texts if not t)
+      made += [t for t in texts if t]
     if len(made) < wanted:
       raise ConfigError(
         f"the generator wrote {len(made)} non-empty texts for label "

@@ -376,18 +376,8 @@ def generation_config(c: ml_collections.ConfigDict, **overrides):
   """
   from dpjax import generate  # pylint: disable=import-outside-toplevel
 
-  fields = {
-    key: c.generate[key]
-    for key in (
-      "strategy",
-      "max_new_tokens",
-      "num_beams",
-      "length_penalty",
-      "temperature",
-      "top_k",
-      "top_p",
-    )
-  }
+  # Every generate.* key but the two that say how many prompts, not how to decode them.
+  fields = {k: v for k, v in c.generate.items() if k not in ("batch_size", "eval_prompts")}
   fields.update(overrides)
   try:
     return generate.GenerationConfig(**fields)

@@ -74,13 +74,8 @@ def generation_eval(
   inputs, ids, references = _eval_prompts(c, fmt, limit)
   config = generation_config(c, eos_token_id=fmt.eos_id, pad_token_id=fmt.pad_id)
   rng = jax.random.PRNGKey(c.seed)  # public data and released parameters: no secret needed
-  texts = []
-  size = int(c.generate.batch_size)
-  for start in range(0, len(ids), size):
-    chunk = ids[start : start + size]
-    padded = chunk + [chunk[0]] * (size - len(chunk))  # one compiled batch size
-    out = generate.generate(model, params, padded, config, jax.random.fold_in(rng, start))
-    texts += [fmt.decode(row) for row in out[: len(chunk)]]
+  out = generate.generate_in_batches(model, params, ids, config, rng, int(c.generate.batch_size))
+  texts = [fmt.decode(row) for row in out]
   scores = text_metrics.generation_scores(texts, references)
   same = c.data.eval == c.data.train
   if same:

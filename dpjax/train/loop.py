@@ -205,21 +205,7 @@ _BOOKKEEPING_KEYS = (
   "train.checkpoint_every_steps",
   "train.keep_checkpoints",
   "train.private_metrics",
-  # Decoding: the generation eval after training and dpjax.generate/synthesize.
-  *(
-    f"generate.{key}"
-    for key in (
-      "strategy",
-      "max_new_tokens",
-      "num_beams",
-      "length_penalty",
-      "temperature",
-      "top_k",
-      "top_p",
-      "batch_size",
-      "eval_prompts",
-    )
-  ),
+  "generate",  # decoding: the generation eval after training, dpjax.generate/synthesize
 )
 
 
