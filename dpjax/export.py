@@ -75,6 +75,8 @@ PUBLIC_SUMMARY_FIELDS = (
   "epsilon",
   "delta",
   "epsilon_replace_one",
+  "epsilon_interval",
+  "attacker",
   "noise_multiplier",
   "sampling_prob",
   "steps",

@@ -117,6 +117,10 @@ def main(argv: list[str]) -> None:
     if summary["dp"]
     else "no privacy (epsilon=inf)"
   )
+  attacker = summary.get("attacker", {}).get("max_tpr_at_fpr", {})
+  if summary["dp"] and isinstance(attacker.get("0.01"), float):
+    # The same guarantee as an attacker's power: at 1% false positives, at most this TPR.
+    guarantee += f" (a membership test at FPR 1% has TPR <= {attacker['0.01']:.3f})"
   print(
     json.dumps(
       {

@@ -34,7 +34,6 @@ from dpjax.privacy import accounting
 
 #: The false positive rates the reports quote TPR at.
 REPORT_FPRS = (0.001, 0.01)
-_EPSILON_GRID = np.concatenate([np.linspace(0.0, 10.0, 1001), np.linspace(10.05, 60.0, 1000)])
 
 
 def loss_scores(losses: Sequence[float]) -> np.ndarray:
@@ -73,16 +72,6 @@ def lira_offline_scores(
     spread = shadows - mean if shadows.shape[0] >= 2 else target[None] - mean
     std = np.full_like(mean, np.sqrt(np.mean(spread**2)))
   return (target - mean) / np.maximum(std, 1e-6)
-
-
-def max_tpr(ledger: accounting.PrivacyLedger, fpr: float | np.ndarray) -> np.ndarray:
-  """The most TPR at ``fpr`` any membership attack can reach against the ledger's run."""
-  fpr = np.asarray(fpr, np.float64)
-  eps = _EPSILON_GRID
-  delta = np.minimum(ledger.deltas(eps), 1.0)
-  x = fpr[..., None]
-  bound = np.minimum(np.exp(eps) * x + delta, 1 - np.exp(-eps) * (1 - delta - x))
-  return np.clip(np.min(bound, axis=-1), fpr, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +126,7 @@ def evaluate_attack(
   auroc_ci = statistics.Bootstrap(float(low[0]), float(high[0]), 0.95, bootstrap_samples)
   bound = None
   if ledger is not None:
-    bound = {fpr: float(max_tpr(ledger, fpr)) for fpr in fprs}
+    bound = {fpr: float(ledger.tpr_bound(fpr)) for fpr in fprs}
   return AttackResult(
     attack=attack,
     members=audit.num_in,

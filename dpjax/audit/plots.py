@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from dpjax.audit import membership as membership_lib
 from dpjax.privacy import accounting
 
 
@@ -29,7 +28,7 @@ def roc_plot(report: dict[str, Any], ledger: accounting.PrivacyLedger, path: Pat
     fpr, tpr = np.asarray(attack["roc"]["fpr"]), np.asarray(attack["roc"]["tpr"])
     keep = fpr > 0
     ax.plot(fpr[keep], tpr[keep], label=f"{attack['attack']} (AUROC {attack['auroc']:.3f})")
-  ax.plot(grid, membership_lib.max_tpr(ledger, grid), "k--", label="bound from the ledger")
+  ax.plot(grid, ledger.tpr_bound(grid), "k--", label="bound from the ledger")
   ax.plot(grid, grid, ":", color="gray", label="chance")
   ax.set_xscale("log")
   ax.set_yscale("log")

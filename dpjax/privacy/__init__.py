@@ -9,6 +9,7 @@ from dpjax.privacy.accounting import (
   calibrate_noise,
   compute_epsilon,
   default_delta,
+  group_privacy_epsilon,
 )
 from dpjax.privacy.clipping import (
   AutomaticClip,
@@ -40,6 +41,7 @@ __all__ = [
   "compute_epsilon",
   "default_delta",
   "gaussian_privatizer",
+  "group_privacy_epsilon",
   "make_mechanism",
   "Mechanism",
   "MechanismSpec",

@@ -61,7 +61,7 @@ class MechanismSpec:
     epsilon_budget: a hard budget: training stops before ε(δ) would exceed it.
       None: the target ε when σ is calibrated, no budget when σ is given.
     delta: δ; None for N^-1.1 (Li et al. 2022). Must be < 1/N.
-    accountant: ``"pld"`` or ``"rdp"``.
+    accountant: ``"pld"``, ``"rdp"`` or ``"prv"`` (see :mod:`dpjax.privacy.accounting`).
     backend: per-example gradients by ``"vmap"``, ``"bookkeeping"`` or ``"auto"``.
     microbatch_size: examples per scan iteration of the gradient (None: all at once).
     max_batch_size: optional cap M of the sampled batch (accounted as truncated Poisson).
@@ -326,7 +326,7 @@ class Mechanism:
         "snap_grid_over_sigma_times_sensitivity": 2.0**-noise.SNAP_BITS if stddev else 0,
         "tail_probability": noise.tail_probability(stddev, self.steps) if stddev else None,
       },
-      **({"releases": [dataclasses.asdict(r) for r in self.releases]} if self.releases else {}),
+      **({"releases": [r.to_dict() for r in self.releases]} if self.releases else {}),
     }
 
 

@@ -120,7 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp.delta = config_dict.placeholder(float)  # None: N^-1.1; must be < 1/N
   c.dp.clip = "flat"  # flat | per_layer | automatic
   c.dp.clip_norm = 1.0
-  c.dp.accountant = "pld"  # pld | rdp
+  c.dp.accountant = "pld"  # pld | rdp | prv (all rigorous; summary.json brackets ε by PLD and PRV)
   c.dp.backend = "auto"  # auto (bookkeeping when the model allows) | bookkeeping | vmap
   c.dp.microbatch_size = 16
   # An integer makes noise and sampling a public function of it: reproducible, and NO

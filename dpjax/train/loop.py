@@ -19,7 +19,6 @@ The non-private baseline runs the same lines with a non-private mechanism.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import hmac
@@ -447,7 +446,7 @@ def _run(
     )
   sampler = mechanism.sampler()
   start_step = int(state.step)
-  journal_segment = dataclasses.asdict(mechanism.segment(0))
+  journal_segment = mechanism.segment(0).to_dict()
   allowed = mechanism.steps_within_budget(ledger, mechanism.steps - start_step)
   if allowed == 0 and mechanism.steps > start_step:
     raise config_lib.ConfigError(
@@ -608,6 +607,8 @@ def _run(
   summary = {
     "epsilon": epsilon,
     "epsilon_replace_one": mechanism.epsilon_replace_one(ledger),
+    # The true ε bracketed by PLD and PRV, and the guarantee as a membership attacker's power.
+    **(ledger.statement(mechanism.delta) if mechanism.private else {}),
     **mechanism.public_facts(),
     "public": "N, the config and the plan (sigma, q, steps, delta) are treated as public",
     "steps": final_step,
@@ -675,7 +676,7 @@ def _release_label_histogram(
     segment = histogram.segment(float(sigma), len(train))
     index = journal.next_release_index()
     parallel.sync("release index read")  # every process keys the draw alike
-    journal.write_release("label_histogram", index, dataclasses.asdict(segment))
+    journal.write_release("label_histogram", index, segment.to_dict())
     counts = histogram.release(labels, k, float(sigma), secret, index)
     ledger = ledger.record(segment)
     charged.append(index)

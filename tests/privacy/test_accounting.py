@@ -124,3 +124,10 @@ def test_memoized_pld_composition_is_dp_accountings_bit_for_bit_under_both_relat
     acc.compose(dp_accounting.ComposedDpEvent(events))
   assert ledger.epsilon(DELTA) == add_remove.get_epsilon(DELTA)
   assert ledger.epsilon_replace_one(DELTA) == replace_one.get_epsilon(DELTA)
+
+
+def test_calibration_over_many_steps_is_within_one_percent_of_the_target():
+  # 60 epochs at q = 256/60000: the coarse grid over-states ε by ~30% here, and the fine-grid
+  # search must start from a σ that is infeasible on the fine grid too.
+  sigma = calibrate_noise(3.0, 1e-5, 256 / 60000, 14062)
+  assert 0.99 * 3.0 <= compute_epsilon(sigma, 256 / 60000, 14062, 1e-5) <= 3.0

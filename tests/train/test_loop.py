@@ -61,6 +61,18 @@ def test_summary_fields_are_present_and_sane(trained):
     _replace_one_epsilon(summary["noise_multiplier"], b / n, 16, summary["delta"]), rel=1e-9
   )
   assert summary["epsilon_replace_one"] > summary["epsilon"]
+  # The cross-check brackets the reported ε, and the attacker's view is the ledger's.
+  interval = summary["epsilon_interval"]
+  low, high = interval["pld_optimistic_pessimistic"]
+  assert low <= summary["epsilon"] == high and interval["rdp_upper"] > summary["epsilon"]
+  # PRV's discretization fails on this tiny run's (q = 1/8, σ = 0.57, 16 steps): it says why.
+  assert interval["prv_lower_upper"] is None
+  assert "Discrete mean differs" in interval["unavailable"]["prv"]
+  ledger = privacy.PrivacyLedger.from_dict(summary["ledger"])
+  tpr = summary["attacker"]["max_tpr_at_fpr"]
+  assert tpr["0.01"] == pytest.approx(float(ledger.tpr_bound(0.01)), rel=1e-9)
+  assert 0.001 < tpr["0.001"] < tpr["0.01"] < tpr["0.1"] < 1
+  assert 0 < summary["attacker"]["gdp_mu"] < 10
   assert summary["noise"]["max_abs_normal"] > 11 and summary["noise"]["tail_probability"] < 1e-12
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert {r["split"] for r in rows} == {"privacy", "eval"}
