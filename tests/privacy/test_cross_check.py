@@ -64,9 +64,9 @@ def test_the_prv_accountant_is_the_package_composed_directly():
 
 
 def test_calibration_with_prv_meets_the_target():
-  q, _, steps, delta = SST2
-  sigma = accounting.calibrate_noise(8.0, delta, q, steps, "prv", dataset_size=N)
-  epsilon = accounting.compute_epsilon(sigma, q, steps, delta, "prv", dataset_size=N)
+  q, _, _, delta = SST2
+  sigma = accounting.calibrate_noise(8.0, delta, q, 40, "prv", dataset_size=N)
+  epsilon = accounting.compute_epsilon(sigma, q, 40, delta, "prv", dataset_size=N)
   assert 0.99 * 8.0 <= epsilon <= 8.0
 
 
