@@ -28,7 +28,7 @@ format: setup
 	$(VENV)/bin/ruff format --quiet .
 
 test: setup lint
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=10 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal --durations=10 tests
 
 RUN_WORKDIR ?= workdirs/sst2_quick
 

@@ -69,6 +69,9 @@ PLD_MIN_DELTA = 1e-11
 #: loss range ~1/σ² (at σ = 0.01 memory blows up), and the noise generator refuses σ < ~0.3.
 #: When even this σ meets the target (e.g. δ >= q for a single step), it is returned.
 MIN_CALIBRATED_SIGMA = 0.2
+#: The optimistic PLD of :meth:`PrivacyLedger.epsilon_interval` is built on this grid: a
+#: valid lower bound at a tenth of the fine grid's cost (PRV's lower end is the tight one).
+OPTIMISTIC_PLD_DISCRETIZATION = 1e-3
 #: PRV's certified error in ε: its interval is [ε̂ - e, ε̂ + e] (plus its δ error δ/1000).
 PRV_EPS_ERROR = 0.01
 #: The attacker's view: false-positive rates at which summaries state the TPR bound.
@@ -419,6 +422,7 @@ class EpsilonInterval:
   Attributes:
     delta: the δ of every bound here.
     pld: (optimistic, pessimistic) PLD ε: the true ε lies between them (the
+      optimistic end on the coarser grid :data:`OPTIMISTIC_PLD_DISCRETIZATION`; the
       PLD's truncated tails carry < 1e-15 of mass, below
       :data:`PLD_MIN_DELTA`). The optimistic end is None for a truncated-Poisson
       or user-level ledger (only the pessimistic one is built); the whole pair is
@@ -586,7 +590,11 @@ class PrivacyLedger:
       lower = None
       if not pld_only:
         optimistic = _composed_accountant(
-          self.segments, "pld", self.pld_discretization, NEIGHBORING_RELATION, False
+          self.segments,
+          "pld",
+          max(self.pld_discretization, OPTIMISTIC_PLD_DISCRETIZATION),
+          NEIGHBORING_RELATION,
+          False,
         )
         lower = min(float(optimistic.get_epsilon(delta)), upper)
       pld = (lower, upper)

@@ -31,12 +31,15 @@ _EPSILON = flags.DEFINE_float("epsilon", 8.0, "The target ε (example-level, the
 
 
 def _group_sigma(target, delta, q, steps, k):
-  """The smallest σ (to 0.1%) whose group-privacy ε for groups of k is at most ``target``."""
+  """A σ whose group-privacy ε for groups of k is in [0.99·target, target].
+
+  The same tolerance as ``calibrate_noise``, so the two σ columns compare.
+  """
   eps = lambda s: accounting.group_privacy_epsilon(accounting.Segment(q, s, steps), k, delta)
   lo, hi = 0.2, 1.0
   while eps(hi) > target:
     lo, hi = hi, hi * 2
-  while hi / lo > 1.001:
+  while eps(hi) < 0.99 * target and hi / lo > 1.0001:
     mid = (lo * hi) ** 0.5
     lo, hi = (mid, hi) if eps(mid) > target else (lo, mid)
   return hi
