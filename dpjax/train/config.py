@@ -41,6 +41,7 @@ _KEY_OF_ARGUMENT = {
   "fsdp": "parallel.fsdp",
   "rules": "parallel.rules",
   "max_examples_per_user": "dp.max_examples_per_user",
+  "accountant": "dp.accountant",
 }
 
 
