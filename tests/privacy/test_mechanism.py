@@ -180,10 +180,10 @@ def make_user_level(**spec_fields) -> privacy.Mechanism:
 
 
 def test_a_user_level_mechanism_samples_examples_and_accounts_users():
-  m = make_user_level(noise_multiplier=3.0).keyed(SECRET)
+  m = make_user_level(noise_multiplier=3.0)
   assert m.user_level and m.num_users == N_USERS and m.privacy_units == N_USERS
   # Sampling is over the N examples at q = B/N; the noise and clipping are unchanged.
-  assert m.sampling_prob == B / N and m.sampler().dataset_size == N
+  assert m.sampling_prob == B / N and m.keyed(SECRET).sampler().dataset_size == N
   assert m.delta == pytest.approx(N_USERS**-1.1)
   # The ledger records the mixture-of-Gaussians step with the users as its dataset.
   segment = m.segment(7)
