@@ -11,7 +11,8 @@ usual (Poisson, q = B/N over the N kept rows), and accounts each step as the
 mixture of Gaussians with sensitivities 0..k (Charles et al. 2024): ε and
 δ = N_u^-1.1 protect one user and all of their (at most k) rows. Only the PLD
 accountant composes it, and building one step's PLD takes 10-90 s per σ, so a
-calibrated σ (dp.epsilon as the target) takes minutes before the first step.
+calibrated σ (dp.epsilon as the target) takes tens of seconds to minutes before the
+first step.
 
 Variants:
   tiny   seconds on a CPU: a tiny random-init encoder on ~3% of the file, k = 2, a given
@@ -19,6 +20,10 @@ Variants:
   quick  the CPU demo: MiniLM with LoRA on the top 3 layers + head (as sst2.py:quick), the
          whole file capped at k = 4 rows per user (8,487 rows of 4,709 users), B = 250,
          2 epochs (68 steps), σ calibrated to a user-level ε = 8.
+         Measured on a 2-core x86 CPU: calibration 30 s (σ = 0.936; example-level DP at
+         ε = 8 would need σ = 0.521), ε = 7.993 per user (δ = 9.1e-5), dev accuracy 0.743
+         (one run), 2 min 40 s in all. The tiny variant's run of 8 steps: 27 s, 8 s of it
+         building the user-level PLD.
 """
 
 from __future__ import annotations

@@ -400,8 +400,8 @@ def make_mechanism(
   the users of the N examples, each with at most k of them): q stays B/N, δ
   defaults to N_u^-1.1 and must be < 1/N_u, and σ is calibrated to a per-user
   target (building a user-level step's PLD takes 10-90 s per σ tried at the
-  default discretization, so calibration takes minutes). ``releases`` must then
-  be user-level segments.
+  default discretization, so calibration takes tens of seconds to minutes).
+  ``releases`` must then be user-level segments.
 
   Raises:
     ValueError: a value outside its range (the message names it), a target no σ

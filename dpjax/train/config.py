@@ -124,7 +124,7 @@ def default_config() -> ml_collections.ConfigDict:
   # still capped the same way (a baseline on the same data) and nothing is accounted.
   c.dp.unit = "example"
   # k, the most rows of one user that training keeps (dp.unit=user only, and required then);
-  # ε grows with k, and building the accounting takes longer (σ calibration: minutes).
+  # ε grows with k, and building the accounting takes longer (σ calibration: 30 s to minutes).
   c.dp.max_examples_per_user = config_dict.placeholder(int)
   # Target ε: σ is calibrated so that the planned steps spend exactly this much
   # (not used when dp.noise_multiplier is given).

@@ -372,7 +372,7 @@ def _run(
     if num_users is not None and c.dp.enabled and c.dp.noise_multiplier is None:
       say(
         f"calibrating sigma for user-level DP ({num_users} users, at most "
-        f"{c.dp.max_examples_per_user} rows each): a few minutes"
+        f"{c.dp.max_examples_per_user} rows each): seconds to minutes"
       )
     mechanism = _plan(c, len(train), num_users)
     if c.generate.eval_prompts:  # refused now, not after training
