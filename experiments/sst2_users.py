@@ -15,8 +15,9 @@ calibrated σ (dp.epsilon as the target) takes tens of seconds to minutes before
 first step.
 
 Variants:
-  tiny   seconds on a CPU: a tiny random-init encoder on ~3% of the file, k = 2, a given
-         σ = 2 (ε is reported, not calibrated): for tests and smoke runs.
+  tiny   seconds on a CPU: a tiny random-init encoder on ~3% of the file (472 rows of 406
+         users after the cap), k = 2, a given σ = 2 (ε is reported, not calibrated): for
+         tests and smoke runs.
   quick  the CPU demo: MiniLM with LoRA on the top 3 layers + head (as sst2.py:quick), the
          whole file capped at k = 4 rows per user (8,487 rows of 4,709 users), B = 250,
          2 epochs (68 steps), σ calibrated to a user-level ε = 8.
