@@ -721,6 +721,11 @@ def config_run(c: Any, dataset_size: int | None = None) -> ConfigRun:
     config_lib.validate(c)
     if not c.dp.enabled:
       raise PlanError("config.dp.enabled must be True to plan a private run (got False)")
+    if c.dp.unit != "example":
+      raise PlanError(
+        f"config.dp.unit must be example to plan a run here (got {c.dp.unit!r}); a user-level "
+        "run reports its plan when python -m dpjax.main starts it"
+      )
     if dataset_size is None:
       n, source = training_set_size(c)
     else:

@@ -387,6 +387,7 @@ def whitebox_report(
     epsilon_budget=None,
     backend="vmap",
     microbatch_size=8,
+    max_examples_per_user=None,  # one step's clip and noise: the same at either unit
   )
   background = 31
   plan = privacy.make_mechanism(

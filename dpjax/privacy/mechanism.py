@@ -6,7 +6,7 @@ multiplier σ, δ, the accounting event and the secret that keys the noise and
 the sampling. :func:`make_mechanism` derives all of them once, from a
 :class:`MechanismSpec` (what the user chose) and the run's N, B and steps:
 
-    δ  = spec.delta, or N^-1.1
+    δ  = spec.delta, or N^-1.1 (N_u^-1.1 for user-level DP)
     σ  = spec.noise_multiplier, or the smallest σ with ε(q, σ, steps; δ) <= target ε
     budget = spec.epsilon_budget, or the target ε when σ was calibrated (else none)
 
@@ -23,6 +23,13 @@ A non-private mechanism (``spec.private = False``) has the same shape: its
 gradient is the unclipped sum, its privatizer divides by the realized number of
 examples, and it records σ = 0 steps, whose ε is infinite. A loop written
 against :class:`Mechanism` has no private/non-private branch.
+
+User-level DP by example-level sampling (``spec.max_examples_per_user = k``,
+Charles et al. 2024): the data hold at most k examples per user and N_u users.
+Sampling, clipping and noise are unchanged (Poisson over the N examples, q = B/N,
+per-example clipping); only the accounting differs: each step is recorded as the
+mixture of Gaussians with sensitivities 0..k (see :class:`accounting.Segment`),
+for N_u users, and δ, ε and the guarantee are per user.
 """
 
 from __future__ import annotations
@@ -65,6 +72,9 @@ class MechanismSpec:
     backend: per-example gradients by ``"vmap"``, ``"bookkeeping"`` or ``"auto"``.
     microbatch_size: examples per scan iteration of the gradient (None: all at once).
     max_batch_size: optional cap M of the sampled batch (accounted as truncated Poisson).
+    max_examples_per_user: k for user-level DP by example-level sampling (every user has
+      at most k examples in the data; ε and δ are per user, accounted by PLD only). None:
+      example-level DP.
   """
 
   private: bool = True
@@ -77,6 +87,12 @@ class MechanismSpec:
   backend: str = "auto"
   microbatch_size: int | None = None
   max_batch_size: int | None = None
+  max_examples_per_user: int | None = None
+
+  @property
+  def user_level(self) -> bool:
+    """True if the guarantee is per user (``max_examples_per_user`` set)."""
+    return self.max_examples_per_user is not None
 
 
 class MeanOverExamplesState(NamedTuple):
@@ -110,7 +126,7 @@ class Mechanism:
 
   Attributes:
     spec: what the user chose.
-    dataset_size: N, the number of privacy units (examples).
+    dataset_size: N, the number of examples (the sampler's population).
     expected_batch_size: B; the sampling rate is q = B/N.
     steps: the planned number of steps.
     delta: δ of every ε this mechanism reports.
@@ -123,6 +139,8 @@ class Mechanism:
     releases: one-off releases the run makes besides its steps (e.g. a DP label
       histogram, :mod:`dpjax.privacy.histogram`), recorded in the ledger before
       the first step; a calibrated σ leaves room for them in the target ε.
+    num_users: N_u, the number of users in the data (user-level DP only, else None):
+      the privacy units, the ledger's dataset size and the δ convention's N.
   """
 
   spec: MechanismSpec
@@ -135,10 +153,21 @@ class Mechanism:
   secret: RunSecret | None = dataclasses.field(default=None, repr=False, compare=False)
   attempt: int = 0
   releases: tuple[accounting.Segment, ...] = ()
+  num_users: int | None = None
 
   @property
   def private(self) -> bool:
     return self.spec.private
+
+  @property
+  def user_level(self) -> bool:
+    """True if ε and δ are per user (``spec.max_examples_per_user`` set)."""
+    return self.spec.user_level
+
+  @property
+  def privacy_units(self) -> int:
+    """The number of units the guarantee protects: N_u users, or N examples."""
+    return self.num_users if self.user_level else self.dataset_size
 
   @property
   def sampling_prob(self) -> float:
@@ -239,13 +268,18 @@ class Mechanism:
   # Accounting and the budget.
 
   def segment(self, steps: int = 1) -> accounting.Segment:
-    """``steps`` steps of this mechanism, as the ledger records them."""
+    """``steps`` steps of this mechanism, as the ledger records them.
+
+    User-level: the mixture-of-Gaussians step for k examples per user, with the
+    number of users as the dataset size.
+    """
     return accounting.Segment(
       sampling_prob=self.sampling_prob,
       noise_multiplier=self.noise_multiplier,
       steps=steps,
-      dataset_size=self.dataset_size,
+      dataset_size=self.privacy_units,
       max_batch_size=self.spec.max_batch_size,
+      max_examples_per_user=self.spec.max_examples_per_user,
     )
 
   def empty_ledger(self) -> accounting.PrivacyLedger:
@@ -259,8 +293,14 @@ class Mechanism:
     """ε(δ) of everything ``ledger`` recorded (inf once a non-private step is in it)."""
     return ledger.epsilon(self.delta)
 
-  def epsilon_replace_one(self, ledger: accounting.PrivacyLedger) -> float:
-    """ε(δ) of ``ledger`` under replace-one neighbours (N fixed)."""
+  def epsilon_replace_one(self, ledger: accounting.PrivacyLedger) -> float | None:
+    """ε(δ) of ``ledger`` under replace-one neighbours (N fixed).
+
+    None for user-level DP: the mixture-of-Gaussians accounting is for adding or
+    removing one user; replacing one user's examples by another's is not accounted.
+    """
+    if self.user_level:
+      return None
     return ledger.epsilon_replace_one(self.delta)
 
   def planned_epsilon(self) -> float:
@@ -294,6 +334,12 @@ class Mechanism:
       return "none (dp.enabled is False)"
     if self.secret is not None and not self.secret.secure:
       return "none (fixed noise seed)"
+    if self.user_level:
+      return (
+        "(epsilon, delta)-DP for add/remove of one user (all of their at most "
+        f"{self.spec.max_examples_per_user} training examples), for everything computed from "
+        "the released parameters"
+      )
     return (
       "(epsilon, delta)-DP for add/remove of one training example, for everything "
       "computed from the released parameters"
@@ -310,6 +356,12 @@ class Mechanism:
       "noise_multiplier": self.noise_multiplier,
       "sampling_prob": self.sampling_prob,
       "dataset_size": self.dataset_size,
+      "unit": "user" if self.user_level else "example",
+      **(
+        {"max_examples_per_user": self.spec.max_examples_per_user, "num_users": self.num_users}
+        if self.user_level
+        else {}
+      ),
       "expected_batch_size": self.expected_batch_size,
       "planned_steps": self.steps,
       "accountant": self.spec.accountant if self.private else None,
@@ -337,11 +389,19 @@ def make_mechanism(
   expected_batch_size: float,
   steps: int,
   releases: tuple[accounting.Segment, ...] = (),
+  num_users: int | None = None,
 ) -> Mechanism:
   """Calibrates the mechanism of a run: δ, σ and the budget, from ``spec`` and N, B, steps.
 
   The result has no secret yet; :meth:`Mechanism.keyed` adds it. ``releases``
   (one-off mechanisms besides the steps) count against a target ε.
+
+  User-level DP (``spec.max_examples_per_user = k``) needs ``num_users`` (N_u,
+  the users of the N examples, each with at most k of them): q stays B/N, δ
+  defaults to N_u^-1.1 and must be < 1/N_u, and σ is calibrated to a per-user
+  target (building a user-level step's PLD takes 10-90 s per σ tried at the
+  default discretization, so calibration takes tens of seconds to minutes).
+  ``releases`` must then be user-level segments.
 
   Raises:
     ValueError: a value outside its range (the message names it), a target no σ
@@ -352,11 +412,44 @@ def make_mechanism(
   if b > n:
     raise ValueError(f"batch_size must be in (0, dataset_size={n}] (got {expected_batch_size:g})")
   _validation.require_int_in("steps", steps, 1)
+  k = spec.max_examples_per_user
+  if k is None:
+    if num_users is not None:
+      raise ValueError("num_users is for user-level DP only (spec.max_examples_per_user)")
+    units = n
+  else:
+    _validation.require_int_in("max_examples_per_user", k, 1)
+    if num_users is None:
+      raise ValueError("num_users must be given for user-level DP (spec.max_examples_per_user)")
+    units = _validation.require_int_in("num_users", num_users, 2, n)
+    if n > k * units:
+      raise ValueError(
+        f"dataset_size={n} exceeds max_examples_per_user={k} times num_users={units}: "
+        "some user has more than k examples"
+      )
   if not spec.private:
-    return Mechanism(spec, n, b, steps, accounting.default_delta(n), 0.0, None)
+    return Mechanism(
+      spec, n, b, steps, accounting.default_delta(units), 0.0, None, num_users=num_users
+    )
+  if k is not None and spec.accountant != "pld":
+    raise ValueError(
+      f"accountant must be 'pld' for user-level DP (got {spec.accountant!r}): only the PLD "
+      "accountant composes the mixture-of-Gaussians steps"
+    )
+  if k is not None and spec.max_batch_size is not None:
+    raise ValueError(
+      "max_batch_size must be None for user-level DP: a truncated batch is not accounted "
+      "at the user level"
+    )
   releases = tuple(releases)
-  delta = accounting.default_delta(n) if spec.delta is None else spec.delta
-  _validation.require_delta(delta, n)
+  delta = accounting.default_delta(units) if spec.delta is None else spec.delta
+  _validation.require_delta(delta)
+  if k is not None and delta >= 1.0 / units:
+    raise ValueError(
+      f"delta must be < 1/num_users = {1.0 / units:.3g} for user-level DP (got {delta!r}; "
+      f"the usual choice is num_users**-1.1 = {units**-1.1:.3g})"
+    )
+  _validation.require_delta(delta, units)
   if spec.noise_multiplier is not None:
     sigma = _validation.require_non_negative("noise_multiplier", spec.noise_multiplier)
     budget = spec.epsilon_budget
@@ -369,9 +462,10 @@ def make_mechanism(
       b / n,
       steps,
       spec.accountant,
-      dataset_size=n,
+      dataset_size=units,
       max_batch_size=spec.max_batch_size,
       prior=releases,
+      max_examples_per_user=k,
     )
     budget = spec.target_epsilon if spec.epsilon_budget is None else spec.epsilon_budget
   if budget is not None:
@@ -384,7 +478,7 @@ def make_mechanism(
       f"{MAX_TAIL_FRACTION_OF_DELTA:g}·delta = {MAX_TAIL_FRACTION_OF_DELTA * delta:.2g}); "
       "use σ >= 0.3"
     )
-  return Mechanism(spec, n, b, steps, delta, sigma, budget, releases=releases)
+  return Mechanism(spec, n, b, steps, delta, sigma, budget, releases=releases, num_users=num_users)
 
 
 def privatizer_template(spec: MechanismSpec) -> optax.GradientTransformationExtraArgs:

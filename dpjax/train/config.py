@@ -27,6 +27,7 @@ SCHEDULES = ("linear", "constant")
 TASKS = ("classify", "label_words", "causal_lm")
 TRAINS = ("all", "lora", "head")
 RESUME = ("same_config", "allow_changes")
+UNITS = ("example", "user")
 
 # Library argument names -> the config keys they come from (for one-line errors).
 _KEY_OF_ARGUMENT = {
@@ -39,6 +40,8 @@ _KEY_OF_ARGUMENT = {
   "data": "parallel.data",
   "fsdp": "parallel.fsdp",
   "rules": "parallel.rules",
+  "max_examples_per_user": "dp.max_examples_per_user",
+  "accountant": "dp.accountant",
 }
 
 
@@ -82,6 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
   # causal_lm: the field holding each row's prompt ("" = none); the loss is on the
   # completion only.
   c.data.prompt_field = ""
+  # The column/field of data.train holding each row's user id (read only when dp.unit=user,
+  # and then required: a row without one is a bad row, see data.skip_bad_rows). data.eval
+  # needs no such column.
+  c.data.user_field = ""
   c.data.num_labels = 2
   c.data.max_length = 64
   c.data.buckets = (32, 64)
@@ -109,6 +116,16 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = True  # False: the non-private baseline (same loop, ε = inf)
+  # The privacy unit. example: (ε, δ) for adding/removing one training row. user: for one
+  # user and all their rows (user-level DP by example-level sampling, Charles et al. 2024):
+  # training keeps each user's first dp.max_examples_per_user rows of data.train (in file
+  # order), samples and clips rows as usual, and accounts each step as a mixture of
+  # Gaussians (PLD only); δ, ε and N are per user. With dp.enabled=False the rows are
+  # still capped the same way (a baseline on the same data) and nothing is accounted.
+  c.dp.unit = "example"
+  # k, the most rows of one user that training keeps (dp.unit=user only, and required then);
+  # ε grows with k, and building the accounting takes longer (σ calibration: 30 s to minutes).
+  c.dp.max_examples_per_user = config_dict.placeholder(int)
   # Target ε: σ is calibrated so that the planned steps spend exactly this much
   # (not used when dp.noise_multiplier is given).
   c.dp.epsilon = 8.0
@@ -326,6 +343,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if value:
     if not c.data.label_field:
       raise _fail("data.label_field", "", "a field name when dp.label_histogram_noise is set")
+  _validate_unit(c)
   if not isinstance(c.train.private_metrics, bool):
     raise _fail("train.private_metrics", c.train.private_metrics, "True or False")
   _positive(c, "train.batch_size")
@@ -359,6 +377,39 @@ def validate(c: ml_collections.ConfigDict) -> None:
     parallel.parse_rules(tuple(c.parallel.rules))
   except parallel.ParallelError as err:
     raise config_error(err) from None
+
+
+def _validate_unit(c: ml_collections.ConfigDict) -> None:
+  """dp.unit and what user-level DP needs: k, a user column, and no example-level extras."""
+  _one_of(c, "dp.unit", UNITS)
+  k = c.dp.max_examples_per_user
+  if c.dp.unit == "example":
+    if k is not None:
+      raise _fail("dp.max_examples_per_user", k, "None when dp.unit=example")
+    return
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise _fail("dp.max_examples_per_user", k, "an integer >= 1 when dp.unit=user")
+  if not isinstance(c.data.user_field, str) or not c.data.user_field:
+    raise _fail("data.user_field", c.data.user_field, "a column/field name when dp.unit=user")
+  if str(c.data.train).startswith("sst2:"):
+    raise _fail(
+      "data.train",
+      c.data.train,
+      "a .tsv/.csv/.jsonl file with a data.user_field column when dp.unit=user (SST-2 has "
+      "no user ids)",
+    )
+  if c.dp.enabled and c.dp.accountant != "pld":
+    raise _fail("dp.accountant", c.dp.accountant, "pld when dp.unit=user (only PLD accounts it)")
+  if c.dp.enabled and c.dp.label_histogram_noise:
+    raise _fail(
+      "dp.label_histogram_noise",
+      c.dp.label_histogram_noise,
+      "0 when dp.unit=user (the histogram is accounted per row)",
+    )
+  if c.audit.canaries:
+    raise _fail(
+      "audit.canaries", c.audit.canaries, "0 when dp.unit=user (canaries are single rows)"
+    )
 
 
 def causal_template(c: ml_collections.ConfigDict) -> str:
@@ -450,6 +501,7 @@ def mechanism_spec(c: ml_collections.ConfigDict) -> mechanism.MechanismSpec:
     accountant=c.dp.accountant,
     backend=c.dp.backend,
     microbatch_size=c.dp.microbatch_size,
+    max_examples_per_user=c.dp.max_examples_per_user if c.dp.unit == "user" else None,
   )
 
 

@@ -137,8 +137,13 @@ def _token_cache(c: ml_collections.ConfigDict, workdir: Path) -> Iterator[Path]:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _plan(c: ml_collections.ConfigDict, dataset_size: int) -> privacy.Mechanism:
-  """The run's calibrated mechanism (no secret yet); a bad value is one ConfigError."""
+def _plan(
+  c: ml_collections.ConfigDict, dataset_size: int, num_users: int | None = None
+) -> privacy.Mechanism:
+  """The run's calibrated mechanism (no secret yet); a bad value is one ConfigError.
+
+  ``num_users``: N_u of a user-level run (``dp.unit = user``), else None.
+  """
   try:
     releases = ()
     if c.dp.enabled and c.dp.label_histogram_noise:
@@ -149,6 +154,7 @@ def _plan(c: ml_collections.ConfigDict, dataset_size: int) -> privacy.Mechanism:
       expected_batch_size=float(c.train.batch_size),
       steps=config_lib.planned_steps(c, dataset_size),
       releases=releases,
+      num_users=num_users,
     )
   except ValueError as err:
     raise config_lib.config_error(err) from None
@@ -362,7 +368,13 @@ def _run(
     evals = splits.load_split(
       c.data.eval, task.tokenizer, c, cache, limit=c.data.eval_limit, seed=c.seed + 1
     )
-    mechanism = _plan(c, len(train))
+    num_users = splits.count_users(train) if c.dp.unit == "user" else None
+    if num_users is not None and c.dp.enabled and c.dp.noise_multiplier is None:
+      say(
+        f"calibrating sigma for user-level DP ({num_users} users, at most "
+        f"{c.dp.max_examples_per_user} rows each): seconds to minutes"
+      )
+    mechanism = _plan(c, len(train), num_users)
     if c.generate.eval_prompts:  # refused now, not after training
       generation_eval.check_fits(c, task.tokenizer, task.model.config.n_positions)
     _lock(workdir, cleanup)
@@ -471,8 +483,14 @@ def _run(
     if mechanism.private
     else "no privacy (dp.enabled=False)"
   )
+  users_text = (
+    f"(users={mechanism.num_users}, k={mechanism.spec.max_examples_per_user}) "
+    if mechanism.user_level
+    else ""
+  )
   say(
-    f"plan: N={mechanism.dataset_size} B={mechanism.expected_batch_size:g} "
+    f"plan: N={mechanism.dataset_size} {users_text}"
+    f"B={mechanism.expected_batch_size:g} "
     f"q={mechanism.sampling_prob:.5f} steps={mechanism.steps} "
     f"{f'(with {num_canaries} audit canaries) ' if num_canaries else ''}"
     f"{privacy_plan} trainable={lora.count(trainable):,} params "
@@ -606,11 +624,15 @@ def _run(
     writer.close()
   summary = {
     "epsilon": epsilon,
+    # None for user-level DP (accounted for adding/removing one user only).
     "epsilon_replace_one": mechanism.epsilon_replace_one(ledger),
     # The true ε bracketed by PLD and PRV, and the guarantee as a membership attacker's power.
     **(ledger.statement(mechanism.delta) if mechanism.private else {}),
     **mechanism.public_facts(),
-    "public": "N, the config and the plan (sigma, q, steps, delta) are treated as public",
+    "public": (
+      "N, the config and the plan (sigma, q, steps, delta) are treated as public"
+      + (", and so is the number of users" if mechanism.user_level else "")
+    ),
     "steps": final_step,
     "ledger_steps": ledger.steps,
     "ledger": ledger.to_dict(),  # every segment; the plan above is the last one

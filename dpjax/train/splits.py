@@ -51,9 +51,19 @@ class Split:
     return np.searchsorted(self.encoded.buckets, self.encoded.lengths[self.indices])
 
 
-def source_for(spec: str, c: ml_collections.ConfigDict) -> data_lib.Source:
-  """``sst2:<split>`` or a path to a .tsv/.csv/.jsonl file -> a random-access source."""
+def source_for(
+  spec: str, c: ml_collections.ConfigDict, user_field: str | None = None
+) -> data_lib.Source:
+  """``sst2:<split>`` or a path to a .tsv/.csv/.jsonl file -> a random-access source.
+
+  ``user_field``: the file's user id column (every row must have one), or None.
+  """
   if spec.startswith("sst2:"):
+    if user_field is not None:
+      raise ConfigError(
+        f"data source {spec!r} has no user ids (config.data.user_field={user_field!r}); "
+        "user-level DP needs a .tsv/.csv/.jsonl file with a user column"
+      )
     try:
       return data_lib.sst2(spec.split(":", 1)[1])
     except ValueError as err:  # an unknown split (sst2:test has no labels and is not shipped)
@@ -70,6 +80,7 @@ def source_for(spec: str, c: ml_collections.ConfigDict) -> data_lib.Source:
     num_labels=c.data.num_labels,
     skip_bad_rows=c.data.skip_bad_rows,
     prompt_field=c.data.prompt_field or None,
+    user_field=user_field,
   )
 
 
@@ -102,6 +113,7 @@ def load_split(
   fraction: float = 1.0,
   limit: int | None = None,
   seed: int = 0,
+  user_field: str | None = None,
 ) -> Split:
   """Encodes a source and keeps a subset of its rows.
 
@@ -110,11 +122,12 @@ def load_split(
   the file changes the subset by at most that row (the add/remove guarantee
   carries over from the subset to the file). ``limit`` (if given) keeps that many
   random rows (for public evaluation splits only: one row more in the file
-  reshuffles the choice).
+  reshuffles the choice). ``user_field``: read each row's user id from that column
+  (into ``encoded.user_ids``).
   """
   try:
     encoded = data_lib.encode(
-      source_for(spec, c),
+      source_for(spec, c, user_field),
       tokenizer,
       c.data.max_length,
       buckets=tuple(c.data.buckets),
@@ -152,10 +165,22 @@ def training_split(
   With ``audit.canaries = m``, the canaries whose coin is heads are appended
   after the file's rows (see :mod:`dpjax.audit.canaries`); they are rows like
   any other from here on.
+
+  With ``dp.unit = user`` each row's user id is read from ``data.user_field`` and
+  each user keeps at most ``dp.max_examples_per_user`` rows (:func:`cap_per_user`).
   """
+  user_level = c.dp.unit == "user"
   train = load_split(
-    c.data.train, tokenizer, c, cache_dir, fraction=c.data.train_fraction, seed=c.seed
+    c.data.train,
+    tokenizer,
+    c,
+    cache_dir,
+    fraction=c.data.train_fraction,
+    seed=c.seed,
+    user_field=c.data.user_field if user_level else None,
   )
+  if user_level:
+    train = cap_per_user(train, int(c.dp.max_examples_per_user))
   if not c.audit.canaries:
     return train, 0
   extra = encode_canaries(c, tokenizer, canaries_of(c, tokenizer).in_examples)
@@ -165,6 +190,35 @@ def training_split(
   joined = encoded_lib.concatenate(base, extra)
   indices = np.concatenate([train.indices, len(base) + np.arange(len(extra))])
   return Split(joined, indices), len(extra)
+
+
+def cap_per_user(split: Split, k: int) -> Split:
+  """``split`` with each user's first ``k`` rows only (in file order).
+
+  The rule is local to each user: which of a user's rows are kept depends on
+  that user's rows alone (their order in the file, after ``data.train_fraction``,
+  which keeps a row by its own content), so adding or removing one user's rows
+  changes the kept rows by that user's at most k rows.
+
+  Raises:
+    ConfigError: the split has no user ids.
+  """
+  users = split.encoded.user_ids
+  if users is None:
+    raise ConfigError(f"{split.encoded.name} has no user ids (config.data.user_field)")
+  kept, counts = [], {}
+  for i in split.indices:  # ascending: file order
+    user = users[i]
+    if counts.get(user, 0) < k:
+      counts[user] = counts.get(user, 0) + 1
+      kept.append(i)
+  return Split(split.encoded, np.asarray(kept, np.int64))
+
+
+def count_users(split: Split) -> int:
+  """The number of distinct user ids among the split's rows (0 without user ids)."""
+  users = split.encoded.user_ids
+  return 0 if users is None else len(np.unique(users[split.indices]))
 
 
 def canaries_of(c: ml_collections.ConfigDict, tokenizer) -> canaries.Canaries:
@@ -206,9 +260,13 @@ def _update_row_facts(digest, encoded: data_lib.EncodedDataset, index: int) -> N
 
 
 def data_digest(split: Split) -> bytes:
-  """sha256 of the split's rows (tokens and labels, in order): what training reads."""
+  """sha256 of the split's rows (tokens, labels and user ids, in order): what training reads."""
   digest = hashlib.sha256()
+  users = split.encoded.user_ids
   for i in split.indices:
     digest.update(split.encoded.token_ids(int(i)).tobytes())
     _update_row_facts(digest, split.encoded, int(i))
+    if users is not None:
+      user = str(users[int(i)]).encode()
+      digest.update(b"user" + len(user).to_bytes(8, "little") + user)
   return digest.digest()

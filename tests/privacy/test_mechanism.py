@@ -164,3 +164,85 @@ def test_steps_for_epochs_rounds_halves_up():
   assert privacy.steps_for_epochs(2.0, 1000, 100.0) == 20
   assert privacy.steps_for_epochs(0.01, 1000, 100.0) == 1
   assert privacy.steps_per_epoch(250, 100.0) == 3
+
+
+# User-level DP by example-level sampling: N examples of N_u users, at most k each.
+N_USERS, K = 2000, 3
+
+
+def make_user_level(**spec_fields) -> privacy.Mechanism:
+  spec = privacy.MechanismSpec(
+    **{"clip": privacy.FlatClip(0.5), "max_examples_per_user": K, **spec_fields}
+  )
+  return privacy.make_mechanism(
+    spec, dataset_size=N, expected_batch_size=B, steps=STEPS, num_users=N_USERS
+  )
+
+
+def test_a_user_level_mechanism_samples_examples_and_accounts_users():
+  m = make_user_level(noise_multiplier=3.0)
+  assert m.user_level and m.num_users == N_USERS and m.privacy_units == N_USERS
+  # Sampling is over the N examples at q = B/N; the noise and clipping are unchanged.
+  assert m.sampling_prob == B / N and m.keyed(SECRET).sampler().dataset_size == N
+  assert m.delta == pytest.approx(N_USERS**-1.1)
+  # The ledger records the mixture-of-Gaussians step with the users as its dataset.
+  segment = m.segment(7)
+  assert segment == privacy.Segment(B / N, 3.0, 7, N_USERS, max_examples_per_user=K)
+  assert m.record(m.empty_ledger(), 7).user_level
+  assert m.epsilon_replace_one(m.empty_ledger()) is None
+  assert m.guarantee.startswith(
+    "(epsilon, delta)-DP for add/remove of one user (all of their at most 3 training examples)"
+  )
+  facts = m.public_facts()
+  assert facts["unit"] == "user" and facts["max_examples_per_user"] == K
+  assert facts["num_users"] == N_USERS and facts["dataset_size"] == N
+  example = make(noise_multiplier=3.0).public_facts()
+  assert example["unit"] == "example" and "num_users" not in example
+
+
+def test_user_level_calibration_passes_k_and_the_number_of_users(monkeypatch):
+  seen = {}
+
+  def fake_calibrate(*args, **kwargs):
+    seen.update(kwargs, args=args)
+    return 2.5
+
+  monkeypatch.setattr(privacy.accounting, "calibrate_noise", fake_calibrate)
+  m = make_user_level(target_epsilon=4.0)
+  assert m.noise_multiplier == 2.5 and m.epsilon_budget == 4.0
+  assert seen["max_examples_per_user"] == K and seen["dataset_size"] == N_USERS
+  assert seen["args"][:3] == (4.0, pytest.approx(N_USERS**-1.1), B / N)
+
+
+@pytest.mark.parametrize(
+  "changes, num_users, message, key",
+  [
+    ({}, None, "num_users must be given for user-level DP", None),
+    ({}, 1000, "dataset_size=5000 exceeds max_examples_per_user=3 times num_users=1000", None),
+    ({"accountant": "rdp"}, N_USERS, "accountant must be 'pld' for user-level DP", "dp.accountant"),
+    ({"delta": 1 / N_USERS}, N_USERS, "delta must be < 1/num_users = 0.0005", "dp.delta"),
+    ({"max_examples_per_user": 0}, N_USERS, "max_examples_per_user must be an integer", None),
+    ({"max_examples_per_user": None}, N_USERS, "num_users is for user-level DP only", None),
+  ],
+)
+def test_user_level_refusals_are_one_line(changes, num_users, message, key):
+  spec = privacy.MechanismSpec(
+    **{"noise_multiplier": 3.0, "max_examples_per_user": K, "accountant": "pld", **changes}
+  )
+  with pytest.raises(ValueError) as err:
+    privacy.make_mechanism(
+      spec, dataset_size=N, expected_batch_size=B, steps=STEPS, num_users=num_users
+    )
+  assert message in str(err.value) and "\n" not in str(err.value)
+  if key is not None:
+    assert str(config_lib.config_error(err.value)).startswith(f"config.{key}")
+
+
+def test_the_config_maps_the_unit_onto_the_spec():
+  c = config_lib.default_config()
+  assert config_lib.mechanism_spec(c).max_examples_per_user is None
+  c.dp.unit = "user"
+  c.dp.max_examples_per_user = 4
+  assert config_lib.mechanism_spec(c).max_examples_per_user == 4
+  c.dp.enabled = False  # the baseline keeps the unit (its data are capped alike)
+  assert config_lib.mechanism_spec(c).user_level
