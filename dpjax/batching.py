@@ -186,3 +186,42 @@ class StaticBatches:
       f"StaticBatches(N={self.dataset_size}, q={self.sampling_prob:.5g}, "
       f"multiple={self.multiple}, shapes={self.shapes})"
     )
+
+
+def user_table(user_ids: np.ndarray, unit_size: int) -> np.ndarray:
+  """int64 [N_u, k]: the positions of each user's rows, -1 where a user has fewer than k.
+
+  Users are numbered by their sorted ids (the units a user-level sampler draws);
+  a user's rows keep their order. Every user must have at most ``unit_size`` rows.
+  """
+  user_ids = np.asarray(user_ids)
+  _validation.require_int_in("unit_size", unit_size, 1)
+  ids, user_of_row = np.unique(user_ids, return_inverse=True)
+  counts = np.bincount(user_of_row, minlength=len(ids))
+  if len(counts) and counts.max() > unit_size:
+    raise ValueError(f"a user has {counts.max()} rows, more than unit_size={unit_size}")
+  table = np.full((len(ids), unit_size), -1, np.int64)
+  order = np.argsort(user_of_row, kind="stable")
+  slot = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+  table[user_of_row[order], slot] = order
+  return table
+
+
+def user_groups(table: np.ndarray, row_groups: np.ndarray) -> np.ndarray:
+  """int [N_u]: each user's group, the largest of its rows' (e.g. its longest row's bucket)."""
+  groups = np.where(table >= 0, np.asarray(row_groups)[np.maximum(table, 0)], -1)
+  return groups.max(1)
+
+
+def expand_users(table: np.ndarray, group: PaddedGroup) -> tuple[np.ndarray, np.ndarray]:
+  """A padded group of USERS -> (row positions [S·k], row mask [S·k]), k rows per user.
+
+  Each user's k slots are consecutive (the clipping unit of
+  :func:`dpjax.privacy.clipped_grad` with ``unit_size=k``); empty slots and
+  padding users repeat a real row of that user and are masked out, so they
+  contribute zero. Device blocks of users become device blocks of rows.
+  """
+  rows = table[group.indices]
+  mask = (rows >= 0) & group.mask[:, None]
+  rows = np.where(rows >= 0, rows, rows[:, :1])
+  return rows.reshape(-1), mask.reshape(-1)

@@ -81,6 +81,12 @@ def _zero_rows(x: jax.Array, kept: jax.Array) -> jax.Array:
   return jnp.where(kept.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
 
 
+def _by_unit(x: jax.Array, real: jax.Array, unit_size: int) -> jax.Array:
+  """[B, T, d] -> [B / k, k·T, d] with non-real rows zeroed: a unit's rows as one sequence."""
+  x = _zero_rows(x, real)
+  return x.reshape((x.shape[0] // unit_size, unit_size * x.shape[1]) + x.shape[2:])
+
+
 def ghost_is_cheaper(tokens: int, m: int, n: int) -> bool:
   """Ghost norm O(T²(m+n)) vs materialized per-example gradient O(T·m·n)."""
   return tokens * (m + n) < m * n
@@ -109,6 +115,13 @@ class LinearGrad:
       return jnp.sum(pp * qq, (1, 2))
     return jnp.sum(jnp.square(self.per_example()), (1, 2))
 
+  def unit_sq_norm(self, unit_size: int, real: jax.Array) -> jax.Array:
+    """||Σ_{i∈u} P_iᵀ Q_i||² per unit of ``unit_size`` rows: the norm of P_uᵀ Q_u over the
+    union of the unit's tokens (ghost or materialized, whichever is cheaper at k·T)."""
+    return LinearGrad(
+      _by_unit(self.p, real, unit_size), _by_unit(self.q, real, unit_size)
+    ).sq_norm()
+
   def weighted_sum(self, c: jax.Array, kept: jax.Array) -> jax.Array:
     if self.ghost:
       return jnp.einsum(
@@ -125,6 +138,11 @@ class DirectGrad:
 
   def sq_norm(self) -> jax.Array:
     return jnp.sum(jnp.square(self.g.reshape(self.g.shape[0], -1)), 1)
+
+  def unit_sq_norm(self, unit_size: int, real: jax.Array) -> jax.Array:
+    """||Σ_{i∈u} g_i||² per unit of ``unit_size`` rows."""
+    g = _zero_rows(self.g, real)
+    return DirectGrad(g.reshape((-1, unit_size) + g.shape[1:]).sum(1)).sq_norm()
 
   def weighted_sum(self, c: jax.Array, kept: jax.Array) -> jax.Array:
     return jnp.tensordot(c, _zero_rows(self.g, kept), axes=1)
@@ -172,6 +190,17 @@ class TableGrad:
     if self.dense is not None:
       total = total + self.dense.sq_norm()
     return total
+
+  def unit_sq_norm(self, unit_size: int, real: jax.Array) -> jax.Array:
+    """||Σ_{i∈u} G_i||² per unit: the unit's rows (and tied uses) merged as one example's."""
+    grouped = lambda x: None if x is None else _by_unit(x, real, unit_size)
+    rows = None
+    if self.rows is not None:
+      rows = self.rows.reshape((-1, unit_size * self.rows.shape[1]))
+    dense = None
+    if self.dense is not None:
+      dense = LinearGrad(grouped(self.dense.p), grouped(self.dense.q))
+    return TableGrad(rows, grouped(self.values), dense, self.num_rows).sq_norm()
 
   def weighted_sum(self, c: jax.Array, kept: jax.Array) -> jax.Array:
     hidden = (self.values if self.values is not None else self.dense.q).shape[-1]
@@ -358,8 +387,17 @@ def clipped_sum(
   mask: jax.Array,
   rule: clipping.ClipRule,
   has_aux: bool,
+  unit_size: int = 1,
+  contribution: str = "sum",
 ) -> tuple[PyTree, tuple[Any, ...]]:
   """The clipped sum over one (micro)batch, as ``ClippedGradFn`` expects it.
+
+  With ``unit_size = k > 1`` every k consecutive rows are one privacy unit (one
+  user): the clipped quantity is the unit's summed (or mean) gradient, whose
+  norm is taken over the union of the unit's tokens (a ghost norm over k·T
+  tokens, or a [m, n] gradient per unit), so no per-user gradient of a large
+  layer is ever formed either; the clipped sum is still one contraction per
+  layer with the unit's factor on each of its rows.
 
   Returns:
     (clipped sum shaped like ``params`` in float32, (losses, norms, clipped,
@@ -400,10 +438,14 @@ def clipped_sum(
           "LayerNorm of dpjax.models.layers); use backend='vmap' for this model"
         )
       grads[f"{where}/{name}" if where else name] = found[name]
-  sq_norms = {k: g.sq_norm() for k, g in grads.items()}
+  if unit_size == 1:
+    sq_norms = {k: g.sq_norm() for k, g in grads.items()}
+  else:
+    real = jnp.asarray(mask).astype(bool)
+    sq_norms = {k: g.unit_sq_norm(unit_size, real) for k, g in grads.items()}
   # The clip rule sees the same tree structure (and paths) as the parameters.
   sq_tree = traverse_util.unflatten_dict(sq_norms, sep="/")
-  safe = clipping.safe_clip_factors(sq_tree, rule, mask, losses)
+  safe = clipping.safe_clip_factors(sq_tree, rule, mask, losses, unit_size, contribution)
   factors = traverse_util.flatten_dict(safe.per_leaf, sep="/")
   sums = {k: g.weighted_sum(factors[k], safe.kept) for k, g in grads.items()}
   summed = traverse_util.unflatten_dict(sums, sep="/")

@@ -304,31 +304,81 @@ class SafeFactors(NamedTuple):
   nonfinite: jax.Array
 
 
-def safe_clip_factors(
-  sq_norms: PyTree, rule: ClipRule, mask: jax.Array | None = None, losses: jax.Array | None = None
-) -> SafeFactors:
-  """``rule.factors`` on per-leaf squared norms ([B] leaves), after dropping bad rows.
+CONTRIBUTIONS = ("sum", "mean")
 
-  A row counts (``kept``) when it is real (mask True) and its loss and squared
-  norms are finite. Its norms are zeroed before the rule sees them, so a NaN row
-  cannot poison terms shared across rows, and its factors are exactly 0. Every
-  backend computes its clip factors here.
+
+def safe_clip_factors(
+  sq_norms: PyTree,
+  rule: ClipRule,
+  mask: jax.Array | None = None,
+  losses: jax.Array | None = None,
+  unit_size: int = 1,
+  contribution: str = "sum",
+) -> SafeFactors:
+  """``rule.factors`` on per-unit squared norms, after dropping bad rows; factors per row.
+
+  A privacy unit is ``unit_size`` consecutive rows (1: one example; k: one user's
+  at most k examples, padded). ``sq_norms`` has leaves [B / unit_size]: the
+  squared norm of each unit's summed gradient. A unit counts (``kept``) when it
+  has a real row (mask True) and its squared norms and its real rows' losses
+  are finite; its norms are zeroed before the rule sees them otherwise, so a
+  NaN unit cannot poison terms shared across units, and its factors are exactly 0.
+
+  ``contribution="mean"`` clips the mean of a unit's n real rows instead of their
+  sum: the rule sees ||Σ g||²/n² and every row's factor carries 1/n, so the unit
+  adds c·(Σ g)/n with ||c·(Σ g)/n|| <= Δ. Either way one unit moves the clipped
+  sum by at most Δ. Every backend computes its clip factors here.
+
+  Returns:
+    :class:`SafeFactors` with one entry per ROW ([B]): a unit's factor, norm
+    and clipped flag repeated over its rows, 0 / False on padding rows.
   """
   leaves = jax.tree_util.tree_leaves(sq_norms)
   if not leaves:
     raise ValueError("sq_norms has no leaves")
-  batch = leaves[0].shape[0]
-  real = jnp.ones([batch], bool) if mask is None else jnp.asarray(mask).astype(bool)
+  if contribution not in CONTRIBUTIONS:
+    raise ValueError(f"contribution must be one of {CONTRIBUTIONS} (got {contribution!r})")
+  units = leaves[0].shape[0]
+  rows = units * unit_size
+  real = jnp.ones([rows], bool) if mask is None else jnp.asarray(mask).astype(bool)
+  if real.shape != (rows,):
+    raise ValueError(f"mask must have {rows} rows ({units} units of {unit_size}), got {real.shape}")
+  by_unit = lambda x: x.reshape(units, unit_size)
+  per_row = lambda x: jnp.repeat(x, unit_size, axis=0)
+  unit_real = jnp.any(by_unit(real), 1)
   finite = jnp.isfinite(sum(leaves))
   if losses is not None:
-    finite = finite & jnp.isfinite(losses)
-  kept = real & finite
+    finite = finite & jnp.all(by_unit(jnp.isfinite(losses) | ~real), 1)
+  kept = unit_real & finite
   sq_norms = jax.tree_util.tree_map(lambda s: jnp.where(kept, s, 0.0), sq_norms)
+  scale = 1.0
+  if contribution == "mean":
+    count = jnp.maximum(jnp.sum(by_unit(real), 1), 1).astype(jnp.float32)
+    sq_norms = jax.tree_util.tree_map(lambda s: s / jnp.square(count), sq_norms)
+    scale = 1.0 / count
   factors = rule.factors(sq_norms)
-  per_leaf = jax.tree_util.tree_map(lambda f: jnp.where(kept, f, 0.0), factors.per_leaf)
-  return SafeFactors(
-    per_leaf, jnp.where(kept, factors.norms, 0.0), factors.clipped & kept, kept, real & ~finite
+  row_kept = per_row(kept) & real
+  per_leaf = jax.tree_util.tree_map(
+    lambda f: jnp.where(row_kept, per_row(f * scale), 0.0), factors.per_leaf
   )
+  return SafeFactors(
+    per_leaf,
+    jnp.where(row_kept, per_row(factors.norms), 0.0),
+    per_row(factors.clipped) & row_kept,
+    row_kept,
+    real & ~per_row(finite),
+  )
+
+
+def unit_sums(per_example: PyTree, mask: jax.Array, unit_size: int) -> PyTree:
+  """Leaves [B, ...] -> [B / unit_size, ...]: the sum of each unit's real rows."""
+
+  def one(g):
+    real = mask.reshape((-1,) + (1,) * (g.ndim - 1))
+    g = jnp.where(real, g.astype(jnp.float32), 0.0)
+    return g.reshape((g.shape[0] // unit_size, unit_size) + g.shape[1:]).sum(1)
+
+  return jax.tree_util.tree_map(one, per_example)
 
 
 def clip_and_sum(
@@ -336,27 +386,39 @@ def clip_and_sum(
   rule: ClipRule,
   mask: jax.Array | None = None,
   losses: jax.Array | None = None,
+  unit_size: int = 1,
+  contribution: str = "sum",
 ) -> ClippedSum:
-  """Clips each example's gradient with ``rule`` and sums over the batch.
+  """Clips each unit's gradient with ``rule`` and sums over the batch.
 
-  Padding rows (mask False) and examples with a non-finite loss or gradient add
-  exactly zero: their gradients are zeroed (not multiplied, so NaN cannot leak).
+  A unit is one example (``unit_size=1``) or ``unit_size`` consecutive rows (one
+  user's examples, padded): the unit's gradient is the sum (or, with
+  ``contribution="mean"``, the mean) of its real rows' gradients, and it is that
+  which is clipped (see :func:`safe_clip_factors`). Padding rows (mask False)
+  and units with a non-finite loss or gradient add exactly zero: their
+  gradients are zeroed (not multiplied, so NaN cannot leak).
 
   Args:
     per_example_grads: pytree whose leaves have a leading batch axis [B, ...].
     rule: the clip rule.
     mask: optional [B] bool/0-1 array; False marks padding.
     losses: optional [B] per-example losses, checked for finiteness.
+    unit_size: rows per privacy unit; must divide B.
+    contribution: ``"sum"`` or ``"mean"`` of a unit's rows (only matters for units of > 1 row).
 
   Returns:
-    A :class:`ClippedSum`; ``grads`` has norm change <= rule.sensitivity when one
-    example is added or removed.
+    A :class:`ClippedSum` with [B] statistics; ``grads`` has norm change <=
+    rule.sensitivity when one unit is added or removed.
   """
   leaves = jax.tree_util.tree_leaves(per_example_grads)
   if not leaves:
     raise ValueError("per_example_grads has no leaves")
   batch = leaves[0].shape[0]
-  safe = safe_clip_factors(per_example_sq_norms(per_example_grads), rule, mask, losses)
+  if batch % unit_size:
+    raise ValueError(f"unit_size={unit_size} must divide the batch size {batch}")
+  real = jnp.ones([batch], bool) if mask is None else jnp.asarray(mask).astype(bool)
+  units = per_example_grads if unit_size == 1 else unit_sums(per_example_grads, real, unit_size)
+  safe = safe_clip_factors(per_example_sq_norms(units), rule, real, losses, unit_size, contribution)
 
   def weighted_sum(g, f):
     g = jnp.where(safe.kept.reshape((batch,) + (1,) * (g.ndim - 1)), g.astype(jnp.float32), 0.0)

@@ -24,12 +24,21 @@ gradient is the unclipped sum, its privatizer divides by the realized number of
 examples, and it records σ = 0 steps, whose ε is infinite. A loop written
 against :class:`Mechanism` has no private/non-private branch.
 
-User-level DP by example-level sampling (``spec.max_examples_per_user = k``,
-Charles et al. 2024): the data hold at most k examples per user and N_u users.
-Sampling, clipping and noise are unchanged (Poisson over the N examples, q = B/N,
-per-example clipping); only the accounting differs: each step is recorded as the
-mixture of Gaussians with sensitivities 0..k (see :class:`accounting.Segment`),
-for N_u users, and δ, ε and the guarantee are per user.
+User-level DP (``spec.max_examples_per_user = k``; the data hold at most k
+examples per user and N_u users; δ, ε and the guarantee are per user), two ways
+(Charles et al. 2024):
+
+* ELS, example-level sampling (``spec.user_sampling = "els"``): sampling,
+  clipping and noise are unchanged (Poisson over the N examples, q = B/N,
+  per-example clipping); only the accounting differs: each step is recorded as
+  the mixture of Gaussians with sensitivities 0..k (see :class:`accounting.Segment`).
+* ULS, user-level sampling (``"uls"``): Poisson over the N_u users, q = B/N_u
+  (B is then the expected number of USERS per step); a sampled user's rows are
+  clipped together (their summed, or mean, gradient has norm <= C; rows come in
+  units of k, see :func:`dpjax.privacy.clipped_grad`'s ``unit_size``), noise
+  σC is added once and the sum divided by B. One user is then exactly one
+  example of ordinary DP-SGD: the accounting is the Poisson-subsampled Gaussian
+  over N_u units (any accountant).
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ from dpjax.privacy import accounting, clipping, noise, per_example, sampling
 from dpjax.privacy.secret import RunSecret
 
 PyTree = Any
+
+#: How user-level DP samples: examples (ELS) or users (ULS).
+USER_SAMPLINGS = ("els", "uls")
 
 #: The generator's tail event (an output impossible for a neighbour) must stay below this
 #: fraction of δ over the whole run (:func:`dpjax.privacy.noise.tail_probability`).
@@ -72,9 +84,12 @@ class MechanismSpec:
     backend: per-example gradients by ``"vmap"``, ``"bookkeeping"`` or ``"auto"``.
     microbatch_size: examples per scan iteration of the gradient (None: all at once).
     max_batch_size: optional cap M of the sampled batch (accounted as truncated Poisson).
-    max_examples_per_user: k for user-level DP by example-level sampling (every user has
-      at most k examples in the data; ε and δ are per user, accounted by PLD only). None:
-      example-level DP.
+    max_examples_per_user: k for user-level DP (every user has at most k examples in the
+      data; ε and δ are per user). None: example-level DP.
+    user_sampling: how user-level DP samples: ``"els"`` (examples; accounted by PLD only)
+      or ``"uls"`` (users, per-user clipping; any accountant).
+    user_contribution: under ULS, what a user's clipped contribution is: ``"sum"`` or
+      ``"mean"`` of their rows' gradients.
   """
 
   private: bool = True
@@ -88,11 +103,23 @@ class MechanismSpec:
   microbatch_size: int | None = None
   max_batch_size: int | None = None
   max_examples_per_user: int | None = None
+  user_sampling: str = "els"
+  user_contribution: str = "sum"
 
   @property
   def user_level(self) -> bool:
     """True if the guarantee is per user (``max_examples_per_user`` set)."""
     return self.max_examples_per_user is not None
+
+  @property
+  def samples_users(self) -> bool:
+    """True for user-level sampling (ULS): Poisson over users, per-user clipping."""
+    return self.user_level and self.user_sampling == "uls"
+
+  @property
+  def unit_size(self) -> int:
+    """Rows per clipping unit: k under ULS (one user's rows), else 1."""
+    return self.max_examples_per_user if self.samples_users else 1
 
 
 class MeanOverExamplesState(NamedTuple):
@@ -126,8 +153,8 @@ class Mechanism:
 
   Attributes:
     spec: what the user chose.
-    dataset_size: N, the number of examples (the sampler's population).
-    expected_batch_size: B; the sampling rate is q = B/N.
+    dataset_size: N, the number of examples.
+    expected_batch_size: B; the sampling rate is q = B/N (B/N_u under ULS: B users).
     steps: the planned number of steps.
     delta: δ of every ε this mechanism reports.
     noise_multiplier: σ (0 for the non-private mechanism).
@@ -170,9 +197,14 @@ class Mechanism:
     return self.num_users if self.user_level else self.dataset_size
 
   @property
+  def population(self) -> int:
+    """What the sampler draws from: the N_u users under ULS, else the N examples."""
+    return self.num_users if self.spec.samples_users else self.dataset_size
+
+  @property
   def sampling_prob(self) -> float:
-    """q = B / N."""
-    return self.expected_batch_size / self.dataset_size
+    """q = B / N (B / N_u under ULS)."""
+    return self.expected_batch_size / self.population
 
   @property
   def sensitivity(self) -> float:
@@ -204,16 +236,24 @@ class Mechanism:
     Private: the sum of per-example gradients clipped by the spec's rule.
     Non-private: the plain sum (sensitivity inf).
     """
+    k = self.spec.unit_size
+    micro = None if self.spec.microbatch_size is None else self.spec.microbatch_size * k
     if not self.private:
-      return per_example.summed_grad(loss_fn, self.spec.microbatch_size, has_aux=has_aux)
+      return per_example.summed_grad(loss_fn, micro, has_aux=has_aux)
     return per_example.clipped_grad(
-      loss_fn, self.spec.clip, self.spec.backend, self.spec.microbatch_size, has_aux=has_aux
+      loss_fn,
+      self.spec.clip,
+      self.spec.backend,
+      micro,
+      has_aux=has_aux,
+      unit_size=k,
+      contribution=self.spec.user_contribution,
     )
 
   def sampler(self) -> sampling.PoissonSampler:
     """Poisson sampling with rate q, keyed by this attempt's secret sampling key."""
     return sampling.PoissonSampler(
-      self.dataset_size,
+      self.population,
       self.expected_batch_size,
       key=self._secret().sampling_key(self.attempt),
       max_batch_size=self.spec.max_batch_size,
@@ -228,10 +268,12 @@ class Mechanism:
     """The padding of this mechanism's samples into static shapes (see :mod:`dpjax.batching`).
 
     Sizes are multiples of ``microbatch_size * num_shards`` and never exceed
-    ``max_batch_size``; padding rows are masked out and contribute zero.
+    ``max_batch_size``; padding rows are masked out and contribute zero. Under
+    ULS the sampled units are users (``groups`` has one entry per user and the
+    sizes count users; :func:`dpjax.batching.user_rows` expands them to rows).
     """
     return batching.StaticBatches(
-      self.dataset_size,
+      self.population,
       self.sampling_prob,
       groups=groups,
       microbatch_size=self.spec.microbatch_size or 1,
@@ -279,7 +321,8 @@ class Mechanism:
       steps=steps,
       dataset_size=self.privacy_units,
       max_batch_size=self.spec.max_batch_size,
-      max_examples_per_user=self.spec.max_examples_per_user,
+      # ULS is the plain subsampled Gaussian over users; ELS the mixture over 0..k.
+      max_examples_per_user=None if self.spec.samples_users else self.spec.max_examples_per_user,
     )
 
   def empty_ledger(self) -> accounting.PrivacyLedger:
@@ -296,10 +339,11 @@ class Mechanism:
   def epsilon_replace_one(self, ledger: accounting.PrivacyLedger) -> float | None:
     """ε(δ) of ``ledger`` under replace-one neighbours (N fixed).
 
-    None for user-level DP: the mixture-of-Gaussians accounting is for adding or
-    removing one user; replacing one user's examples by another's is not accounted.
+    None for ELS: the mixture-of-Gaussians accounting is for adding or removing
+    one user; replacing one user's examples by another's is not accounted. Under
+    ULS a user is one unit of ordinary DP-SGD, so replace-one-user is accounted.
     """
-    if self.user_level:
+    if self.user_level and not self.spec.samples_users:
       return None
     return ledger.epsilon_replace_one(self.delta)
 
@@ -351,14 +395,21 @@ class Mechanism:
     return {
       "dp": self.private,
       "guarantee": self.guarantee,
-      "neighboring_relation": accounting.NEIGHBORING_RELATION,
+      # The ledger's relation, applied to the unit of the guarantee (a row or a user).
+      "neighboring_relation": accounting.NEIGHBORING_RELATION
+      + ("_user" if self.user_level else ""),
       "delta": self.delta,
       "noise_multiplier": self.noise_multiplier,
       "sampling_prob": self.sampling_prob,
       "dataset_size": self.dataset_size,
       "unit": "user" if self.user_level else "example",
       **(
-        {"max_examples_per_user": self.spec.max_examples_per_user, "num_users": self.num_users}
+        {
+          "max_examples_per_user": self.spec.max_examples_per_user,
+          "num_users": self.num_users,
+          "user_sampling": self.spec.user_sampling,
+          **({"user_contribution": self.spec.user_contribution} if self.spec.samples_users else {}),
+        }
         if self.user_level
         else {}
       ),
@@ -397,11 +448,12 @@ def make_mechanism(
   (one-off mechanisms besides the steps) count against a target ε.
 
   User-level DP (``spec.max_examples_per_user = k``) needs ``num_users`` (N_u,
-  the users of the N examples, each with at most k of them): q stays B/N, δ
-  defaults to N_u^-1.1 and must be < 1/N_u, and σ is calibrated to a per-user
-  target (building a user-level step's PLD takes 10-90 s per σ tried at the
-  default discretization, so calibration takes tens of seconds to minutes).
-  ``releases`` must then be user-level segments.
+  the users of the N examples, each with at most k of them); δ defaults to
+  N_u^-1.1 and must be < 1/N_u. ELS: q stays B/N and σ is calibrated to a
+  per-user target (building a user-level step's PLD takes 10-90 s per σ tried
+  at the default discretization, so calibration takes tens of seconds to
+  minutes). ULS: B counts users, q = B/N_u, and σ is calibrated as for
+  example-level DP over N_u units. ``releases`` must then be user-level segments.
 
   Raises:
     ValueError: a value outside its range (the message names it), a target no σ
@@ -412,6 +464,12 @@ def make_mechanism(
   if b > n:
     raise ValueError(f"batch_size must be in (0, dataset_size={n}] (got {expected_batch_size:g})")
   _validation.require_int_in("steps", steps, 1)
+  if spec.user_sampling not in USER_SAMPLINGS:
+    raise ValueError(f"user_sampling must be one of {USER_SAMPLINGS} (got {spec.user_sampling!r})")
+  if spec.user_contribution not in clipping.CONTRIBUTIONS:
+    raise ValueError(
+      f"user_contribution must be one of {clipping.CONTRIBUTIONS} (got {spec.user_contribution!r})"
+    )
   k = spec.max_examples_per_user
   if k is None:
     if num_users is not None:
@@ -427,14 +485,20 @@ def make_mechanism(
         f"dataset_size={n} exceeds max_examples_per_user={k} times num_users={units}: "
         "some user has more than k examples"
       )
+    if spec.samples_users and b > units:
+      raise ValueError(
+        f"batch_size must be in (0, num_users={units}] under user sampling (it is the "
+        f"expected number of users per step; got {expected_batch_size:g})"
+      )
+  q = b / (units if spec.samples_users else n)
   if not spec.private:
     return Mechanism(
       spec, n, b, steps, accounting.default_delta(units), 0.0, None, num_users=num_users
     )
-  if k is not None and spec.accountant != "pld":
+  if k is not None and not spec.samples_users and spec.accountant != "pld":
     raise ValueError(
-      f"accountant must be 'pld' for user-level DP (got {spec.accountant!r}): only the PLD "
-      "accountant composes the mixture-of-Gaussians steps"
+      f"accountant must be 'pld' for user-level DP by example sampling (got "
+      f"{spec.accountant!r}): only the PLD accountant composes its mixture-of-Gaussians steps"
     )
   if k is not None and spec.max_batch_size is not None:
     raise ValueError(
@@ -459,13 +523,13 @@ def make_mechanism(
     sigma = accounting.calibrate_noise(
       spec.target_epsilon,
       delta,
-      b / n,
+      q,
       steps,
       spec.accountant,
       dataset_size=units,
       max_batch_size=spec.max_batch_size,
       prior=releases,
-      max_examples_per_user=k,
+      max_examples_per_user=None if spec.samples_users else k,
     )
     budget = spec.target_epsilon if spec.epsilon_budget is None else spec.epsilon_budget
   if budget is not None:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpjax import _validation
 from dpjax.privacy import bookkeeping, clipping
 
 PyTree = Any
@@ -116,12 +117,16 @@ class ClippedGradFn:
     backend: str,
     microbatch_size: int | None,
     has_aux: bool,
+    unit_size: int = 1,
+    contribution: str = "sum",
   ):
     self.loss_fn = loss_fn
     self.clip_rule = rule
     self.backend = backend
     self.microbatch_size = microbatch_size
     self.has_aux = has_aux
+    self.unit_size = unit_size
+    self.contribution = contribution
 
   @property
   def sensitivity(self) -> float:
@@ -148,7 +153,14 @@ class ClippedGradFn:
     """Clipped sum and statistics of one microbatch."""
     if backend == "bookkeeping":
       return bookkeeping.clipped_sum(
-        self.loss_fn, params, batch, mask, self.clip_rule, self.has_aux
+        self.loss_fn,
+        params,
+        batch,
+        mask,
+        self.clip_rule,
+        self.has_aux,
+        self.unit_size,
+        self.contribution,
       )
     grad_fn = jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)
 
@@ -158,7 +170,9 @@ class ClippedGradFn:
       return loss, loss_aux, grads
 
     losses, loss_aux, grads = jax.vmap(one)(batch)
-    result = clipping.clip_and_sum(grads, self.clip_rule, mask, losses)
+    result = clipping.clip_and_sum(
+      grads, self.clip_rule, mask, losses, self.unit_size, self.contribution
+    )
     losses = jnp.where(result.kept, losses, 0.0)
     return result.grads, (
       losses,
@@ -188,6 +202,11 @@ class ClippedGradFn:
     if size % micro:
       raise ValueError(
         f"microbatch_size must divide the batch size {size} (got microbatch_size={micro})"
+      )
+    if micro % self.unit_size:
+      raise ValueError(
+        f"unit_size={self.unit_size} must divide the microbatch size {micro} (a unit's rows "
+        "are clipped together, so they must not straddle microbatches)"
       )
     backend = self.resolved_backend(params, batch)
     if micro == size:
@@ -308,6 +327,8 @@ def clipped_grad(
   backend: str = "auto",
   microbatch_size: int | None = None,
   has_aux: bool = False,
+  unit_size: int = 1,
+  contribution: str = "sum",
 ) -> ClippedGradFn:
   """Builds the clipped-sum-of-per-example-gradients function for ``loss_fn``.
 
@@ -327,6 +348,12 @@ def clipped_grad(
       ``None`` processes the whole batch at once.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; the per-example aux
       values come back stacked in ``ClippedGradAux.loss_aux``.
+    unit_size: rows per privacy unit. 1 (default): every example is clipped on its
+      own. k > 1 (user-level DP by user sampling): every k consecutive rows are one
+      user's examples (padded with masked rows) and the user's summed gradient is
+      clipped as a whole, so removing a user moves the sum by <= Δ. Must divide
+      ``microbatch_size``.
+    contribution: ``"sum"`` or ``"mean"``: clip the sum or the mean of a unit's rows.
 
   Returns:
     A :class:`ClippedGradFn` ``f(params, batch, mask=None)`` returning the float32
@@ -343,4 +370,7 @@ def clipped_grad(
     raise ValueError(
       f"microbatch_size must be a positive integer or None (got {microbatch_size!r})"
     )
-  return ClippedGradFn(loss_fn, rule, backend, microbatch_size, has_aux)
+  _validation.require_int_in("unit_size", unit_size, 1)
+  if contribution not in clipping.CONTRIBUTIONS:
+    raise ValueError(f"contribution must be one of {clipping.CONTRIBUTIONS} (got {contribution!r})")
+  return ClippedGradFn(loss_fn, rule, backend, microbatch_size, has_aux, unit_size, contribution)

@@ -28,6 +28,8 @@ TASKS = ("classify", "label_words", "causal_lm")
 TRAINS = ("all", "lora", "head")
 RESUME = ("same_config", "allow_changes")
 UNITS = ("example", "user")
+USER_SAMPLINGS = ("els", "uls")
+USER_CONTRIBUTIONS = ("sum", "mean")
 
 # Library argument names -> the config keys they come from (for one-line errors).
 _KEY_OF_ARGUMENT = {
@@ -117,12 +119,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = True  # False: the non-private baseline (same loop, ε = inf)
   # The privacy unit. example: (ε, δ) for adding/removing one training row. user: for one
-  # user and all their rows (user-level DP by example-level sampling, Charles et al. 2024):
-  # training keeps each user's first dp.max_examples_per_user rows of data.train (in file
-  # order), samples and clips rows as usual, and accounts each step as a mixture of
-  # Gaussians (PLD only); δ, ε and N are per user. With dp.enabled=False the rows are
-  # still capped the same way (a baseline on the same data) and nothing is accounted.
+  # user and all their rows (user-level DP, Charles et al. 2024): training keeps each
+  # user's first dp.max_examples_per_user rows of data.train (in file order) and samples
+  # by dp.user_sampling; δ, ε and N are per user. With dp.enabled=False the rows are
+  # still capped and sampled the same way (a baseline on the same data), nothing accounted.
   c.dp.unit = "example"
+  # How user-level DP samples (dp.unit=user only). els: Poisson over rows, per-row clipping,
+  # mixture-of-Gaussians accounting (PLD only). uls: Poisson over USERS (train.batch_size
+  # is then the expected number of users per step, train.epochs counts passes over users),
+  # each sampled user's rows clipped together to dp.clip_norm; accounted as ordinary
+  # DP-SGD over the users (any accountant).
+  c.dp.user_sampling = "els"
+  # uls only: a user's clipped contribution is the sum or the mean of their rows' gradients.
+  c.dp.user_contribution = "sum"
   # k, the most rows of one user that training keeps (dp.unit=user only, and required then);
   # ε grows with k, and building the accounting takes longer (σ calibration: 30 s to minutes).
   c.dp.max_examples_per_user = config_dict.placeholder(int)
@@ -382,6 +391,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def _validate_unit(c: ml_collections.ConfigDict) -> None:
   """dp.unit and what user-level DP needs: k, a user column, and no example-level extras."""
   _one_of(c, "dp.unit", UNITS)
+  _one_of(c, "dp.user_sampling", USER_SAMPLINGS)
+  _one_of(c, "dp.user_contribution", USER_CONTRIBUTIONS)
   k = c.dp.max_examples_per_user
   if c.dp.unit == "example":
     if k is not None:
@@ -398,8 +409,12 @@ def _validate_unit(c: ml_collections.ConfigDict) -> None:
       "a .tsv/.csv/.jsonl file with a data.user_field column when dp.unit=user (SST-2 has "
       "no user ids)",
     )
-  if c.dp.enabled and c.dp.accountant != "pld":
-    raise _fail("dp.accountant", c.dp.accountant, "pld when dp.unit=user (only PLD accounts it)")
+  if c.dp.enabled and c.dp.user_sampling == "els" and c.dp.accountant != "pld":
+    raise _fail(
+      "dp.accountant",
+      c.dp.accountant,
+      "pld when dp.unit=user and dp.user_sampling=els (only PLD accounts it; uls takes any)",
+    )
   if c.dp.enabled and c.dp.label_histogram_noise:
     raise _fail(
       "dp.label_histogram_noise",
@@ -502,11 +517,21 @@ def mechanism_spec(c: ml_collections.ConfigDict) -> mechanism.MechanismSpec:
     backend=c.dp.backend,
     microbatch_size=c.dp.microbatch_size,
     max_examples_per_user=c.dp.max_examples_per_user if c.dp.unit == "user" else None,
+    user_sampling=c.dp.user_sampling,
+    user_contribution=c.dp.user_contribution,
   )
 
 
+def samples_users(c: ml_collections.ConfigDict) -> bool:
+  """True for user-level DP by user sampling (batches of users, epochs over users)."""
+  return c.dp.unit == "user" and c.dp.user_sampling == "uls"
+
+
 def planned_steps(c: ml_collections.ConfigDict, dataset_size: int) -> int:
-  """``train.steps``, or ``train.epochs`` passes (:func:`dpjax.privacy.steps_for_epochs`)."""
+  """``train.steps``, or ``train.epochs`` passes (:func:`dpjax.privacy.steps_for_epochs`).
+
+  ``dataset_size``: what the sampler draws from (the number of users under user sampling).
+  """
   if c.train.steps is not None:
     return int(c.train.steps)
   return privacy.steps_for_epochs(c.train.epochs, dataset_size, float(c.train.batch_size))

@@ -152,7 +152,7 @@ def _plan(
       config_lib.mechanism_spec(c),
       dataset_size=dataset_size,
       expected_batch_size=float(c.train.batch_size),
-      steps=config_lib.planned_steps(c, dataset_size),
+      steps=config_lib.planned_steps(c, num_users if config_lib.samples_users(c) else dataset_size),
       releases=releases,
       num_users=num_users,
     )
@@ -484,7 +484,9 @@ def _run(
     else "no privacy (dp.enabled=False)"
   )
   users_text = (
-    f"(users={mechanism.num_users}, k={mechanism.spec.max_examples_per_user}) "
+    f"(users={mechanism.num_users}, k={mechanism.spec.max_examples_per_user}, "
+    f"sampling={mechanism.spec.user_sampling}"
+    f"{': B counts users' if mechanism.spec.samples_users else ''}) "
     if mechanism.user_level
     else ""
   )
@@ -509,8 +511,17 @@ def _run(
     out_shardings=(state_shardings, parallel.replicated(mesh)),
   )
   # One static shape per token-length bucket (the scan skips microbatches of pure padding).
+  # Under user sampling the sampled units are users: a user's group is its longest row's
+  # bucket, and each padded group of users expands to k rows per user.
+  row_groups = train.length_groups()
+  users = None
+  if mechanism.spec.samples_users:
+    users = batching.user_table(
+      train.encoded.user_ids[train.indices], mechanism.spec.max_examples_per_user
+    )
+    row_groups = batching.user_groups(users, row_groups)
   static_batches = mechanism.static_batches(
-    train.length_groups(), parallel.batch_size_multiple(mesh), quantiles=batching.SINGLE_SHAPE
+    row_groups, parallel.batch_size_multiple(mesh), quantiles=batching.SINGLE_SHAPE
   )
   rows_sharding = parallel.batch_sharding(mesh)
   writer = metrics_lib.MetricsWriter(workdir, start_step) if main else None
@@ -521,16 +532,21 @@ def _run(
   ahead = lambda done: journal.write_ahead(attempt, start_step, done, fingerprint, journal_segment)
 
   def place(sample: np.ndarray):
-    placed = [
-      parallel.global_rows(
-        functools.partial(train.batch, length=train.encoded.buckets[group.group]),
-        group.indices,
-        group.mask,
-        rows_sharding,
+    placed, rows = [], 0
+    for group in static_batches.pad(sample):
+      positions, mask = (
+        (group.indices, group.mask) if users is None else batching.expand_users(users, group)
       )
-      for group in static_batches.pad(sample)
-    ]
-    return tuple(b for b, _ in placed), tuple(m for _, m in placed)
+      rows += int(mask.sum())
+      placed.append(
+        parallel.global_rows(
+          functools.partial(train.batch, length=train.encoded.buckets[group.group]),
+          positions,
+          mask,
+          rows_sharding,
+        )
+      )
+    return tuple(b for b, _ in placed), tuple(m for _, m in placed), rows
 
   def save(step: int) -> None:
     ahead(step)
@@ -554,7 +570,7 @@ def _run(
   with _StopFlag() as stop:
     for step in range(start_step, end_step):
       sample = sampler.sample(step)
-      batches, masks = place(sample)
+      batches, masks, rows = place(sample)
       state, row = jit_step(state, batches, masks)
       row = jax.device_get(row)
       if int(row["nonfinite"]):
@@ -563,8 +579,8 @@ def _run(
           f"checkpoints before step {step + 1} are kept)"
         )
       ledger = mechanism.record(ledger)
-      examples_seen += len(sample)
-      window_examples += len(sample)
+      examples_seen += rows
+      window_examples += rows
       done = step + 1
       if done % c.train.log_every_steps == 0 or done == end_step:
         ahead(done)

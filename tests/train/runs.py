@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED_RUN = {"train.steps": 16}
 
 
-def tiny(token_cache, **overrides):
-  """The ``tiny`` variant with its token cache in ``token_cache`` and ``overrides`` applied."""
-  c = sst2.get_config("tiny")
+def tiny(token_cache, get_config=sst2.get_config, variant="tiny", **overrides):
+  """A tiny variant (sst2.py:tiny by default) with its token cache in ``token_cache`` and
+  ``overrides`` applied."""
+  c = get_config(variant)
   c.data.cache_dir = token_cache
   c.data.eval_limit = 64
   for key, value in overrides.items():

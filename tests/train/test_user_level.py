@@ -19,22 +19,14 @@ from dpjax.train.config import ConfigError
 from experiments import sst2_users
 from experiments.data import make_sst2_users
 from tests.shared_fixtures import shared_once
+from tests.train import runs
 from tests.train.runs import ROOT
 
 K = 2  # the tiny variant's dp.max_examples_per_user
 
 
-def tiny_users(token_cache, **overrides):
-  c = sst2_users.get_config("tiny")
-  c.data.cache_dir = str(token_cache)
-  c.data.eval_limit = 64
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return c
+def tiny_users(token_cache, variant="tiny", **overrides):
+  return runs.tiny(str(token_cache), sst2_users.get_config, variant, **overrides)
 
 
 def minilm_tokenizer():
@@ -206,16 +198,88 @@ def test_main_refuses_user_level_mistakes_with_exit_2(tmp_path, config, args, me
   assert "Traceback" not in result.stderr and not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("variant", ["tiny", "quick"])
+@pytest.mark.parametrize("variant", sst2_users.VARIANTS)
 def test_every_sst2_users_variant_is_valid(variant):
   from dpjax.train import config as config_lib
 
   c = sst2_users.get_config(variant)
   config_lib.validate(c)
   assert c.dp.unit == "user" and c.data.user_field == "user"
-  if variant == "quick":  # the whole file, capped at k = 4: the numbers its docstring states
+  if variant.startswith("quick"):  # the whole file, capped at k = 4: its docstring's numbers
     rows = [line.split("\t") for line in sst2_users.USERS_FILE.read_text().splitlines()[1:]]
     counts = collections.Counter(user for _, _, user in rows)
     kept = sum(min(v, c.dp.max_examples_per_user) for v in counts.values())
     assert (kept, len(counts)) == (8487, 4709)
-    assert config_lib.planned_steps(c, kept) == 68
+    # The same steps and sampling rate whether rows (B = 250 of 8,487) or users are drawn.
+    population = len(counts) if config_lib.samples_users(c) else kept
+    assert config_lib.planned_steps(c, population) == 68
+    assert c.train.batch_size / population == pytest.approx(250 / 8487, rel=0.01)
+
+
+def test_the_group_privacy_sigma_of_the_quick_groupdp_variant():
+  """σ = 1.099 meets user-level ε = 8 by group privacy over 4 rows; 1% less does not."""
+  n, users, steps = 8487, 4709, 68
+  delta = users**-1.1
+
+  def epsilon(sigma):
+    segment = privacy.Segment(250 / n, sigma, steps, dataset_size=n)
+    return privacy.group_privacy_epsilon(segment, 4, delta)
+
+  sigma = sst2_users.SIGMA_GROUP_PRIVACY_EPS_8
+  assert sst2_users.get_config("quick_groupdp").dp.noise_multiplier == sigma
+  assert 7.9 < epsilon(sigma) <= 8.0 < epsilon(0.99 * sigma)
+
+
+@pytest.fixture(scope="module")
+def uls_run(tmp_path_factory):
+  """(workdir, summary) of one tiny run with user sampling (8 steps, σ = 2, k = 2, B = 32 users)."""
+
+  def build(root):
+    loop.train_and_evaluate(
+      tiny_users(root / "token_cache", "tiny_uls", **{"train.steps": 8}), root / "run"
+    )
+
+  root = shared_once(tmp_path_factory, "tiny_uls_run", build)
+  return root, json.loads((root / "run" / "summary.json").read_text())
+
+
+def test_a_tiny_user_sampling_run_is_dp_sgd_over_users(uls_run):
+  root, summary = uls_run
+  c = tiny_users(root / "token_cache", "tiny_uls")
+  train, _ = splits.training_split(c, minilm_tokenizer(), root / "token_cache")
+  n_users = splits.count_users(train)
+  assert summary["unit"] == "user" and summary["user_sampling"] == "uls"
+  assert summary["user_contribution"] == "sum" and summary["num_users"] == n_users
+  assert summary["sampling_prob"] == pytest.approx(32 / n_users)  # B counts users
+  assert summary["delta"] == pytest.approx(n_users**-1.1)
+  # One user is one unit of ordinary DP-SGD: the Poisson-subsampled Gaussian over N_u users.
+  want = privacy.compute_epsilon(2.0, 32 / n_users, 8, summary["delta"], dataset_size=n_users)
+  assert summary["epsilon"] == pytest.approx(want, rel=1e-9)
+  ledger = privacy.PrivacyLedger.from_dict(summary["ledger"])
+  assert not ledger.user_level and ledger.segments[0].dataset_size == n_users
+  assert summary["epsilon_replace_one"] > summary["epsilon"]
+  assert summary["neighboring_relation"] == "add_or_remove_one_user"
+  assert summary["epsilon_interval"]["rdp_upper"] >= summary["epsilon"]
+  assert summary["guarantee"].startswith("(epsilon, delta)-DP for add/remove of one user")
+
+
+@pytest.mark.parametrize(
+  "variant, overrides, message",
+  [
+    ("tiny", {"dp.user_sampling": "users"}, "config.dp.user_sampling must be one of"),
+    ("tiny_uls", {"dp.user_contribution": "max"}, "config.dp.user_contribution must be one"),
+    ("tiny_uls", {"train.batch_size": 450}, "under user sampling (it is the expected number"),
+  ],
+)
+def test_impossible_user_sampling_configs_are_one_line(tmp_path, variant, overrides, message):
+  with pytest.raises(ConfigError) as err:
+    loop.train_and_evaluate(tiny_users(tmp_path / "cache", variant, **overrides), tmp_path / "w")
+  assert message in str(err.value) and "\n" not in str(err.value)
+  assert not (tmp_path / "w").exists()
+
+
+def test_user_sampling_takes_any_accountant():
+  from dpjax.train import config as config_lib
+
+  for accountant in ("rdp", "prv"):
+    config_lib.validate(tiny_users("unused", "tiny_uls", **{"dp.accountant": accountant}))
