@@ -94,6 +94,8 @@ PUBLIC_SUMMARY_FIELDS = (
   "expected_batch_size",
   "clip",
   "clip_norm",
+  "adaptive_clipping",  # dp.clip=quantile: γ, η, σ_b, z_Δ, C_0 (public plan)
+  "final_clip_norm",  # its last bound: a function of the released noisy counts
   "neighboring_relation",
   "guarantee",
   "eval",

@@ -329,8 +329,9 @@ def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:
   sensitivity = float(getattr(grad_fn, "sensitivity", 0.0))
   aux_specs = _aux_specs(sensitivity)
 
-  def local(params, batch, mask):
-    grads, aux = grad_fn(params, batch, mask)
+  def local(params, batch, mask, clip_norm=None):
+    fn = grad_fn if clip_norm is None else grad_fn.with_clip_norm(clip_norm)
+    grads, aux = fn(params, batch, mask)
     grads = jax.lax.psum(grads, BATCH_AXES)
     num = jax.lax.psum(aux.num_examples, BATCH_AXES)
     clipped = jax.lax.psum(aux.clipped_fraction * aux.num_examples, BATCH_AXES)
@@ -351,5 +352,22 @@ def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:
     )
     return mapped(params, batch, mask)
 
+  def with_clip_norm(clip_norm):
+    """The same, clipping with an adaptive rule's bound (replicated into ``shard_map``)."""
+
+    def bounded(params, batch, mask):
+      mapped = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(BATCH_AXES), P(BATCH_AXES), P()),
+        out_specs=(P(), aux_specs),
+        check_vma=False,
+      )
+      return mapped(params, batch, mask, jnp.asarray(clip_norm, jnp.float32))
+
+    bounded.sensitivity = sensitivity
+    return bounded
+
   fn.sensitivity = sensitivity
+  fn.with_clip_norm = with_clip_norm
   return fn

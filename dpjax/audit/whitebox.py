@@ -176,6 +176,10 @@ def audit_step(
     raise ValueError("the white-box audit needs a private mechanism (dp.enabled=True)")
   if mechanism.noise_multiplier <= 0:
     raise ValueError("the white-box audit needs noise_multiplier > 0")
+  if mechanism.adaptive_clipping:
+    raise ValueError(
+      "the white-box audit needs a fixed clip bound (dp.clip=quantile is not supported)"
+    )
   if trials < 100:
     raise ValueError(f"trials must be >= 100 (got {trials!r})")
   if dim < 1 or background < 0 or canary_scale <= 0:

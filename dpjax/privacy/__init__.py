@@ -22,6 +22,7 @@ from dpjax.privacy.clipping import (
 from dpjax.privacy.mechanism import Mechanism, MechanismSpec, make_mechanism
 from dpjax.privacy.noise import gaussian_privatizer
 from dpjax.privacy.per_example import ClippedGradAux, check_finite, clipped_grad
+from dpjax.privacy.quantile import QuantileClip, quantile_privatizer
 from dpjax.privacy.sampling import PoissonSampler, steps_for_epochs, steps_per_epoch
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
   "PerLayerClip",
   "PoissonSampler",
   "PrivacyLedger",
+  "QuantileClip",
   "Segment",
   "calibrate_noise",
   "check_finite",
@@ -43,6 +45,7 @@ __all__ = [
   "gaussian_privatizer",
   "group_privacy_epsilon",
   "make_mechanism",
+  "quantile_privatizer",
   "Mechanism",
   "MechanismSpec",
   "steps_for_epochs",

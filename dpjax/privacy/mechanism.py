@@ -39,6 +39,11 @@ examples per user and N_u users; δ, ε and the guarantee are per user), two way
   σC is added once and the sum divided by B. One user is then exactly one
   example of ordinary DP-SGD: the accounting is the Poisson-subsampled Gaussian
   over N_u units (any accountant).
+
+Adaptive clipping (``spec.clip`` a :class:`~dpjax.privacy.quantile.QuantileClip`):
+the ledger records the same steps with the same σ (= z); the privatizer splits z
+between the gradient noise (multiplier z_Δ > z, times the current bound C_t) and
+the noisy unclipped count (σ_b), see :mod:`dpjax.privacy.quantile`.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import numpy as np
 import optax
 
 from dpjax import _validation, batching
-from dpjax.privacy import accounting, clipping, noise, per_example, sampling
+from dpjax.privacy import accounting, clipping, noise, per_example, quantile, sampling
 from dpjax.privacy.secret import RunSecret
 
 PyTree = Any
@@ -212,6 +217,11 @@ class Mechanism:
     return self.spec.clip.sensitivity if self.private else math.inf
 
   @property
+  def adaptive_clipping(self) -> bool:
+    """True if the clip bound is learned (``spec.clip`` is a QuantileClip)."""
+    return self.private and isinstance(self.spec.clip, quantile.QuantileClip)
+
+  @property
   def calibrated(self) -> bool:
     """True if σ was calibrated to the target ε (not given)."""
     return self.private and self.spec.noise_multiplier is None
@@ -290,6 +300,13 @@ class Mechanism:
     """
     if not self.private:
       return mean_over_examples()
+    if self.adaptive_clipping:  # + N(0, (z_Δ C_t)²), and the noisy count moves C_t
+      return quantile.quantile_privatizer(
+        self.noise_multiplier,
+        self.spec.clip,
+        self.expected_batch_size,
+        key=self._secret().noise_key(self.attempt),
+      )
     return optax.with_extra_args_support(
       noise.gaussian_privatizer(
         self.noise_multiplier,
@@ -302,7 +319,7 @@ class Mechanism:
   def with_noise_key(self, opt_state: PyTree) -> PyTree:
     """``opt_state`` (restored from a checkpoint) with this attempt's noise key."""
     key = self._secret().noise_key(self.attempt)
-    is_state = lambda s: isinstance(s, noise.PrivatizerState)
+    is_state = lambda s: isinstance(s, (noise.PrivatizerState, quantile.QuantilePrivatizerState))
     return jax.tree_util.tree_map(
       lambda s: s._replace(key=key) if is_state(s) else s, opt_state, is_leaf=is_state
     )
@@ -423,13 +440,36 @@ class Mechanism:
       ),
       "clip_rule": repr(self.spec.clip) if self.private else None,
       "sensitivity": self.sensitivity if self.private else None,
+      **({"adaptive_clipping": self._adaptive_facts()} if self.adaptive_clipping else {}),
       "noise": {
         "generator": "ChaCha20 keystream, 96 bits per draw, inverse CDF",
         "max_abs_normal": noise.MAX_ABS_NORMAL,
         "snap_grid_over_sigma_times_sensitivity": 2.0**-noise.SNAP_BITS if stddev else 0,
-        "tail_probability": noise.tail_probability(stddev, self.steps) if stddev else None,
+        "tail_probability": self._tail_probability() if stddev else None,
       },
       **({"releases": [r.to_dict() for r in self.releases]} if self.releases else {}),
+    }
+
+  def _tail_probability(self) -> float:
+    if self.adaptive_clipping:
+      return quantile.tail_probability(
+        self.noise_multiplier, self.spec.clip.count_noise, self.steps
+      )
+    return noise.tail_probability(self.noise_multiplier, self.steps)
+
+  def _adaptive_facts(self) -> dict[str, Any]:
+    """Adaptive clipping's public parameters (the bound's trajectory is public too)."""
+    rule = self.spec.clip
+    return {
+      "rule": "quantile (Andrew et al. 2021)",
+      "target_quantile": rule.target_quantile,
+      "learning_rate": rule.learning_rate,
+      "count_noise": rule.count_noise,
+      "gradient_noise_multiplier": quantile.gradient_noise_multiplier(
+        self.noise_multiplier, rule.count_noise
+      ),
+      "initial_clip_norm": rule.initial_clip_norm,
+      "sensitivity": "the step's clip bound C_t (sensitivity above: C_0)",
     }
 
 
@@ -485,6 +525,11 @@ def make_mechanism(
         f"dataset_size={n} exceeds max_examples_per_user={k} times num_users={units}: "
         "some user has more than k examples"
       )
+    if spec.samples_users and isinstance(spec.clip, quantile.QuantileClip):
+      raise ValueError(
+        "clip must not be a QuantileClip under user sampling: its noisy count counts rows, "
+        "and a user's k rows would move it by up to k/2 (not accounted)"
+      )
     if spec.samples_users and b > units:
       raise ValueError(
         f"batch_size must be in (0, num_users={units}] under user sampling (it is the "
@@ -534,7 +579,11 @@ def make_mechanism(
     budget = spec.target_epsilon if spec.epsilon_budget is None else spec.epsilon_budget
   if budget is not None:
     _validation.require_positive("epsilon_budget", budget)
-  tail = noise.tail_probability(sigma, steps)
+  if isinstance(spec.clip, quantile.QuantileClip):  # refuses z >= 2σ_b
+    quantile.gradient_noise_multiplier(sigma, spec.clip.count_noise)
+    tail = quantile.tail_probability(sigma, spec.clip.count_noise, steps)
+  else:
+    tail = noise.tail_probability(sigma, steps)
   if sigma > 0 and tail > MAX_TAIL_FRACTION_OF_DELTA * delta:
     raise ValueError(
       f"noise_multiplier={sigma:.4g} is too small for the noise generator's tails "
@@ -553,6 +602,8 @@ def privatizer_template(spec: MechanismSpec) -> optax.GradientTransformationExtr
   if not spec.private:
     return mean_over_examples()
   placeholder_key = np.zeros(8, np.uint32)  # a 256-bit ChaCha20 key
+  if isinstance(spec.clip, quantile.QuantileClip):
+    return quantile.quantile_privatizer(0.0, spec.clip, 1.0, key=placeholder_key)
   return optax.with_extra_args_support(
     noise.gaussian_privatizer(1.0, 1.0, 1.0, key=placeholder_key)
   )

@@ -233,20 +233,22 @@ def standard_normal_from_words(w0: jax.Array, w1: jax.Array, w2: jax.Array) -> j
 _CHUNK = 1 << 16
 
 
-def standard_normals(key: jax.Array, step: jax.Array, size: int) -> jax.Array:
+def standard_normals(key: jax.Array, step: jax.Array, size: int, stream: int = 0) -> jax.Array:
   """float32 [size]: N(0, 1) draws 0..size-1 of step ``step``'s stream under ``key``.
 
-  Draw i comes from words 0, 1, 2 of ChaCha20 block i under nonce (step, 0, 0):
-  the stream is a pure function of (key, step), and every draw is computed from
-  its own counter alone (elementwise from an iota), so it is the same however
-  the output is sharded. The block's other 13 words are not used: interleaving
-  several draws of one block makes XLA recompute the cipher per output element
-  on CPU, which costs far more than the unused words.
+  Draw i comes from words 0, 1, 2 of ChaCha20 block i under nonce (step, stream, 0):
+  the gradient noise is stream 0; other draws of a step (the noisy count of
+  adaptive clipping) use another stream, so they share no keystream block with it
+  and are independent of it. The stream is a pure function of (key, step), and
+  every draw is computed from its own counter alone (elementwise from an iota), so
+  it is the same however the output is sharded. The block's other 13 words are
+  not used: interleaving several draws of one block makes XLA recompute the
+  cipher per output element on CPU, which costs far more than the unused words.
   """
   if size >= 2**32:
     raise ValueError(f"{size} coordinates exceed the 2^32 ChaCha blocks of one nonce")
   step = jnp.asarray(step).astype(jnp.uint32)
-  nonce = (step, np.uint32(0), np.uint32(0))
+  nonce = (step, np.uint32(stream), np.uint32(0))
 
   def draws(first: jax.Array, count: int) -> jax.Array:
     counters = first.astype(jnp.uint32) + jax.lax.iota(jnp.uint32, count)
@@ -293,13 +295,38 @@ def snap_grid(stddev: float) -> float:
   return 2.0 ** (math.ceil(math.log2(stddev)) - SNAP_BITS)
 
 
-def snap(x: jax.Array, grid: float) -> jax.Array:
-  """x rounded to the nearest multiple of the power of two ``grid`` (exact in float)."""
-  if grid <= 0:
-    return x
-  rounded = jnp.round(x * np.float32(1.0 / grid)) * np.float32(grid)
+def snap_grid_in_graph(stddev: jax.Array) -> jax.Array:
+  """:func:`snap_grid` of a traced float32 stddev > 0 (e.g. σ_Δ·C_t of adaptive clipping).
+
+  Exact: ``frexp`` splits stddev = m·2^e with m in [0.5, 1) without rounding, so
+  ⌈log2 stddev⌉ is e, or e - 1 when m = 0.5 (stddev a power of two), and
+  ``ldexp`` builds the power of two 2^(⌈log2 stddev⌉ - SNAP_BITS) without rounding.
+  The grid is therefore the one :func:`snap_grid` gives for the same float32 value,
+  a power of two in [2^-SNAP_BITS·stddev, 2^(1-SNAP_BITS)·stddev), and the
+  no-floating-point-holes argument of the module docstring holds with σΔ = stddev.
+  """
+  stddev = jnp.asarray(stddev, jnp.float32)
+  mantissa, exponent = jnp.frexp(stddev)
+  ceil_log2 = exponent - (mantissa == np.float32(0.5)).astype(exponent.dtype)
+  return jnp.ldexp(np.float32(1.0), ceil_log2 - SNAP_BITS)
+
+
+def snap(x: jax.Array, grid: float | jax.Array) -> jax.Array:
+  """x rounded to the nearest multiple of the power of two ``grid`` (exact in float).
+
+  ``grid`` is a Python float (0: no rounding) or a traced power of two > 0 from
+  :func:`snap_grid_in_graph`; 1/grid is then exact too.
+  """
+  if isinstance(grid, (int, float)):
+    if grid <= 0:
+      return x
+    inverse, grid = np.float32(1.0 / grid), np.float32(grid)
+  else:
+    grid = jnp.asarray(grid, jnp.float32)
+    inverse = np.float32(1.0) / grid
+  rounded = jnp.round(x * inverse) * grid
   # Beyond grid·2^23 a float32 is already a multiple of the grid.
-  return jnp.where(jnp.abs(x) < np.float32(grid * 2.0**23), rounded, x)
+  return jnp.where(jnp.abs(x) < grid * np.float32(2.0**23), rounded, x)
 
 
 def tail_probability(noise_multiplier: float, steps: int) -> float:

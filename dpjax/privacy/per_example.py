@@ -132,6 +132,22 @@ class ClippedGradFn:
   def sensitivity(self) -> float:
     return self.clip_rule.sensitivity
 
+  def with_clip_norm(self, clip_norm: Any) -> ClippedGradFn:
+    """This function clipping with an adaptive rule's current bound (e.g. a traced C_t).
+
+    Raises:
+      ValueError: the rule has no adjustable bound (only adaptive rules have).
+    """
+    if not hasattr(self.clip_rule, "with_clip_norm"):
+      raise ValueError(f"{type(self.clip_rule).__name__} has no adjustable clip bound")
+    return ClippedGradFn(
+      self.loss_fn,
+      self.clip_rule.with_clip_norm(clip_norm),
+      self.backend,
+      self.microbatch_size,
+      self.has_aux,
+    )
+
   def resolved_backend(self, params: PyTree, batch: PyTree) -> str:
     """The backend that runs for these shapes ("auto" resolved).
 

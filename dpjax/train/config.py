@@ -21,7 +21,7 @@ from dpjax.privacy import accounting, mechanism, per_example
 
 # Choices that belong to the training driver; the library's own (poolings, accountants,
 # backends) are imported from the modules that read them.
-CLIPS = ("flat", "per_layer", "automatic")
+CLIPS = ("flat", "per_layer", "automatic", "quantile")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("linear", "constant")
 TASKS = ("classify", "label_words", "causal_lm")
@@ -44,6 +44,7 @@ _KEY_OF_ARGUMENT = {
   "rules": "parallel.rules",
   "max_examples_per_user": "dp.max_examples_per_user",
   "accountant": "dp.accountant",
+  "count_noise": "dp.clip_count_noise",
 }
 
 
@@ -144,8 +145,16 @@ def default_config() -> ml_collections.ConfigDict:
   # calibrated; no budget when σ is given.
   c.dp.epsilon_budget = config_dict.placeholder(float)
   c.dp.delta = config_dict.placeholder(float)  # None: N^-1.1; must be < 1/N
-  c.dp.clip = "flat"  # flat | per_layer | automatic
-  c.dp.clip_norm = 1.0
+  c.dp.clip = "flat"  # flat | per_layer | automatic | quantile (adaptive, see below)
+  c.dp.clip_norm = 1.0  # C; for dp.clip=quantile the initial bound C_0
+  # dp.clip=quantile (Andrew et al. 2021): the bound C_t learns the dp.clip_quantile quantile
+  # of the per-example gradient norms, C <- C·exp(-dp.clip_quantile_lr·(b - γ)), b the noisy
+  # fraction of unclipped examples. The target ε is unchanged: the gradient noise grows to
+  # σ_Δ = (σ^-2 - (2·dp.clip_count_noise)^-2)^-1/2 to pay for the count.
+  c.dp.clip_quantile = 0.5  # γ, the fraction of examples left unclipped, in (0, 1)
+  c.dp.clip_quantile_lr = 0.2  # η > 0, the geometric learning rate of the bound
+  # σ_b > σ/2, the noise std of the unclipped count; None: train.batch_size / 20 (the paper's).
+  c.dp.clip_count_noise = config_dict.placeholder(float)
   c.dp.accountant = "pld"  # pld | rdp | prv (all rigorous; summary.json brackets ε by PLD and PRV)
   c.dp.backend = "auto"  # auto (bookkeeping when the model allows) | bookkeeping | vmap
   c.dp.microbatch_size = 16
@@ -336,6 +345,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _optional(c, "dp.epsilon_budget", lambda key: _positive(c, key))
     _one_of(c, "dp.clip", CLIPS)
     _positive(c, "dp.clip_norm")
+    _in_open_unit_interval(c, "dp.clip_quantile")
+    _positive(c, "dp.clip_quantile_lr")
+    _optional(c, "dp.clip_count_noise", lambda key: _positive(c, key))
     _one_of(c, "dp.accountant", accounting.ACCOUNTANTS)
     _one_of(c, "dp.backend", per_example.BACKENDS)
   _positive(c, "dp.microbatch_size", integer=True)
@@ -408,6 +420,13 @@ def _validate_unit(c: ml_collections.ConfigDict) -> None:
       c.data.train,
       "a .tsv/.csv/.jsonl file with a data.user_field column when dp.unit=user (SST-2 has "
       "no user ids)",
+    )
+  if c.dp.user_sampling == "uls" and c.dp.clip == "quantile":
+    raise _fail(
+      "dp.clip",
+      c.dp.clip,
+      "flat, per_layer or automatic when dp.user_sampling=uls (the quantile rule's noisy "
+      "count is per row)",
     )
   if c.dp.enabled and c.dp.user_sampling == "els" and c.dp.accountant != "pld":
     raise _fail(
@@ -496,11 +515,19 @@ def _validate_causal(c: ml_collections.ConfigDict) -> None:
 
 
 def clip_rule(c: ml_collections.ConfigDict) -> privacy.ClipRule:
-  """The clip rule of ``dp.clip`` with bound ``dp.clip_norm``."""
+  """The clip rule of ``dp.clip`` with bound ``dp.clip_norm`` (quantile: its initial bound)."""
   if c.dp.clip == "automatic":
     return privacy.AutomaticClip()
   if c.dp.clip == "per_layer":
     return privacy.PerLayerClip(c.dp.clip_norm)
+  if c.dp.clip == "quantile":
+    count_noise = c.dp.clip_count_noise
+    return privacy.QuantileClip(
+      target_quantile=float(c.dp.clip_quantile),
+      learning_rate=float(c.dp.clip_quantile_lr),
+      count_noise=float(c.train.batch_size) / 20 if count_noise is None else float(count_noise),
+      initial_clip_norm=float(c.dp.clip_norm),
+    )
   return privacy.FlatClip(c.dp.clip_norm)
 
 

@@ -41,7 +41,7 @@ from absl import logging
 
 from dpjax import batching, parallel, privacy
 from dpjax.models import lora
-from dpjax.privacy import histogram
+from dpjax.privacy import histogram, quantile
 from dpjax.privacy.secret import RunSecret
 from dpjax.train import checkpoint, generation_eval, integrity, optimizer, splits
 from dpjax.train import config as config_lib
@@ -585,7 +585,10 @@ def _run(
       if done % c.train.log_every_steps == 0 or done == end_step:
         ahead(done)
         epsilon = mechanism.epsilon(ledger)
-        write(done, "privacy", {"epsilon": epsilon})
+        public = {"epsilon": epsilon}
+        if "clip_norm" in row:  # adaptive clipping's C_t: computed from released noisy counts
+          public["clip_norm"] = float(row["clip_norm"])
+        write(done, "privacy", public)
         private_row = None
         if c.train.private_metrics:
           private_row = {k: float(v) for k, v in row.items()}
@@ -654,6 +657,7 @@ def _run(
     "ledger": ledger.to_dict(),  # every segment; the plan above is the last one
     "clip": c.dp.clip,
     "clip_norm": c.dp.clip_norm,
+    **_final_clip_norm(state),
     "eval": result,
     "params_sha256": params_sha256(params),
     "params_global_norm": float(optax.tree.norm(params)),
@@ -731,6 +735,12 @@ def _release_label_histogram(
     ),
   }
   return ledger
+
+
+def _final_clip_norm(state: step_lib.TrainState) -> dict[str, float]:
+  """Adaptive clipping's bound after the last step (public: a function of noisy counts)."""
+  bound = quantile.current_clip_norm(state.opt_state)
+  return {} if bound is None else {"final_clip_norm": float(parallel.to_host(bound))}
 
 
 def _finite_or_text(tree: Any) -> Any:

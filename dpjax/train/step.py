@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dpjax.privacy import quantile
+
 PyTree = Any
 
 
@@ -50,8 +52,11 @@ def train_step(
     masks: one [n_g] bool mask per group (False on padding rows).
     grad_fn: ``(params, batch, mask) -> (gradient sum, ClippedGradAux)``.
     tx: the mechanism's privatizer chained with the optimizer. It receives the
-      realized count as ``num_examples=`` (only the non-private privatizer
-      reads it; the Gaussian privatizer divides by the expected batch size).
+      realized count as ``num_examples=`` (the non-private privatizer divides by
+      it; the Gaussian privatizer divides by the expected batch size) and the
+      count of kept rows within the clip bound as ``unclipped_examples=`` (the
+      quantile privatizer's noisy count; the others ignore it). With adaptive
+      clipping, ``grad_fn`` clips with the bound C_t held in ``opt_state``.
     dropout_seed: if set, every example gets its own dropout key, a function of
       (seed, step, group, row), so a resumed run draws the same masks.
   """
@@ -61,12 +66,19 @@ def train_step(
       {**b, "dropout_key": jax.random.split(jax.random.fold_in(step_key, g), m.shape[0])}
       for g, (b, m) in enumerate(zip(batches, masks))
     )
+  # Adaptive clipping: clip with the bound C_t of the privatizer's state (a traced scalar).
+  clip_norm = quantile.current_clip_norm(state.opt_state)
+  if clip_norm is not None:
+    grad_fn = grad_fn.with_clip_norm(clip_norm)
   results = [grad_fn(state.params, b, m) for b, m in zip(batches, masks)]
   grads = jax.tree_util.tree_map(lambda *g: sum(g), *[r[0] for r in results])
   auxes = [r[1] for r in results]
   count = sum(a.num_examples for a in auxes)
+  unclipped = count - sum(jnp.sum(a.clipped) for a in auxes)  # kept rows with norm <= bound
   tx = optax.with_extra_args_support(tx)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params, num_examples=count)
+  updates, opt_state = tx.update(
+    grads, state.opt_state, state.params, num_examples=count, unclipped_examples=unclipped
+  )
   params = optax.apply_updates(state.params, updates)
   over_real = lambda f: (
     sum(jnp.sum(jnp.where(a.mask, f(a), 0.0)) for a in auxes) / jnp.maximum(count, 1)
@@ -82,5 +94,7 @@ def train_step(
     "examples": count,
     "nonfinite": sum(a.nonfinite_count for a in auxes),
     "update_norm": optax.tree.norm(updates),
+    # The bound this step clipped with: a function of released noisy counts, so public.
+    **({"clip_norm": clip_norm} if clip_norm is not None else {}),
   }
   return TrainState(state.step + 1, params, opt_state), metrics

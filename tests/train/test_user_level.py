@@ -269,6 +269,7 @@ def test_a_tiny_user_sampling_run_is_dp_sgd_over_users(uls_run):
     ("tiny", {"dp.user_sampling": "users"}, "config.dp.user_sampling must be one of"),
     ("tiny_uls", {"dp.user_contribution": "max"}, "config.dp.user_contribution must be one"),
     ("tiny_uls", {"train.batch_size": 450}, "under user sampling (it is the expected number"),
+    ("tiny_uls", {"dp.clip": "quantile"}, "config.dp.clip must be flat, per_layer or automatic"),
   ],
 )
 def test_impossible_user_sampling_configs_are_one_line(tmp_path, variant, overrides, message):
