@@ -163,6 +163,11 @@ def test_membership_without_held_out_rows_is_refused(trained, tmp_path):
     reports.membership(run, max_rows=10, bootstrap_samples=5)
 
 
+def test_an_unknown_group_column_is_refused_before_loading_anything(tmp_path):
+  with pytest.raises(ConfigError, match="--group_by must be one of"):
+    reports.groups(tmp_path / "no_run", group_by="colour")
+
+
 def test_the_canary_report_needs_a_run_with_canaries(trained):
   workdir, _ = trained
   with pytest.raises(ConfigError, match="set config.audit.canaries"):
@@ -173,10 +178,8 @@ def test_the_canary_report_needs_a_run_with_canaries(trained):
   "args, message",
   [
     (["--reports=membership,nonsense"], "--reports must be a comma-separated subset"),
-    (["--group_by=colour"], "--group_by must be one of"),
     (["--max_rows=1"], "--max_rows must be an integer >= 2"),
     (["--max_rows=abc"], "flag --max_rows=abc: invalid literal"),
-    (["--bogus=1"], "Unknown command line flag 'bogus'"),
   ],
 )
 def test_bad_flags_exit_2_with_one_line(trained, args, message):

@@ -427,11 +427,13 @@ def test_multiprocess_interrupt_stops_every_process(env, tmp_path):
     text=True,
   )
   try:
-    deadline = time.monotonic() + 10
+    # Generous limits: on a loaded machine the two processes can take seconds to start.
+    deadline = time.monotonic() + 60
     while len(_records(tmp_path / "run")) < 2 and time.monotonic() < deadline:
       time.sleep(0.05)
+    assert len(_records(tmp_path / "run")) == 2, "the two processes did not start within 60 s"
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=15)
+    _, stderr = proc.communicate(timeout=60)
   finally:
     proc.kill()
   assert proc.returncode == 130, stderr

@@ -37,9 +37,18 @@ def assert_trees_close(a, b, atol=1e-6, rtol=1e-5):
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
 
 
-@pytest.mark.parametrize("problem", sorted(PROBLEMS))
-@pytest.mark.parametrize("rule_name", sorted(RULES))
-@pytest.mark.parametrize("microbatch", [None, 2, 4])
+# Every rule and every microbatching on each problem (not the whole product: each case compiles).
+@pytest.mark.parametrize(
+  "problem, rule_name, microbatch",
+  [
+    ("mlp", "flat", None),
+    ("mlp", "per_layer", 2),
+    ("mlp", "automatic", 4),
+    ("transformer", "flat", 4),
+    ("transformer", "per_layer", 2),
+    ("transformer", "automatic", None),
+  ],
+)
 def test_vmap_equals_python_loop(problem, rule_name, microbatch):
   loss_fn, params, batch = PROBLEMS[problem](batch=8)
   rule = RULES[rule_name]
