@@ -683,12 +683,16 @@ def training_set_size(c: Any) -> tuple[int, str]:
   ``data.train_fraction`` < 1 or audit canaries need the kept subset, which depends on
   the tokens (rows are kept by a hash of their tokens), so the data are tokenized as
   the run does (a couple of seconds for SST-2), without writing a token cache.
+  Under user-level sampling (``dp.user_sampling=uls``) N is the number of users
+  (the sampler's units), counted after each user's rows are capped at k.
   """
   # pylint: disable=import-outside-toplevel
+  from dpjax.train import config as config_lib
   from dpjax.train import splits
 
   spec = c.data.train
-  if c.data.train_fraction >= 1 and not c.audit.canaries:
+  users = config_lib.samples_users(c)
+  if c.data.train_fraction >= 1 and not c.audit.canaries and not users:
     return len(splits.source_for(spec, c)), f"rows of {spec}"
   import tokenizers
 
@@ -697,6 +701,11 @@ def training_set_size(c: Any) -> tuple[int, str]:
   name = "minilm" if c.model.name == "tiny" else c.model.name
   tokenizer = tokenizers.Tokenizer.from_file(str(pretrained.resolve(name) / "tokenizer.json"))
   train, canaries = splits.training_split(c, tokenizer, None)
+  if users:
+    return splits.count_users(train), (
+      f"users of {spec} (column {c.data.user_field!r}; at most "
+      f"{c.dp.max_examples_per_user} rows each)"
+    )
   parts = [spec]
   if c.data.train_fraction < 1:
     parts.append(f"data.train_fraction={c.data.train_fraction:g}")
@@ -721,10 +730,11 @@ def config_run(c: Any, dataset_size: int | None = None) -> ConfigRun:
     config_lib.validate(c)
     if not c.dp.enabled:
       raise PlanError("config.dp.enabled must be True to plan a private run (got False)")
-    if c.dp.unit != "example":
+    if c.dp.unit != "example" and not config_lib.samples_users(c):
       raise PlanError(
-        f"config.dp.unit must be example to plan a run here (got {c.dp.unit!r}); a user-level "
-        "run reports its plan when python -m dpjax.main starts it"
+        f"config.dp.user_sampling must be uls to plan a user-level run here (got "
+        f"{c.dp.user_sampling!r}); an example-sampled (els) run reports its plan when "
+        "python -m dpjax.main starts it"
       )
     if dataset_size is None:
       n, source = training_set_size(c)
@@ -742,6 +752,10 @@ def config_run(c: Any, dataset_size: int | None = None) -> ConfigRun:
       notes.append(
         f"the config fixes dp.noise_multiplier={c.dp.noise_multiplier:g}: its run reports ε "
         "instead of targeting dp.epsilon"
+      )
+    if config_lib.samples_users(c):
+      notes.append(
+        "dp.user_sampling=uls: N, B and q count users (each a unit of DP-SGD clipped to C)"
       )
     if c.dp.clip == "automatic":
       notes.append("dp.clip=automatic: C is its sensitivity 1 (the clip norm is unused)")

@@ -154,3 +154,14 @@ def test_cli_user_mistakes_are_one_line_and_exit_2():
     assert out == "" and "Traceback" not in err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert expected in err, err
+
+
+def test_a_user_sampling_config_is_planned_over_its_users():
+  from experiments import sst2_users
+
+  run = plan_lib.config_run(sst2_users.get_config("quick_uls"))
+  # 4,709 users (each capped at 4 rows), B = 139 users per step: 2 epochs over users.
+  assert (run.dataset_size, run.batch_size, run.steps) == (4709, 139, 68)
+  assert run.source.startswith("users of ") and any("count users" in n for n in run.notes)
+  with pytest.raises(plan_lib.PlanError, match="config.dp.user_sampling must be uls"):
+    plan_lib.config_run(sst2_users.get_config("quick"))
