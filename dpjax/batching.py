@@ -207,21 +207,50 @@ def user_table(user_ids: np.ndarray, unit_size: int) -> np.ndarray:
   return table
 
 
-def user_groups(table: np.ndarray, row_groups: np.ndarray) -> np.ndarray:
-  """int [N_u]: each user's group, the largest of its rows' (e.g. its longest row's bucket)."""
-  groups = np.where(table >= 0, np.asarray(row_groups)[np.maximum(table, 0)], -1)
-  return groups.max(1)
+def rows_per_user_sizes(k: int) -> tuple[int, ...]:
+  """The unit sizes a user with 1..k rows is padded to: powers of two below k, and k.
 
-
-def expand_users(table: np.ndarray, group: PaddedGroup) -> tuple[np.ndarray, np.ndarray]:
-  """A padded group of USERS -> (row positions [S·k], row mask [S·k]), k rows per user.
-
-  Each user's k slots are consecutive (the clipping unit of
-  :func:`dpjax.privacy.clipped_grad` with ``unit_size=k``); empty slots and
-  padding users repeat a real row of that user and are masked out, so they
-  contribute zero. Device blocks of users become device blocks of rows.
+  A user with n rows goes to the smallest size >= n, so at most half of a unit
+  is padding (k = 4: sizes 1, 2, 4; k = 6: 1, 2, 4, 6).
   """
-  rows = table[group.indices]
+  _validation.require_int_in("k", k, 1)
+  return tuple(sorted({min(k, 2**i) for i in range(max(k - 1, 0).bit_length() + 1)}))
+
+
+def user_groups(table: np.ndarray, row_groups: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+  """(int [N_u] group of each user, the unit sizes) for :class:`StaticBatches` over users.
+
+  A user's group combines its length bucket (its longest row's ``row_groups``
+  entry) and its unit size (:func:`rows_per_user_sizes`, the fewest padded rows
+  that hold all of its rows): group = bucket·len(sizes) + size index, decoded by
+  :func:`user_group_shape`.
+  """
+  sizes = rows_per_user_sizes(table.shape[1])
+  counts = (table >= 0).sum(1)
+  lengths = np.where(table >= 0, np.asarray(row_groups)[np.maximum(table, 0)], -1).max(1)
+  return lengths * len(sizes) + np.searchsorted(sizes, counts), sizes
+
+
+def user_group_shape(group: int, sizes: tuple[int, ...]) -> tuple[int, int]:
+  """(length bucket, rows per user) of a group id from :func:`user_groups`."""
+  bucket, index = divmod(int(group), len(sizes))
+  return bucket, sizes[index]
+
+
+def expand_users(
+  table: np.ndarray, group: PaddedGroup, rows_per_user: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """A padded group of USERS -> (row positions [S·r], row mask [S, r]), r rows per user.
+
+  Each user's r slots are consecutive (the clipping unit: the 2-D mask tells
+  :func:`dpjax.privacy.clipped_grad` that every r rows are one user); empty
+  slots and padding users repeat a real row of that user and are masked out, so
+  they contribute zero. Every user of the group has at most r rows. Device blocks
+  of users become device blocks of rows.
+  """
+  rows = table[group.indices, :rows_per_user]
+  if (table[group.indices, rows_per_user:] >= 0).any():
+    raise ValueError(f"a user of group {group.group} has more than {rows_per_user} rows")
   mask = (rows >= 0) & group.mask[:, None]
   rows = np.where(rows >= 0, rows, rows[:, :1])
-  return rows.reshape(-1), mask.reshape(-1)
+  return rows.reshape(-1), mask

@@ -302,7 +302,8 @@ def global_rows(
     batch[name] = jax.make_array_from_callback(
       shape, sharding, lambda index, name=name: rows(index)[name]
     )
-  mask_array = jax.make_array_from_callback((size,), sharding, lambda index: mask[index])
+  # [size], or [units, k] (k rows per unit): split along its first axis like the rows.
+  mask_array = jax.make_array_from_callback(mask.shape, sharding, lambda index: mask[index])
   return batch, mask_array
 
 

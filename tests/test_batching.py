@@ -102,7 +102,7 @@ def test_bad_arguments(kwargs, message):
     batching.StaticBatches(**kwargs)
 
 
-def test_users_expand_to_whole_units_of_k_rows_sampled_at_rate_q():
+def test_users_expand_to_whole_units_sampled_at_rate_q_and_padded_by_their_row_count():
   rng = np.random.default_rng(0)
   users = rng.choice(["ann", "bob", "cy", "dee", "eve", "fay"], size=15)
   users[:6] = ["ann", "bob", "cy", "dee", "eve", "fay"]  # everyone has a row
@@ -114,8 +114,13 @@ def test_users_expand_to_whole_units_of_k_rows_sampled_at_rate_q():
     real = row[row >= 0]
     assert real.tolist() == np.flatnonzero(users == user).tolist()
   row_groups = rng.integers(0, 3, 15)
-  groups = batching.user_groups(table, row_groups)
-  assert all(groups[u] == row_groups[table[u][table[u] >= 0]].max() for u in range(6))
+  groups, sizes = batching.user_groups(table, row_groups)
+  assert sizes == batching.rows_per_user_sizes(k)
+  for u in range(6):  # the longest row's bucket, and the fewest rows that hold the user's
+    bucket, per_user = batching.user_group_shape(groups[u], sizes)
+    n = int((table[u] >= 0).sum())
+    assert bucket == row_groups[table[u][table[u] >= 0]].max()
+    assert per_user == min(s for s in sizes if s >= n)
   sampler = PoissonSampler(6, 2.0, key=b"k" * 32)
   static = batching.StaticBatches(6, 2 / 6, groups=groups, microbatch_size=2)
   seen = np.zeros(6)
@@ -124,18 +129,21 @@ def test_users_expand_to_whole_units_of_k_rows_sampled_at_rate_q():
     seen[sample] += 1
     rows_of_step = []
     for group in static.pad(sample):
-      positions, mask = batching.expand_users(table, group)
-      assert len(positions) == k * len(group.indices) and len(positions) % (2 * k) == 0
-      units = positions.reshape(-1, k)
-      for unit, unit_mask, user, real in zip(units, mask.reshape(-1, k), group.indices, group.mask):
+      _, per_user = batching.user_group_shape(group.group, sizes)
+      positions, mask = batching.expand_users(table, group, per_user)
+      assert mask.shape == (len(group.indices), per_user) and len(positions) == mask.size
+      units = positions.reshape(-1, per_user)
+      for unit, unit_mask, user, real in zip(units, mask, group.indices, group.mask):
         # A sampled user brings exactly all of its rows; a padding user brings none.
         want = table[user][table[user] >= 0]
         assert sorted(unit[unit_mask].tolist()) == (sorted(want.tolist()) if real else [])
         assert set(unit.tolist()) <= set(want.tolist())  # padding repeats the user's rows
-      rows_of_step += positions[mask].tolist()
+      rows_of_step += positions[mask.reshape(-1)].tolist()
     want = sorted(int(i) for u in sample for i in table[u] if i >= 0)
     assert sorted(rows_of_step) == want
   # Each user is included at rate q = 2/6 (3 standard errors of 3000 Bernoulli trials).
   np.testing.assert_allclose(seen / 3000, 1 / 3, atol=3 * np.sqrt(2 / 9 / 3000))
   with pytest.raises(ValueError, match="more than unit_size=1"):
     batching.user_table(users, 1)
+  assert batching.rows_per_user_sizes(1) == (1,) and batching.rows_per_user_sizes(4) == (1, 2, 4)
+  assert batching.rows_per_user_sizes(6) == (1, 2, 4, 6)

@@ -246,8 +246,9 @@ class Mechanism:
     Private: the sum of per-example gradients clipped by the spec's rule.
     Non-private: the plain sum (sensitivity inf).
     """
-    k = self.spec.unit_size
-    micro = None if self.spec.microbatch_size is None else self.spec.microbatch_size * k
+    # Under ULS the loop passes [users, k'] masks (k' <= k rows per user); microbatches
+    # count users.
+    micro = self.spec.microbatch_size
     if not self.private:
       return per_example.summed_grad(loss_fn, micro, has_aux=has_aux)
     return per_example.clipped_grad(
@@ -256,7 +257,7 @@ class Mechanism:
       self.spec.backend,
       micro,
       has_aux=has_aux,
-      unit_size=k,
+      unit_size=self.spec.unit_size,
       contribution=self.spec.user_contribution,
     )
 

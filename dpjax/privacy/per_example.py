@@ -146,9 +146,11 @@ class ClippedGradFn:
       self.backend,
       self.microbatch_size,
       self.has_aux,
+      self.unit_size,
+      self.contribution,
     )
 
-  def resolved_backend(self, params: PyTree, batch: PyTree) -> str:
+  def resolved_backend(self, params: PyTree, batch: PyTree, rows: int | None = None) -> str:
     """The backend that runs for these shapes ("auto" resolved).
 
     Raises:
@@ -156,7 +158,7 @@ class ClippedGradFn:
     """
     if self.backend == "vmap":
       return "vmap"
-    micro = self.microbatch_size or jax.tree_util.tree_leaves(batch)[0].shape[0]
+    micro = rows or self.microbatch_size or jax.tree_util.tree_leaves(batch)[0].shape[0]
     sample = jax.tree_util.tree_map(lambda x: x[:micro], batch)
     reason = bookkeeping.unsupported_reason(self.loss_fn, params, sample)
     if reason is None:
@@ -165,8 +167,8 @@ class ClippedGradFn:
       raise ValueError(f"backend='bookkeeping' cannot run this loss: {reason}")
     return "vmap"
 
-  def _microbatch(self, params: PyTree, batch: PyTree, mask: jax.Array, backend: str):
-    """Clipped sum and statistics of one microbatch."""
+  def _microbatch(self, params: PyTree, batch: PyTree, mask: jax.Array, backend: str, unit: int):
+    """Clipped sum and statistics of one microbatch (units of ``unit`` rows)."""
     if backend == "bookkeeping":
       return bookkeeping.clipped_sum(
         self.loss_fn,
@@ -175,7 +177,7 @@ class ClippedGradFn:
         mask,
         self.clip_rule,
         self.has_aux,
-        self.unit_size,
+        unit,
         self.contribution,
       )
     grad_fn = jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)
@@ -186,9 +188,7 @@ class ClippedGradFn:
       return loss, loss_aux, grads
 
     losses, loss_aux, grads = jax.vmap(one)(batch)
-    result = clipping.clip_and_sum(
-      grads, self.clip_rule, mask, losses, self.unit_size, self.contribution
-    )
+    result = clipping.clip_and_sum(grads, self.clip_rule, mask, losses, unit, self.contribution)
     losses = jnp.where(result.kept, losses, 0.0)
     return result.grads, (
       losses,
@@ -211,26 +211,14 @@ class ClippedGradFn:
         raise ValueError(
           f"every batch array needs the same leading batch size {size} (got shape {leaf.shape})"
         )
-    mask = jnp.ones([size], bool) if mask is None else jnp.asarray(mask).astype(bool)
-    if mask.shape != (size,):
-      raise ValueError(f"mask must have shape ({size},) (got {mask.shape})")
-    micro = self.microbatch_size or size
-    if size % micro:
-      raise ValueError(
-        f"microbatch_size must divide the batch size {size} (got microbatch_size={micro})"
-      )
-    if micro % self.unit_size:
-      raise ValueError(
-        f"unit_size={self.unit_size} must divide the microbatch size {micro} (a unit's rows "
-        "are clipped together, so they must not straddle microbatches)"
-      )
-    backend = self.resolved_backend(params, batch)
+    mask, unit, micro = units_of(mask, size, self.unit_size, self.microbatch_size)
+    backend = self.resolved_backend(params, batch, micro)
     if micro == size:
-      grads, stats = self._microbatch(params, batch, mask, backend)
+      grads, stats = self._microbatch(params, batch, mask, backend, unit)
     else:
       init = jax.tree_util.tree_map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
       grads, stats = scan_microbatches(
-        lambda b, m: self._microbatch(params, b, m, backend), batch, mask, micro, init
+        lambda b, m: self._microbatch(params, b, m, backend, unit), batch, mask, micro, init
       )
     losses, norms, clipped, kept, nonfinite, loss_aux = stats
     num = jnp.sum(kept)
@@ -272,10 +260,10 @@ def summed_grad(
 
   def fn(params, batch, mask=None):
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    mask = jnp.ones([size], bool) if mask is None else jnp.asarray(mask).astype(bool)
+    mask, _, micro = units_of(mask, size, 1, microbatch_size)
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
     total, (losses, loss_aux) = scan_microbatches(
-      lambda b, m: grad_total(params, b, m), batch, mask, microbatch_size or size, zeros
+      lambda b, m: grad_total(params, b, m), batch, mask, micro, zeros
     )
     aux = ClippedGradAux(
       losses=losses,
@@ -292,6 +280,39 @@ def summed_grad(
 
   fn.sensitivity = math.inf
   return fn
+
+
+def units_of(
+  mask: jax.Array | None, size: int, unit_size: int, microbatch_size: int | None
+) -> tuple[jax.Array, int, int]:
+  """(the [size] row mask, rows per unit, rows per microbatch) of a batch of ``size`` rows.
+
+  The mask is [size] (units of ``unit_size`` rows) or [size / k, k]: a 2-D mask says
+  that every k consecutive rows are one unit (one user's rows, masked where the
+  user has fewer), whatever ``unit_size`` is; this is how batches of users with
+  different row counts are clipped by one function. ``microbatch_size`` counts
+  units (examples when a unit is one row); None: the whole batch at once.
+  """
+  if mask is None:
+    mask = jnp.ones([size], bool)
+  mask = jnp.asarray(mask).astype(bool)
+  unit = unit_size
+  if mask.ndim == 2:
+    unit = mask.shape[1]
+    mask = mask.reshape(-1)
+  if mask.shape != (size,):
+    raise ValueError(
+      f"mask must have shape ({size},) or (units, rows per unit) with {size} entries "
+      f"(got {mask.shape})"
+    )
+  if size % unit:
+    raise ValueError(f"unit_size={unit} must divide the batch size {size}")
+  units = size // unit
+  micro = microbatch_size or units
+  if units % micro:
+    what = "the batch size" if unit == 1 else f"the number of units (of {unit} rows)"
+    raise ValueError(f"microbatch_size must divide {what} {units} (got microbatch_size={micro})")
+  return mask, unit, micro * unit
 
 
 def scan_microbatches(
@@ -360,15 +381,17 @@ def clipped_grad(
       :class:`~dpjax.privacy.bookkeeping.TappedLoss`); ``"auto"`` (default):
       book-keeping when possible, else vmap. All give the same result up to
       float32 rounding.
-    microbatch_size: examples per scan iteration; must divide the batch size.
-      ``None`` processes the whole batch at once.
+    microbatch_size: examples (units, with ``unit_size`` > 1) per scan iteration;
+      must divide the batch size (number of units). ``None`` processes the whole
+      batch at once.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; the per-example aux
       values come back stacked in ``ClippedGradAux.loss_aux``.
     unit_size: rows per privacy unit. 1 (default): every example is clipped on its
       own. k > 1 (user-level DP by user sampling): every k consecutive rows are one
       user's examples (padded with masked rows) and the user's summed gradient is
-      clipped as a whole, so removing a user moves the sum by <= Δ. Must divide
-      ``microbatch_size``.
+      clipped as a whole, so removing a user moves the sum by <= Δ. A 2-D mask
+      [units, k'] passed to the function sets the unit to its k' rows instead
+      (groups of users with fewer rows need less padding).
     contribution: ``"sum"`` or ``"mean"``: clip the sum or the mean of a unit's rows.
 
   Returns:

@@ -513,13 +513,15 @@ def _run(
   # One static shape per token-length bucket (the scan skips microbatches of pure padding).
   # Under user sampling the sampled units are users: a user's group is its longest row's
   # bucket, and each padded group of users expands to k rows per user.
+  # Users are grouped by their row count too (padded to 1, 2, 4, ..., k rows), so that a
+  # user with one row is not computed as k.
   row_groups = train.length_groups()
-  users = None
+  users, unit_sizes = None, (1,)
   if mechanism.spec.samples_users:
     users = batching.user_table(
       train.encoded.user_ids[train.indices], mechanism.spec.max_examples_per_user
     )
-    row_groups = batching.user_groups(users, row_groups)
+    row_groups, unit_sizes = batching.user_groups(users, row_groups)
   static_batches = mechanism.static_batches(
     row_groups, parallel.batch_size_multiple(mesh), quantiles=batching.SINGLE_SHAPE
   )
@@ -534,13 +536,14 @@ def _run(
   def place(sample: np.ndarray):
     placed, rows = [], 0
     for group in static_batches.pad(sample):
-      positions, mask = (
-        (group.indices, group.mask) if users is None else batching.expand_users(users, group)
-      )
+      bucket, positions, mask = group.group, group.indices, group.mask
+      if users is not None:
+        bucket, per_user = batching.user_group_shape(group.group, unit_sizes)
+        positions, mask = batching.expand_users(users, group, per_user)
       rows += int(mask.sum())
       placed.append(
         parallel.global_rows(
-          functools.partial(train.batch, length=train.encoded.buckets[group.group]),
+          functools.partial(train.batch, length=train.encoded.buckets[bucket]),
           positions,
           mask,
           rows_sharding,

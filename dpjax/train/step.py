@@ -49,7 +49,8 @@ def train_step(
   Args:
     state: the train state.
     batches: one batch dict per group; each has its own static shape.
-    masks: one [n_g] bool mask per group (False on padding rows).
+    masks: one [n_g] bool mask per group (False on padding rows), or [units, k] when
+      every k consecutive rows are one user (user-level sampling).
     grad_fn: ``(params, batch, mask) -> (gradient sum, ClippedGradAux)``.
     tx: the mechanism's privatizer chained with the optimizer. It receives the
       realized count as ``num_examples=`` (the non-private privatizer divides by
@@ -63,7 +64,7 @@ def train_step(
   if dropout_seed is not None:
     step_key = jax.random.fold_in(jax.random.PRNGKey(dropout_seed), state.step)
     batches = tuple(
-      {**b, "dropout_key": jax.random.split(jax.random.fold_in(step_key, g), m.shape[0])}
+      {**b, "dropout_key": jax.random.split(jax.random.fold_in(step_key, g), m.size)}
       for g, (b, m) in enumerate(zip(batches, masks))
     )
   # Adaptive clipping: clip with the bound C_t of the privatizer's state (a traced scalar).

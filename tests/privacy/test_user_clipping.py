@@ -142,11 +142,16 @@ def test_units_of_one_row_are_example_level_clipping_and_microbatches_keep_users
     jax.tree_util.tree_leaves(one(params, batch, MASK)[0]),
   ):
     np.testing.assert_array_equal(x, y)
+  # Microbatches count users; a 2-D [users, k] mask gives the unit size by its shape.
   whole, _ = run(loss_fn, params, batch, 0.05, "bookkeeping")
-  micro, _ = run(loss_fn, params, batch, 0.05, "bookkeeping", micro=K)
-  for x, y in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(micro)):
+  micro, _ = run(loss_fn, params, batch, 0.05, "bookkeeping", micro=1)
+  fn = privacy.clipped_grad(loss_fn, 0.05, backend="bookkeeping", has_aux=True)  # unit_size 1
+  shaped, aux = jax.jit(fn)(params, batch, MASK.reshape(2, K))
+  for x, y, z in zip(*(jax.tree_util.tree_leaves(t) for t in (whole, micro, shaped))):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-8)
-  with pytest.raises(ValueError, match="unit_size=3 must divide the microbatch size 2"):
-    run(loss_fn, params, batch, 0.05, "vmap", micro=2)
+    np.testing.assert_allclose(x, z, rtol=1e-5, atol=1e-8)
+  assert aux.mask.shape == (2 * K,) and int(aux.num_examples) == 5
+  with pytest.raises(ValueError, match=r"microbatch_size must divide the number of units \(of 3"):
+    run(loss_fn, params, batch, 0.05, "vmap", micro=3)
   with pytest.raises(ValueError, match="contribution must be one of"):
     privacy.clipped_grad(loss_fn, 0.05, unit_size=K, contribution="median")
