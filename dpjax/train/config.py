@@ -157,7 +157,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp.clip_count_noise = config_dict.placeholder(float)
   c.dp.accountant = "pld"  # pld | rdp | prv (all rigorous; summary.json brackets ε by PLD and PRV)
   c.dp.backend = "auto"  # auto (bookkeeping when the model allows) | bookkeeping | vmap
-  c.dp.microbatch_size = 16
+  c.dp.microbatch_size = 16  # examples per scan iteration (users under dp.user_sampling=uls)
   # An integer makes noise and sampling a public function of it: reproducible, and NO
   # privacy guarantee (for tests and debugging; the summary says so). None: secret.
   c.dp.insecure_fixed_noise_seed = config_dict.placeholder(int)
