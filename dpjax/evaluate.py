@@ -2,9 +2,11 @@
 
     python -m dpjax.evaluate --workdir=DIR --data=FILE.tsv [--batch_size=64]
 
-Prints JSON: accuracy, loss, count (causal LMs: loss, perplexity, token accuracy and
-target tokens over the completions), the checkpoint step, and the run's ε and δ (from
-the checkpoint's ledger and plan, as ``summary.json`` states them).
+Prints JSON: accuracy, loss, count, macro F1, ``per_class`` (by the run's
+``data.label_names``: count, accuracy = recall, precision, F1) and ``confusion_matrix``
+(``counts[i][j]``: examples of label i predicted as j); causal LMs: loss, perplexity,
+token accuracy and target tokens over the completions. Then the checkpoint step, and
+the run's ε and δ (from the checkpoint's ledger and plan, as ``summary.json`` states them).
 Evaluation touches only the given file (and the public pretrained weights).
 """
 
@@ -22,7 +24,7 @@ from dpjax.data import DataError
 from dpjax.models.pretrained import PretrainedError
 from dpjax.train import splits
 from dpjax.train import task as task_lib
-from dpjax.train.config import ConfigError
+from dpjax.train.config import ConfigError, label_names
 from dpjax.trained import load_trained, spent_ledger
 
 
@@ -37,8 +39,10 @@ def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> di
   """Restores the latest checkpoint of ``workdir`` and evaluates it on ``data``."""
   trained = load_trained(workdir)
   c = trained.config
-  split = splits.load_split(data, trained.tokenizer, c, None)
-  result = task_lib.evaluate_model(trained.params, trained.model, split, batch_size)
+  split = splits.load_split(data, trained.tokenizer, c, None, key="--data")
+  result = task_lib.evaluate_model(trained.params, trained.model, split, batch_size, per_class=True)
+  if "confusion_matrix" in result:
+    result.update(per_class_metrics(result.pop("confusion_matrix"), label_names(c)))
   plan = trained.mechanism
   if "delta" not in plan:
     raise ConfigError(f"{workdir}'s checkpoint does not state its privacy plan (delta)")
@@ -56,6 +60,30 @@ def evaluate_workdir(workdir: str | Path, data: str, batch_size: int = 64) -> di
   if note:
     result["epsilon_note"] = note
   return result
+
+
+def per_class_metrics(confusion: list[list[int]], names: tuple[str, ...]) -> dict:
+  """``macro_f1``, ``per_class`` ({name: count, accuracy (recall), precision, f1}) and
+  ``confusion_matrix`` ({labels, counts}: rows are true labels, columns predictions)
+  of a confusion matrix; a ratio with a zero denominator is None."""
+
+  def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+  per_class, f1s = {}, []
+  for k, name in enumerate(names):
+    hits = confusion[k][k]
+    count, predicted = sum(confusion[k]), sum(row[k] for row in confusion)
+    recall, precision = ratio(hits, count), ratio(hits, predicted)
+    f1 = ratio(2 * hits, count + predicted)
+    per_class[name] = {"count": count, "accuracy": recall, "precision": precision, "f1": f1}
+    if f1 is not None:  # a class in the data or in the predictions (as scikit-learn)
+      f1s.append(f1)
+  return {
+    "macro_f1": sum(f1s) / len(f1s) if f1s else None,
+    "per_class": per_class,
+    "confusion_matrix": {"labels": list(names), "counts": confusion},
+  }
 
 
 def main(argv):

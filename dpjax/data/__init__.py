@@ -7,9 +7,16 @@ Sources (``TextFileSource``, ``TfdsSource``, ``sst2``) give random access to ``E
 
 from __future__ import annotations
 
-from dpjax.data.base import DataError, Example, Source
+from dpjax.data.base import DataError, Example, LabelRangeError, Source
 from dpjax.data.encoded import EncodedDataset, encode, resolve_buckets
-from dpjax.data.sources import TextFileSource, TfdsSource, sst2, sst2_dir
+from dpjax.data.sources import (
+  ExampleList,
+  TextFileSource,
+  TfdsSource,
+  has_field,
+  sst2,
+  sst2_dir,
+)
 from dpjax.data.templates import PromptTemplate
 from dpjax.data.tokenizer_utils import mask_token, pad_id
 
@@ -17,11 +24,14 @@ __all__ = [
   "DataError",
   "EncodedDataset",
   "Example",
+  "ExampleList",
+  "LabelRangeError",
   "PromptTemplate",
   "Source",
   "TextFileSource",
   "TfdsSource",
   "encode",
+  "has_field",
   "mask_token",
   "pad_id",
   "resolve_buckets",

@@ -10,6 +10,11 @@ class DataError(ValueError):
   """Bad or missing input data; the message is one line naming the file (and line) at fault."""
 
 
+class LabelRangeError(DataError):
+  """A row's label lies outside ``[0, num_labels)`` (the data is of another task, or
+  ``num_labels`` is too small)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One text example.

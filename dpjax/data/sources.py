@@ -18,10 +18,20 @@ from absl import logging
 
 import dpjax
 from dpjax.data import text_files
-from dpjax.data.base import DataError, Example, Source
+from dpjax.data.base import DataError, Example, LabelRangeError, Source
 from dpjax.data.tfds_source import TfdsSource
 
-__all__ = ["DataError", "Example", "Source", "TextFileSource", "TfdsSource", "sst2", "sst2_dir"]
+__all__ = [
+  "DataError",
+  "Example",
+  "ExampleList",
+  "Source",
+  "TextFileSource",
+  "TfdsSource",
+  "has_field",
+  "sst2",
+  "sst2_dir",
+]
 
 _FINGERPRINT_VERSION = 1
 _MAX_SKIPPED_EXAMPLES = 10
@@ -32,6 +42,10 @@ _SST2_FILES = {"train": "train.tsv", "validation": "dev.tsv", "dev": "dev.tsv"}
 
 class _BadValue(Exception):
   """A row whose fields parsed but whose values are not acceptable."""
+
+
+class _LabelOutOfRange(_BadValue):
+  """A row whose label is an integer >= num_labels."""
 
 
 def _short(value: Any) -> str:
@@ -49,7 +63,7 @@ def _parse_label(value: Any, num_labels: int | None) -> int:
   if label < 0:
     raise _BadValue(f"label {label} is negative")
   if num_labels is not None and label >= num_labels:
-    raise _BadValue(f"label {label} is outside [0, {num_labels})")
+    raise _LabelOutOfRange(f"label {label} is outside [0, {num_labels})")
   return label
 
 
@@ -163,8 +177,8 @@ class TextFileSource:
       raise ValueError(f"format must be one of {text_files.FORMATS} or None (got {file_format!r})")
     return file_format
 
-  def _fail(self, line: int, reason: str) -> DataError:
-    return DataError(f"{self.path}:{line}: {reason}")
+  def _fail(self, line: int, reason: str, error: type[DataError] = DataError) -> DataError:
+    return error(f"{self.path}:{line}: {reason}")
 
   def _read(self, data: bytes) -> None:
     try:
@@ -184,7 +198,8 @@ class TextFileSource:
         self._lines.append(row.line)
       except _BadValue as exc:
         if not self.skip_bad_rows:
-          raise self._fail(row.line, str(exc)) from None
+          kind = LabelRangeError if isinstance(exc, _LabelOutOfRange) else DataError
+          raise self._fail(row.line, str(exc), kind) from None
         self.skipped_rows += 1
         if len(self.skipped_examples) < _MAX_SKIPPED_EXAMPLES:
           self.skipped_examples.append((row.line, str(exc)))
@@ -262,6 +277,49 @@ class TextFileSource:
       f"TextFileSource({str(self.path)!r}, format={self.format!r}, examples={len(self)}, "
       f"skipped_rows={self.skipped_rows})"
     )
+
+
+def has_field(path: str | os.PathLike[str], field: str, format: str | None = None) -> bool:  # noqa: A002
+  """Whether a TSV/CSV file's header names ``field``, or a JSON-lines file's first object
+  has it: for reading a column only where a file has it (e.g. labels of data to predict).
+
+  A file that cannot be parsed answers True, so that reading it reports the problem.
+  """
+  path = Path(path)
+  file_format = format or _SUFFIX_FORMATS.get(path.suffix.lower())
+  try:
+    columns, rows = text_files.parse_rows(path.read_bytes(), file_format or "")
+    if columns is not None:
+      return field in columns
+    first = next((row for row in rows if row.fields is not None), None)
+  except (OSError, ValueError, text_files.FileFormatError):
+    return True
+  return first is None or field in first.fields
+
+
+class ExampleList:
+  """Examples held in memory, as a :class:`Source` (e.g. texts given to a function)."""
+
+  def __init__(self, examples: list[Example], name: str = "examples"):
+    self._examples = list(examples)
+    self._name = name
+
+  @property
+  def name(self) -> str:
+    return self._name
+
+  @property
+  def fingerprint(self) -> str:
+    digest = hashlib.sha256()
+    for e in self._examples:
+      digest.update(json.dumps([e.text, e.label, e.user_id, e.prompt]).encode() + b"\n")
+    return digest.hexdigest()
+
+  def __len__(self) -> int:
+    return len(self._examples)
+
+  def __getitem__(self, index: int) -> Example:
+    return self._examples[operator.index(index)]
 
 
 def sst2_dir() -> Path:

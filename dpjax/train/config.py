@@ -82,6 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.train = "sst2:train"  # sst2:train, or a .tsv/.csv/.jsonl file
+  # The held-out split: sst2:validation, or a .tsv/.csv/.jsonl file whose labels lie in
+  # [0, data.num_labels) (refused otherwise). A data.train file with the default SST-2 eval is
+  # refused unless data.num_labels=2 (SST-2's binary labels: e.g. a file of SST-2 rows).
   c.data.eval = "sst2:validation"
   c.data.text_field = "sentence"  # the text to classify; for causal_lm the completion
   c.data.label_field = "label"  # "": unlabeled (causal_lm without {label} only)
@@ -93,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
   # needs no such column.
   c.data.user_field = ""
   c.data.num_labels = 2
+  # The name of each class, in label order (one per label), e.g. ("negative", "positive"):
+  # what dpjax.predict and dpjax.evaluate print. (): the integer ids are the names.
+  c.data.label_names = ()
   c.data.max_length = 64
   c.data.buckets = (32, 64)
   # <1: keep each training row iff a hash of its content (keyed by seed) is below this
@@ -299,6 +305,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive(c, "data.num_labels", integer=True)
   if c.data.num_labels < 2:
     raise _fail("data.num_labels", c.data.num_labels, "an integer >= 2")
+  _validate_label_names(c)
+  train, evals = str(c.data.train), str(c.data.eval)
+  if not train.startswith("sst2:") and evals.startswith("sst2:") and c.data.num_labels != 2:
+    raise ConfigError(
+      f"config.data.eval={evals!r} (binary SST-2) cannot score a model of "
+      f"config.data.num_labels={c.data.num_labels} classes trained on "
+      f"config.data.train={train!r}: set --config.data.eval to a held-out file of that task"
+    )
   _positive(c, "data.max_length", integer=True)
   if c.data.max_length < 4:
     raise _fail("data.max_length", c.data.max_length, "an integer >= 4")
@@ -398,6 +412,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
     parallel.parse_rules(tuple(c.parallel.rules))
   except parallel.ParallelError as err:
     raise config_error(err) from None
+
+
+def _validate_label_names(c: ml_collections.ConfigDict) -> None:
+  names = c.data.label_names
+  valid = f"() or one distinct non-empty string per label (data.num_labels={c.data.num_labels})"
+  if not isinstance(names, (tuple, list)):
+    raise _fail("data.label_names", names, valid)
+  names = tuple(names)
+  if names and (
+    len(names) != c.data.num_labels
+    or not all(isinstance(n, str) and n.strip() for n in names)
+    or len(set(names)) != len(names)
+  ):
+    raise _fail("data.label_names", names, valid)
+
+
+def label_names(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The name of each class: ``data.label_names``, or ``"0"``, ``"1"``, ... when unset."""
+  return tuple(c.data.label_names) or tuple(str(k) for k in range(c.data.num_labels))
 
 
 def _validate_unit(c: ml_collections.ConfigDict) -> None:

@@ -203,6 +203,7 @@ _BOOKKEEPING_KEYS = (
   "resume",
   "data.eval",
   "data.eval_limit",
+  "data.label_names",
   "data.cache_dir",
   "train.eval_every_steps",
   "train.eval_batch_size",
@@ -366,7 +367,13 @@ def _run(
   with _token_cache(c, workdir) as cache:
     train, num_canaries = splits.training_split(c, task.tokenizer, cache)
     evals = splits.load_split(
-      c.data.eval, task.tokenizer, c, cache, limit=c.data.eval_limit, seed=c.seed + 1
+      c.data.eval,
+      task.tokenizer,
+      c,
+      cache,
+      limit=c.data.eval_limit,
+      seed=c.seed + 1,
+      key="config.data.eval",
     )
     num_users = splits.count_users(train) if c.dp.unit == "user" else None
     if num_users is not None and c.dp.enabled and c.dp.noise_multiplier is None:

@@ -52,11 +52,24 @@ class Split:
 
 
 def source_for(
-  spec: str, c: ml_collections.ConfigDict, user_field: str | None = None
+  spec: str,
+  c: ml_collections.ConfigDict,
+  user_field: str | None = None,
+  *,
+  key: str | None = None,
+  optional_labels: bool = False,
 ) -> data_lib.Source:
   """``sst2:<split>`` or a path to a .tsv/.csv/.jsonl file -> a random-access source.
 
   ``user_field``: the file's user id column (every row must have one), or None.
+  ``key``: what named ``spec`` (``"config.data.eval"``, ``"--data"``), for the message
+  when a label lies outside ``[0, data.num_labels)``. ``optional_labels``: read a file
+  without ``data.label_field`` as unlabeled data (labels then come only where the file
+  has the column).
+
+  Raises:
+    ConfigError: the file is missing, or a label is outside ``[0, data.num_labels)``.
+    DataError: the file has another bad row.
   """
   if spec.startswith("sst2:"):
     if user_field is not None:
@@ -73,15 +86,52 @@ def source_for(
       f"data file {spec!r} not found (config.data.train / config.data.eval take "
       "sst2:train, sst2:validation or a .tsv/.csv/.jsonl path)"
     )
-  return data_lib.TextFileSource(
-    spec,
-    text_field=c.data.text_field,
-    label_field=c.data.label_field or None,
-    num_labels=c.data.num_labels,
-    skip_bad_rows=c.data.skip_bad_rows,
-    prompt_field=c.data.prompt_field or None,
-    user_field=user_field,
-  )
+  label_field = c.data.label_field or None
+  if optional_labels and label_field and not data_lib.has_field(spec, label_field):
+    label_field = None
+  try:
+    return data_lib.TextFileSource(
+      spec,
+      text_field=c.data.text_field,
+      label_field=label_field,
+      num_labels=c.data.num_labels,
+      skip_bad_rows=c.data.skip_bad_rows,
+      prompt_field=c.data.prompt_field or None,
+      user_field=user_field,
+    )
+  except data_lib.LabelRangeError as err:
+    named = f"{key}={spec!r}" if key else repr(spec)
+    raise ConfigError(
+      f"{named} has a label outside [0, config.data.num_labels={c.data.num_labels}) ({err}); "
+      "set config.data.num_labels to the number of classes, or give data of this task"
+    ) from None
+
+
+def encode_source(
+  source: data_lib.Source, tokenizer, c: ml_collections.ConfigDict, cache_dir: Path | None
+) -> data_lib.EncodedDataset:
+  """``source`` tokenized as the run encodes its data (template, max_length, buckets).
+
+  Raises:
+    ConfigError: (causal_lm) a special token the tokenizer lacks.
+    DataError: an example cannot be encoded.
+  """
+  try:
+    return data_lib.encode(
+      source,
+      tokenizer,
+      c.data.max_length,
+      buckets=tuple(c.data.buckets),
+      template=template_for(c),
+      cache_dir=cache_dir,
+      causal_format=causal_format_for(c),
+    )
+  except data_lib.DataError:
+    raise
+  except ValueError as err:  # a special token the tokenizer lacks (causal_lm)
+    if c.model.task != "causal_lm":
+      raise
+    raise ConfigError(f"config.data.{err}") from None
 
 
 def template_for(c: ml_collections.ConfigDict) -> data_lib.PromptTemplate | None:
@@ -114,6 +164,7 @@ def load_split(
   limit: int | None = None,
   seed: int = 0,
   user_field: str | None = None,
+  key: str | None = None,
 ) -> Split:
   """Encodes a source and keeps a subset of its rows.
 
@@ -123,24 +174,10 @@ def load_split(
   carries over from the subset to the file). ``limit`` (if given) keeps that many
   random rows (for public evaluation splits only: one row more in the file
   reshuffles the choice). ``user_field``: read each row's user id from that column
-  (into ``encoded.user_ids``).
+  (into ``encoded.user_ids``). ``key``: what named ``spec``, for messages (see
+  :func:`source_for`).
   """
-  try:
-    encoded = data_lib.encode(
-      source_for(spec, c, user_field),
-      tokenizer,
-      c.data.max_length,
-      buckets=tuple(c.data.buckets),
-      template=template_for(c),
-      cache_dir=cache_dir,
-      causal_format=causal_format_for(c),
-    )
-  except data_lib.DataError:
-    raise
-  except ValueError as err:  # a special token the tokenizer lacks (causal_lm)
-    if c.model.task != "causal_lm":
-      raise
-    raise ConfigError(f"config.data.{err}") from None
+  encoded = encode_source(source_for(spec, c, user_field, key=key), tokenizer, c, cache_dir)
   if encoded.labels is None and c.model.task != "causal_lm":
     raise ConfigError(f"{spec} has no labels (config.data.label_field={c.data.label_field!r})")
   indices = np.arange(len(encoded))
@@ -178,6 +215,7 @@ def training_split(
     fraction=c.data.train_fraction,
     seed=c.seed,
     user_field=c.data.user_field if user_level else None,
+    key="config.data.train",
   )
   if user_level:
     train = cap_per_user(train, int(c.dp.max_examples_per_user))

@@ -183,7 +183,7 @@ class Task:
       return heads.lm_loss(self.model, frozen)
     return heads.classification_loss(self.model, frozen)
 
-  def evaluate(self, params: PyTree, split: splits.Split, batch_size: int) -> dict[str, float]:
+  def evaluate(self, params: PyTree, split: splits.Split, batch_size: int) -> dict[str, Any]:
     """Metrics of the full ``params`` over ``split`` (see :func:`evaluate_model`)."""
     return evaluate_model(params, self.model, split, batch_size)
 
@@ -204,47 +204,75 @@ def build(c: ml_collections.ConfigDict) -> Task:
   return Task(model, trainable, frozen, tokenizer)
 
 
-def evaluate_model(params: PyTree, model, split: splits.Split, batch_size: int) -> dict[str, float]:
+def evaluate_model(
+  params: PyTree, model, split: splits.Split, batch_size: int, per_class: bool = False
+) -> dict[str, Any]:
   """:func:`evaluate_lm` for a GPT-2 language model, :func:`evaluate` for a classifier."""
   if isinstance(model, gpt2.GPT2LMHeadModel):
     return evaluate_lm(params, model, split, batch_size)
-  return evaluate(params, model, split, batch_size)
+  return evaluate(params, model, split, batch_size, per_class)
 
 
 def eval_step(
   params: PyTree, batch: dict[str, jax.Array], mask: jax.Array, *, model: Any
 ) -> dict[str, jax.Array]:
-  """Sums of loss and correct predictions over the real rows of an eval batch."""
+  """Sums of loss and correct predictions over the real rows of an eval batch, and their
+  confusion matrix (``[true label, predicted label]`` counts)."""
   logits = model.apply({"params": params}, batch)
+  predicted = jnp.argmax(logits, -1)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  correct = (predicted == batch["label"]).astype(jnp.float32)
+  classes = logits.shape[-1]
+  confusion = jnp.zeros((classes, classes), jnp.float32)
   return {
     "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
     "correct": jnp.sum(jnp.where(mask, correct, 0.0)),
     "count": jnp.sum(mask).astype(jnp.float32),
+    "confusion": confusion.at[batch["label"], predicted].add(mask.astype(jnp.float32)),
   }
 
 
-def evaluate(params: PyTree, model, split: splits.Split, batch_size: int) -> dict[str, float]:
+def evaluate(
+  params: PyTree, model, split: splits.Split, batch_size: int, per_class: bool = False
+) -> dict[str, Any]:
   """Accuracy and mean loss over a split, in fixed-size padded batches.
 
   Examples are visited shortest first, so each batch is padded to the bucket of
   its own longest example rather than of the split's (the sums do not depend on
-  the order).
+  the order). ``per_class``: also ``confusion_matrix``, a list of rows, entry
+  [i][j] the number of examples of label i predicted as j.
   """
   if len(split) == 0:
     return {"accuracy": float("nan"), "loss": float("nan"), "count": 0}
   fn = jax.jit(functools.partial(eval_step, model=model))
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  confusion = 0
   for _, padded, mask in split.padded_batches(batch_size):
     out = fn(params, split.batch(padded), mask)
     for key in totals:
       totals[key] += float(out[key])
-  return {
+    confusion = confusion + np.asarray(out["confusion"], np.int64)
+  result = {
     "accuracy": totals["correct"] / totals["count"],
     "loss": totals["loss_sum"] / totals["count"],
     "count": int(totals["count"]),
   }
+  if per_class:
+    result["confusion_matrix"] = confusion.tolist()
+  return result
+
+
+def predict_logits(params: PyTree, model, split: splits.Split, batch_size: int) -> np.ndarray:
+  """float32 [len(split), num_labels]: the classifier's logits of each example, in split
+  order (batched as :func:`evaluate` batches them; labels are not needed)."""
+  fn = jax.jit(lambda p, batch: model.apply({"params": p}, batch))
+  out = None
+  for positions, padded, _ in split.padded_batches(batch_size):
+    logits = np.asarray(fn(params, split.batch(padded)), np.float32)
+    if out is None:
+      out = np.zeros((len(split), logits.shape[-1]), np.float32)
+    out[positions] = logits[: len(positions)]
+  return np.zeros((0, 0), np.float32) if out is None else out
 
 
 def lm_eval_step(

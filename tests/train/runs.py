@@ -8,11 +8,23 @@ import sys
 from pathlib import Path
 
 from experiments import sst2
+from tests.shared_fixtures import shared_once
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # The tests that only read a finished run share one, trained once per test run.
 SHARED_RUN = {"train.steps": 16}
+
+
+def shared_run(tmp_path_factory) -> Path:
+  """The workdir of one finished tiny run (``SHARED_RUN``), trained once per test run and
+  shared by every test module and worker that asks (read it; copy it to change it)."""
+  from dpjax.train import loop  # pylint: disable=import-outside-toplevel
+
+  build = lambda root: loop.train_and_evaluate(
+    tiny(str(root / "token_cache"), **SHARED_RUN), root / "run"
+  )
+  return shared_once(tmp_path_factory, "trained_tiny_run", build) / "run"
 
 
 def tiny(token_cache, get_config=sst2.get_config, variant="tiny", **overrides):
