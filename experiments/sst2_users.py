@@ -1,4 +1,4 @@
-"""User-level DP on SST-2 with synthetic users: example-level sampling (ELS).
+"""User-level DP on SST-2 with synthetic users: example sampling (ELS) vs user sampling (ULS).
 
     python -m dpjax.main --config=experiments/sst2_users.py:VARIANT --workdir=DIR
 
@@ -6,25 +6,29 @@ The data is ``experiments/data/sst2_users.tsv``: 20,000 SST-2 training rows hand
 out to 4,709 synthetic users with a Zipf-skewed number of rows each (61% have one
 row, five have 400; ``python experiments/data/make_sst2_users.py`` rewrites it,
 see there). With ``dp.unit = "user"`` training keeps each user's first k =
-``dp.max_examples_per_user`` rows (in file order), samples and clips rows as
-usual (Poisson, q = B/N over the N kept rows), and accounts each step as the
-mixture of Gaussians with sensitivities 0..k (Charles et al. 2024): ε and
-δ = N_u^-1.1 protect one user and all of their (at most k) rows. Only the PLD
-accountant composes it, and building one step's PLD takes 10-90 s per σ, so a
-calibrated σ (dp.epsilon as the target) takes tens of seconds to minutes before the
-first step.
+``dp.max_examples_per_user`` rows (in file order); ε and δ = N_u^-1.1 protect one
+user and all of their (at most k) rows. Two ways to get there (Charles et al. 2024):
 
-Variants:
-  tiny   seconds on a CPU: a tiny random-init encoder on ~3% of the file (472 rows of 406
-         users after the cap), k = 2, a given σ = 2 (ε is reported, not calibrated): for
-         tests and smoke runs.
-  quick  the CPU demo: MiniLM with LoRA on the top 3 layers + head (as sst2.py:quick), the
-         whole file capped at k = 4 rows per user (8,487 rows of 4,709 users), B = 250,
-         2 epochs (68 steps), σ calibrated to a user-level ε = 8.
-         Measured on a 2-core x86 CPU: calibration 30 s (σ = 0.936; example-level DP at
-         ε = 8 would need σ = 0.521), ε = 7.993 per user (δ = 9.1e-5), dev accuracy 0.743
-         (one run), 2 min 40 s in all. The tiny variant's run of 8 steps: 27 s, 8 s of it
-         building the user-level PLD.
+* ELS (``dp.user_sampling = "els"``, the default): rows are sampled and clipped as
+  usual (Poisson, q = B/N over the N kept rows) and each step is accounted as the
+  mixture of Gaussians with sensitivities 0..k. Only the PLD accountant composes
+  it, and building one step's PLD takes 10-90 s per σ, so a calibrated σ takes
+  tens of seconds to minutes before the first step.
+* ULS (``"uls"``): users are sampled (q = B/N_u, B counts users) and each sampled
+  user's rows are clipped together; accounted as ordinary DP-SGD over N_u units.
+
+Variants (the README's user-level table has their measured results):
+  tiny             seconds on a CPU: a tiny random-init encoder on ~3% of the file (472 rows
+                   of 406 users after the cap), k = 2, a given σ = 2 (ε is reported): tests.
+  tiny_uls         the same with user sampling, B = 32 users.
+  quick            ELS, the CPU demo: MiniLM with LoRA on the top 3 layers + head (as
+                   sst2.py:quick), the whole file capped at k = 4 rows per user (8,487 rows of
+                   4,709 users), B = 250 rows, 2 epochs (68 steps), σ calibrated to ε = 8 per user.
+  quick_uls        ULS with the same q, steps and target: B = 139 users (~250 rows) per step.
+  quick_groupdp    the classical route: ELS's training with the σ = 1.099 that group privacy
+                   over k = 4 rows needs for ε = 8 per user (its summary reports the tighter
+                   mixture-of-Gaussians ε of the same run).
+  quick_nonprivate the same rows without DP (lr 5e-3, as sst2.py:nonprivate).
 """
 
 from __future__ import annotations
