@@ -22,7 +22,10 @@ Variants:
   lora        LoRA (rank 8) + head on all of SST-2, ε = 8.
   li2022      Li et al. 2022's recipe on all of SST-2: batch 1000, lr 5e-4 linear decay,
               3 epochs, clip 0.1, full fine-tuning, label-word objective; ε from --config.dp.epsilon
-              (3 or 8).
+              (3 or 8). The objective needs the checkpoint's masked-LM head: give a model that
+              has one (--config.model.name=DIR, e.g. roberta-base as in the paper); with
+              all-MiniLM-L6-v2 (no MLM head) the run is refused unless
+              --config.model.allow_fresh_mlm_head=True.
 """
 
 from __future__ import annotations

@@ -67,6 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
   # classify | label_words (cloze, Li et al. 2022) | causal_lm (GPT-2: learn to write
   # data.text_field, conditioned on data.template; see dpjax.data.causal)
   c.model.task = "classify"
+  # label_words needs the checkpoint's masked-LM head (it scores the label words); a model
+  # without one (all-MiniLM-L6-v2 ships none) is refused unless this is True, which trains
+  # a freshly initialised head instead.
+  c.model.allow_fresh_mlm_head = False
   c.model.pooling = "mean"  # cls | mean | pooler (classify only)
   c.model.train = "all"  # all | lora | head | a regex over "a/b/kernel" paths
   c.model.lora_rank = 8

@@ -364,6 +364,7 @@ def _run(
 
   # The task (model and parameters), the data, and the mechanism calibrated for them.
   task = task_lib.build(c)
+  task_lib.check_fresh_heads(c, task)
   with _token_cache(c, workdir) as cache:
     train, num_canaries = splits.training_split(c, task.tokenizer, cache)
     evals = splits.load_split(

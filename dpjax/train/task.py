@@ -164,12 +164,15 @@ class Task:
     trainable: the parameters that are trained (clipped and noised under DP).
     frozen: the parameters that are not (pretrained weights under LoRA or head-only).
     tokenizer: the pretrained model's tokenizer (public: it never sees private data).
+    fresh_heads: pretrained heads the task needs but the checkpoint lacks, initialised
+      at random instead (``"lm_head"`` for label words on a model without an MLM head).
   """
 
   model: nn.Module
   trainable: PyTree
   frozen: PyTree
   tokenizer: tokenizers.Tokenizer
+  fresh_heads: tuple[str, ...] = ()
 
   @property
   def causal(self) -> bool:
@@ -201,7 +204,25 @@ def build(c: ml_collections.ConfigDict) -> Task:
   backbone, backbone_params, head_params, tokenizer = backbone_for(c)
   model = task_model(c, backbone, label_word_ids(c, tokenizer))
   trainable, frozen = init_params(c, model, example_batch(c), backbone_params, head_params)
-  return Task(model, trainable, frozen, tokenizer)
+  fresh = ()
+  if c.model.task == "label_words" and backbone_params is not None and "lm_head" not in head_params:
+    fresh = ("lm_head",)
+  return Task(model, trainable, frozen, tokenizer, fresh)
+
+
+def check_fresh_heads(c: ml_collections.ConfigDict, task: Task) -> None:
+  """Refuses to train label words with a masked-LM head the checkpoint does not have.
+
+  Raises:
+    ConfigError: unless ``model.allow_fresh_mlm_head`` accepts a fresh head.
+  """
+  if "lm_head" in task.fresh_heads and not c.model.allow_fresh_mlm_head:
+    raise ConfigError(
+      f"config.model.task=label_words needs a pretrained masked-LM head and "
+      f"config.model.name={c.model.name!r} has none (a fresh head knows no label word): use "
+      "model.task=classify, a checkpoint with an MLM head, or "
+      "--config.model.allow_fresh_mlm_head=True to train a new one"
+    )
 
 
 def evaluate_model(

@@ -14,6 +14,7 @@ from dpjax import privacy, report
 from dpjax.privacy.secret import RunSecret
 from dpjax.train import loop
 from dpjax.train import metrics as metrics_lib
+from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
 from experiments import sst2
 from tests.train.runs import ROOT, SHARED_RUN, run_main, tiny
@@ -295,6 +296,25 @@ def test_config_errors_name_the_key_and_range_and_write_nothing(
     loop.train_and_evaluate(tiny(token_cache, **overrides), tmp_path / "w")
   assert message in str(err.value) and "\n" not in str(err.value)
   assert not (tmp_path / "w").exists()
+
+
+def test_label_words_on_a_model_without_an_mlm_head_is_refused_unless_accepted(
+  tmp_path, token_cache
+):
+  """all-MiniLM-L6-v2 ships no masked-LM head: a fresh one knows no label word."""
+  li2022 = {"model.name": "minilm", "model.task": "label_words", "model.train": "head"}
+  c = tiny(token_cache, **li2022, **{"data.template": "{text} It was [MASK] ."})
+  with pytest.raises(ConfigError) as err:
+    loop.train_and_evaluate(c, tmp_path / "w")
+  assert "config.model.task=label_words needs a pretrained masked-LM head" in str(err.value)
+  assert "allow_fresh_mlm_head=True" in str(err.value) and not (tmp_path / "w").exists()
+  c.model.allow_fresh_mlm_head = True
+  task = task_lib.build(c)
+  assert task.fresh_heads == ("lm_head",)
+  task_lib.check_fresh_heads(c, task)  # accepted
+  # The tiny random encoder has no pretrained anything: nothing is "fresh" by surprise.
+  cloze = {"model.task": "label_words", "data.template": "{text} It was [MASK] ."}
+  assert task_lib.build(tiny(token_cache, **cloze)).fresh_heads == ()
 
 
 def test_a_diverging_run_is_one_line_not_a_traceback(tmp_path, token_cache):
