@@ -189,7 +189,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.schedule = "linear"  # linear decay to 0 | constant
   c.train.eval_every_steps = 0  # 0: evaluate at the end only
   c.train.eval_batch_size = 64
-  c.train.log_every_steps = 10
+  # A progress line (and ε in metrics.jsonl) every k steps; 0: about 20 per run.
+  c.train.log_every_steps = 0
   c.train.checkpoint_every_steps = 50
   c.train.keep_checkpoints = 3
   # Also write statistics of the private batches (train loss/accuracy, realized batch
@@ -396,9 +397,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive(c, "train.momentum", allow_zero=True)
   _positive(c, "train.warmup_steps", allow_zero=True, integer=True)
   _one_of(c, "train.schedule", SCHEDULES)
-  for key in ("eval_every_steps", "checkpoint_every_steps"):
+  for key in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
     _positive(c, f"train.{key}", allow_zero=True, integer=True)
-  for key in ("eval_batch_size", "log_every_steps", "keep_checkpoints"):
+  for key in ("eval_batch_size", "keep_checkpoints"):
     _positive(c, f"train.{key}", integer=True)
   _validate_generate(c)
   _positive(c, "audit.canaries", allow_zero=True, integer=True)

@@ -578,6 +578,12 @@ def _run(
 
   preempted = False
   examples_seen, window_examples, window_start = 0, 0, time.time()
+  log_every = c.train.log_every_steps or max(1, round(mechanism.steps / 20))
+  if end_step > start_step:
+    say(
+      f"compiling the train step ({len(static_batches.shapes)} batch shape(s)); the first "
+      "step waits for it (seconds to minutes on a CPU)"
+    )
   with _StopFlag() as stop:
     for step in range(start_step, end_step):
       sample = sampler.sample(step)
@@ -593,7 +599,7 @@ def _run(
       examples_seen += rows
       window_examples += rows
       done = step + 1
-      if done % c.train.log_every_steps == 0 or done == end_step:
+      if done % log_every == 0 or done == end_step:
         ahead(done)
         epsilon = mechanism.epsilon(ledger)
         public = {"epsilon": epsilon}

@@ -113,6 +113,7 @@ def test_sigkill_then_resume_gives_identical_params_and_epsilon(tmp_path, token_
   evals = "--config.data.eval_limit=64"
   reference = run_main(tmp_path / "a", *steps, cache, evals)
   assert reference.returncode == 0, reference.stderr[-2000:]
+  assert "compiling the train step (2 batch shape(s))" in reference.stdout
   want = json.loads((tmp_path / "a" / "summary.json").read_text())
 
   killed_dir = tmp_path / "b"
