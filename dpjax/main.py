@@ -3,6 +3,12 @@
     python -m dpjax.main --config=experiments/sst2.py:quick --workdir=/tmp/sst2 \
         [--config.dp.epsilon=3] [--config.train.epochs=2]
     [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+    python -m dpjax.main --config_keys [--config=FILE.py[:variant]]
+
+``--config_keys`` lists every ``--config.KEY`` with its value (the config's, or the
+defaults) and what it means. Values are Python literals: strings as is
+(``--config.dp.unit=user``), tuples in parentheses (``--config.data.buckets='(32,64)'``,
+``--config.data.label_names='("neg","pos")'``), None as ``None``.
 
 Exit codes (for schedulers):
 
@@ -30,6 +36,7 @@ from ml_collections import config_flags
 from dpjax import parallel
 from dpjax.data import DataError
 from dpjax.models.pretrained import PretrainedError
+from dpjax.train import config as config_lib
 from dpjax.train.config import ConfigError
 from dpjax.train.loop import train_and_evaluate
 
@@ -43,6 +50,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes of the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in [0, num_processes).")
+_CONFIG_KEYS = flags.DEFINE_boolean(
+  "config_keys", False, "List every --config.KEY, its value and its meaning, and exit."
+)
 EXIT_PREEMPTED = getattr(os, "EX_TEMPFAIL", 75)
 USER_ERRORS = (
   ConfigError,
@@ -93,11 +103,26 @@ def load_config() -> ml_collections.ConfigDict:
   return config
 
 
+def print_config_keys(config: ml_collections.ConfigDict) -> None:
+  """One line per key: ``--config.KEY=VALUE (type)``, then its comment, indented."""
+  for key, comment in config_lib.documented_keys():
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    kind = type(value).__name__ if value is not None else "optional"
+    print(f"--config.{key}={value!r} ({kind})")
+    if comment:
+      print(f"    {comment}")
+
+
 def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Library INFO logs (checkpointing) off by default.
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}")
+  if _CONFIG_KEYS.value:
+    print_config_keys(config_lib.default_config() if _CONFIG.value is None else load_config())
+    return
   if _CONFIG.value is None or not _WORKDIR.value:
     fail("--config=FILE.py[:variant] and --workdir=DIR are required")
   try:

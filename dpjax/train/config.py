@@ -7,6 +7,7 @@ locked, so a misspelled key is an error, not a silently ignored setting.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Any
@@ -73,8 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.allow_fresh_mlm_head = False
   c.model.pooling = "mean"  # cls | mean | pooler (classify only)
   c.model.train = "all"  # all | lora | head | a regex over "a/b/kernel" paths
-  c.model.lora_rank = 8
-  c.model.lora_alpha = 16.0
+  c.model.lora_rank = 8  # model.train=lora: the adapters' rank r
+  c.model.lora_alpha = 16.0  # LoRA scale alpha: the update is (alpha / r) B A
   # Regexes over Dense module paths that get adapters; () = the preset of the model type
   # (BERT: attention/self/(query|value)); e.g. ("layer_[345]/.*(query|value|dense)",).
   c.model.lora_targets = ()
@@ -82,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Architecture of name="tiny" (random init, MiniLM's tokenizer): a BERT encoder, or for
   # causal_lm a GPT-2 decoder with 256 positions.
   c.model.tiny_hidden = 32
-  c.model.tiny_layers = 2
+  c.model.tiny_layers = 2  # (name="tiny") its number of layers; tiny_hidden: its width
 
   c.data = ml_collections.ConfigDict()
   c.data.train = "sst2:train"  # sst2:train, or a .tsv/.csv/.jsonl file
@@ -99,12 +100,12 @@ def default_config() -> ml_collections.ConfigDict:
   # and then required: a row without one is a bad row, see data.skip_bad_rows). data.eval
   # needs no such column.
   c.data.user_field = ""
-  c.data.num_labels = 2
+  c.data.num_labels = 2  # classes; labels are the integers 0..num_labels-1
   # The name of each class, in label order (one per label), e.g. ("negative", "positive"):
   # what dpjax.predict and dpjax.evaluate print. (): the integer ids are the names.
   c.data.label_names = ()
-  c.data.max_length = 64
-  c.data.buckets = (32, 64)
+  c.data.max_length = 64  # tokens per row (longer rows are cut; causal_lm: see too_long)
+  c.data.buckets = (32, 64)  # padded lengths: each row goes to the shortest that holds it
   # <1: keep each training row iff a hash of its content (keyed by seed) is below this
   # fraction; the kept rows ARE the dataset (adding/removing a file row changes them by at
   # most that row)
@@ -122,9 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
   # causal_lm special tokens (token strings), or "auto": <|endoftext|> (GPT-2), <s> </s> or
   # [CLS] [SEP], whichever the tokenizer has; pad: its own padding token, else eos.
   c.data.bos_token = "auto"
-  c.data.eos_token = "auto"
-  c.data.pad_token = "auto"
-  c.data.skip_bad_rows = False
+  c.data.eos_token = "auto"  # see bos_token
+  c.data.pad_token = "auto"  # see bos_token
+  c.data.skip_bad_rows = False  # True: skip unreadable rows with a warning (else refuse)
   c.data.cache_dir = config_dict.placeholder(str)  # token cache; None: <workdir>/token_cache
 
   c.dp = ml_collections.ConfigDict()
@@ -179,20 +180,20 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256  # expected (Poisson) batch size B
-  c.train.epochs = 1.0
+  c.train.epochs = 1.0  # expected passes over the data (steps = epochs·N/B)
   c.train.steps = config_dict.placeholder(int)  # given: overrides epochs
-  c.train.optimizer = "adamw"
-  c.train.learning_rate = 1e-3
-  c.train.weight_decay = 0.0
-  c.train.momentum = 0.9  # sgd only
-  c.train.warmup_steps = 0
+  c.train.optimizer = "adamw"  # adamw | sgd (after the privatizer)
+  c.train.learning_rate = 1e-3  # peak learning rate
+  c.train.weight_decay = 0.0  # adamw's decoupled weight decay
+  c.train.momentum = 0.9  # sgd only: heavy-ball momentum (0: none)
+  c.train.warmup_steps = 0  # linear warmup from 0 over this many steps
   c.train.schedule = "linear"  # linear decay to 0 | constant
   c.train.eval_every_steps = 0  # 0: evaluate at the end only
-  c.train.eval_batch_size = 64
+  c.train.eval_batch_size = 64  # rows per evaluation batch (no effect on the result)
   # A progress line (and ε in metrics.jsonl) every k steps; 0: about 20 per run.
   c.train.log_every_steps = 0
-  c.train.checkpoint_every_steps = 50
-  c.train.keep_checkpoints = 3
+  c.train.checkpoint_every_steps = 50  # 0: at the end only (and on SIGTERM)
+  c.train.keep_checkpoints = 3  # the newest k checkpoints are kept
   # Also write statistics of the private batches (train loss/accuracy, realized batch
   # sizes, clipped fraction, timings) to private_metrics.jsonl and the progress lines.
   # They are NOT covered by (ε, δ): operator-only, never for publication.
@@ -202,7 +203,7 @@ def default_config() -> ml_collections.ConfigDict:
   # generation eval below); the meaning of each key is dpjax.generate.GenerationConfig's.
   c.generate = ml_collections.ConfigDict()
   c.generate.strategy = "greedy"  # greedy | sample | beam
-  c.generate.max_new_tokens = 64
+  c.generate.max_new_tokens = 64  # tokens generated after each prompt, at most
   c.generate.num_beams = 1  # > 1 only with beam
   c.generate.length_penalty = 1.0  # beam: a finished beam scores logp / length^this
   c.generate.temperature = 1.0  # sample only
@@ -230,6 +231,27 @@ def default_config() -> ml_collections.ConfigDict:
   c.parallel.fsdp_min_size = parallel.DEFAULT_FSDP_MIN_SIZE  # smaller arrays stay replicated
   c.parallel.rules = ()  # "REGEX=SPEC" overrides, e.g. "word_embeddings=fsdp,None"
   return c
+
+
+def documented_keys() -> list[tuple[str, str]]:
+  """(dotted key, its comment) for every key of :func:`default_config`, in order.
+
+  The comment is the block of ``#`` lines right above the key's assignment plus
+  its inline comment (read from this module's source), e.g. for ``--config_keys``.
+  """
+  lines = inspect.getsource(default_config).splitlines()
+  out, block = [], []
+  for line in lines:
+    text = line.strip()
+    if text.startswith("#"):
+      block.append(text.lstrip("#").strip())
+      continue
+    match = re.match(r"c\.([\w.]+) = (.*)$", text)
+    if match and "ConfigDict()" not in match.group(2):
+      inline = match.group(2).split("  # ", 1)[1] if "  # " in match.group(2) else ""
+      out.append((match.group(1), " ".join(block + ([inline] if inline else []))))
+    block = []
+  return out
 
 
 def _fail(key: str, value: Any, valid: str) -> ConfigError:
