@@ -43,7 +43,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("group_by", "label", f"Groups of the groups report: {reports.GROUP_BY}.")
   flags.DEFINE_integer("max_rows", 2000, "Members and non-members scored (each).")
   flags.DEFINE_integer("shadows", 0, "Shadow runs for offline LiRA (0: no LiRA).")
-  flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples of every interval.")
+  flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples of every bootstrap interval.")
   flags.DEFINE_integer("trials", 100_000, "Steps of the white-box audit.")
   flags.DEFINE_integer("seed", 0, "The auditor's seed (row choice, resampling, coins).")
 

@@ -9,9 +9,13 @@ Attacks (higher score = "member"):
   With few shadows the per-example std is noisy; a global std (pooled over
   every target) is used unless ``per_example_std`` (Carlini et al.'s advice).
 
-The report gives AUROC and TPR at FPR 0.1% and 1%, each with a bootstrap
-interval, next to the most any attack can achieve against the run: an
-(ε(δ), δ)-DP mechanism has TPR <= e^ε·FPR + δ(ε) and
+The report gives AUROC and TPR at FPR 0.1% and 1%, each with a 95% interval
+(:mod:`dpjax.audit.statistics`): the AUROC of the empirical ROC (Mann–Whitney)
+with a BCa bootstrap interval, and the TPR at a threshold set on the
+non-members with a distribution-free interval that includes the threshold's
+own uncertainty (flagged when there are too few non-members for the FPR),
+next to the most any attack can achieve against the run: an (ε(δ), δ)-DP
+mechanism has TPR <= e^ε·FPR + δ(ε) and
 TPR <= 1 - e^-ε·(1 - δ(ε) - FPR) for every ε of its privacy profile δ(ε)
 (Kairouz et al. 2015), so
 
@@ -76,14 +80,20 @@ def lira_offline_scores(
 
 @dataclasses.dataclass(frozen=True)
 class AttackResult:
-  """One attack's metrics with 95% bootstrap intervals, and the ledger's bound beside them.
+  """One attack's metrics with 95% intervals, and the ledger's bound beside them.
 
   Attributes:
     attack: the attack's name.
     members: members scored.
     non_members: non-members scored.
-    auroc: area under the ROC curve; ``auroc_interval`` its bootstrap interval.
-    tpr_at_fpr: {fpr: TPR}; ``tpr_intervals`` {fpr: (low, high)}.
+    auroc: area under the empirical ROC curve (Mann–Whitney: P(member score >
+      non-member score) + P(tie)/2); ``auroc_interval`` its BCa bootstrap interval,
+      ``interval_method`` how it was computed, ``auroc_note`` a warning or None.
+    auroc_hull: area under the ROC hull (randomized thresholds; biased upward,
+      >= 0.5 even for uninformative scores).
+    tpr_at_fpr: {fpr: TPR at a threshold set on the non-members}; ``tpr_intervals``
+      {fpr: (low, high)}, ``tpr_interval_method`` how, ``tpr_at_fpr_note`` {fpr:
+      warning} for the FPRs the non-members are too few for.
     max_tpr_at_fpr: {fpr: the ledger's bound}, or None without a ledger.
     roc: (FPR, TPR) points of the ROC hull.
   """
@@ -93,15 +103,20 @@ class AttackResult:
   non_members: int
   auroc: float
   auroc_interval: tuple[float, float]
+  interval_method: str
+  auroc_note: str | None
+  auroc_hull: float
   tpr_at_fpr: dict[float, float]
   tpr_intervals: dict[float, tuple[float, float]]
+  tpr_interval_method: str
+  tpr_at_fpr_note: dict[float, str]
   max_tpr_at_fpr: dict[float, float] | None
   roc: tuple[np.ndarray, np.ndarray] = dataclasses.field(repr=False)
 
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out["roc"] = {"fpr": self.roc[0].tolist(), "tpr": self.roc[1].tolist()}
-    for key in ("tpr_at_fpr", "tpr_intervals", "max_tpr_at_fpr"):
+    for key in ("tpr_at_fpr", "tpr_intervals", "tpr_at_fpr_note", "max_tpr_at_fpr"):
       if out[key] is not None:
         out[key] = {f"{fpr:g}": value for fpr, value in out[key].items()}
     return out
@@ -113,17 +128,27 @@ def evaluate_attack(
   non_member_scores: Sequence[float],
   ledger: accounting.PrivacyLedger | None = None,
   fprs: Sequence[float] = REPORT_FPRS,
-  bootstrap_samples: int = 200,
+  bootstrap_samples: int = 2000,
   seed: int = 0,
 ) -> AttackResult:
-  """The metrics of one attack's scores (members = positives), with bootstrap intervals."""
+  """The metrics of one attack's scores (members = positives), with 95% intervals.
+
+  AUROC: BCa bootstrap over ``bootstrap_samples`` resamples (members and
+  non-members resampled separately); TPR at each FPR: the distribution-free
+  interval of :func:`statistics.tpr_at_fpr_interval` (no resampling).
+  """
   audit = statistics.ScoreAudit(member_scores, non_member_scores)
-  fprs = tuple(fprs)
-  metrics = lambda a: [a.auroc(), *np.atleast_1d(a.tpr_at_fpr(np.asarray(fprs)))]
-  low, high = np.quantile(audit.resample(metrics, bootstrap_samples, seed), [0.025, 0.975], axis=0)
-  tpr = {fpr: float(audit.tpr_at_fpr(fpr)) for fpr in fprs}
-  intervals = {fpr: (float(low[i + 1]), float(high[i + 1])) for i, fpr in enumerate(fprs)}
-  auroc_ci = statistics.Bootstrap(float(low[0]), float(high[0]), 0.95, bootstrap_samples)
+  auroc = statistics.auroc_interval(
+    audit.in_scores, audit.out_scores, bootstrap_samples, confidence=0.95, seed=seed
+  )
+  tpr, intervals, notes, tpr_method = {}, {}, {}, ""
+  for fpr in fprs:
+    estimate, interval = statistics.tpr_at_fpr_interval(
+      audit.in_scores, audit.out_scores, fpr, confidence=0.95
+    )
+    tpr[fpr], intervals[fpr], tpr_method = estimate, (interval.low, interval.high), interval.method
+    if interval.note:
+      notes[fpr] = interval.note
   bound = None
   if ledger is not None:
     bound = {fpr: float(ledger.tpr_bound(fpr)) for fpr in fprs}
@@ -131,10 +156,15 @@ def evaluate_attack(
     attack=attack,
     members=audit.num_in,
     non_members=audit.num_out,
-    auroc=audit.auroc(),
-    auroc_interval=(auroc_ci.low, auroc_ci.high),
+    auroc=audit.empirical_auroc(),
+    auroc_interval=(auroc.low, auroc.high),
+    interval_method=auroc.method,
+    auroc_note=auroc.note,
+    auroc_hull=audit.auroc(),
     tpr_at_fpr=tpr,
     tpr_intervals=intervals,
+    tpr_interval_method=tpr_method,
+    tpr_at_fpr_note=notes,
     max_tpr_at_fpr=bound,
     roc=audit.roc(),
   )

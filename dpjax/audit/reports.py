@@ -143,7 +143,7 @@ def membership(
   *,
   max_rows: int = 2000,
   shadows: int = 0,
-  bootstrap_samples: int = 200,
+  bootstrap_samples: int = 2000,
   seed: int = 0,
   batch_size: int = 64,
 ) -> dict[str, Any]:
@@ -244,7 +244,7 @@ def membership(
         scores[name][attack][labels[name] == y] for name in ("members", "non_members")
       )
       if inside.size and outside.size:
-        result["auroc_by_label"][f"label {y}"] = statistics.ScoreAudit(inside, outside).auroc()
+        result["auroc_by_label"][f"label {y}"] = statistics.mann_whitney_auroc(inside, outside)
     attacks.append(result)
   return {
     "report": "membership",

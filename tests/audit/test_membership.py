@@ -21,6 +21,31 @@ def test_metrics_of_scores_with_a_known_roc():
     assert low <= true_tpr <= high, (fpr, low, true_tpr, high)
   assert result.max_tpr_at_fpr is None
   assert result.to_dict()["tpr_at_fpr"].keys() == {"0.001", "0.01"}
+  assert result.interval_method == "BCa bootstrap, 100 resamples"
+  assert result.tpr_at_fpr_note == {} and result.auroc_note is None
+  assert result.auroc <= result.auroc_hull  # the hull's area is the optimistic one
+
+
+def test_a_small_audit_says_its_low_fpr_tprs_are_not_measured():
+  rng = np.random.default_rng(5)
+  result = membership.evaluate_attack("small", rng.normal(0.2, 1, 150), rng.normal(0, 1, 150))
+  out = result.to_dict()
+  assert out["interval_method"] == "BCa bootstrap, 2000 resamples"
+  assert out["auroc_interval"][0] <= out["auroc"] <= out["auroc_interval"][1]
+  assert out["tpr_at_fpr_note"].keys() == {"0.001", "0.01"}
+  assert "fewer than 1/FPR = 1000" in out["tpr_at_fpr_note"]["0.001"]
+  for fpr in ("0.001", "0.01"):
+    low, high = out["tpr_intervals"][fpr]
+    assert low == 0 <= out["tpr_at_fpr"][fpr] <= high
+  # Uninformative scores: the hull's area is above 0.5, the reported AUROC is not biased.
+  null = [
+    membership.evaluate_attack(
+      "null", rng.normal(0, 1, 100), rng.normal(0, 1, 100), bootstrap_samples=1
+    )
+    for _ in range(40)
+  ]
+  assert abs(np.mean([r.auroc for r in null]) - 0.5) < 0.015
+  assert np.mean([r.auroc_hull for r in null]) > 0.53
 
 
 def test_loss_and_lira_scores():

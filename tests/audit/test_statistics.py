@@ -132,6 +132,106 @@ def test_bootstrap_interval_covers_the_estimate_and_the_truth():
   assert interval.high - interval.low < 0.05
 
 
+def test_auroc_bca_interval_covers_the_true_auroc():
+  # Gaussian scores shifted by d have AUROC Φ(d/√2); near 1 a percentile or DeLong
+  # interval under-covers (0.88 / 0.85 at d = 3, n = 50 in 1000 replications).
+  rng = np.random.default_rng(2024)
+  shifts = (0.0, 1.0, 2.5)
+  covered, widths = 0, []
+  for replication in range(200):
+    shift = shifts[replication % 3]
+    members, non_members = rng.normal(shift, 1, 150), rng.normal(0, 1, 150)
+    interval = statistics.auroc_interval(members, non_members, samples=1000, seed=replication)
+    covered += interval.low <= stats.norm.cdf(shift / np.sqrt(2)) <= interval.high
+    widths.append(interval.high - interval.low)
+    assert interval.low <= statistics.mann_whitney_auroc(members, non_members) <= interval.high
+  assert covered >= 0.92 * 200, covered
+  assert np.mean(widths) < 0.12  # not covering by being vacuous
+  assert interval.method == "BCa bootstrap, 1000 resamples" and interval.note is None
+
+
+def test_the_auroc_lies_inside_its_interval_with_ties_and_constant_scores():
+  rng = np.random.default_rng(7)
+  for draw in range(150):
+    n_in, n_out = rng.integers(2, 60, size=2)
+    # Scores rounded to few values: many ties within and across the samples.
+    members = np.round(rng.normal(rng.uniform(-1, 3), 1, n_in), int(rng.integers(0, 2)))
+    non_members = np.round(rng.normal(0, 1, n_out), int(rng.integers(0, 2)))
+    interval = statistics.auroc_interval(members, non_members, samples=int(rng.integers(20, 300)))
+    estimate = statistics.mann_whitney_auroc(members, non_members)
+    assert 0 <= interval.low <= estimate <= interval.high <= 1, (draw, interval, estimate)
+  for members, non_members, value in (([1.0] * 5, [1.0] * 7, 0.5), ([2.0] * 3, [0.0, 1.0], 1.0)):
+    interval = statistics.auroc_interval(members, non_members, samples=50)
+    assert statistics.mann_whitney_auroc(members, non_members) == value
+    assert (interval.low, interval.high) == (value, value) and "no variation" in interval.note
+
+
+def test_mann_whitney_auroc_and_its_jackknife_from_placement_values():
+  members, non_members = np.array([0.0, 1, 1, 2, 3]), np.array([1.0, 0, 0.5, 1])
+  pairs = np.sign(members[:, None] - non_members[None, :])
+  assert statistics.mann_whitney_auroc(members, non_members) == np.mean((pairs + 1) / 2)
+  auroc = statistics.mann_whitney_auroc(members, non_members)
+  v_in, v_out = statistics.placement_values(members, non_members)
+  # Leave-one-out AUROCs recomputed: their jackknife influence values are V - A exactly.
+  for sample, placements, other in ((members, v_in, 0), (non_members, v_out, 1)):
+    left_out = np.array(
+      [
+        statistics.mann_whitney_auroc(
+          *((np.delete(sample, i), non_members) if other == 0 else (members, np.delete(sample, i)))
+        )
+        for i in range(sample.size)
+      ]
+    )
+    influence = (sample.size - 1) * (left_out.mean() - left_out)
+    np.testing.assert_allclose(influence, placements - auroc, atol=1e-12)
+
+
+def test_bca_interval_agrees_with_scipy():
+  rng = np.random.default_rng(3)
+  members, non_members = rng.normal(0.8, 1, 40), rng.normal(0, 1, 30)
+  ours = statistics.auroc_interval(members, non_members, samples=20_000, seed=1)
+  theirs = stats.bootstrap(
+    (members, non_members),
+    statistics.mann_whitney_auroc,
+    n_resamples=20_000,
+    vectorized=False,
+    method="BCa",
+    random_state=np.random.default_rng(2),
+  ).confidence_interval
+  np.testing.assert_allclose([ours.low, ours.high], [theirs.low, theirs.high], atol=0.006)
+  # Without skew or bias (a = z0 = 0) BCa is the percentile interval.
+  replicates = np.linspace(-1, 1, 1001)
+  low, high = statistics.bca_interval(0.0, replicates, [np.array([1.0, -1.0])], 0.9)
+  np.testing.assert_allclose([low, high], np.quantile(replicates, [0.05, 0.95]))
+
+
+def test_tpr_at_fpr_interval_covers_the_true_tpr_and_flags_too_few_non_members():
+  rng = np.random.default_rng(11)
+  shift, fpr = 1.0, 0.1
+  true_tpr = stats.norm.sf(stats.norm.isf(fpr) - shift)
+  covered = 0
+  for _ in range(200):
+    members, non_members = rng.normal(shift, 1, 150), rng.normal(0, 1, 150)
+    estimate, interval = statistics.tpr_at_fpr_interval(members, non_members, fpr)
+    assert interval.low <= estimate <= interval.high and interval.note is None
+    covered += interval.low <= true_tpr <= interval.high
+  assert covered >= 0.95 * 200, covered  # conservative by construction
+  # The estimate: the fraction of members above the (k+1)-th highest non-member, k = ⌊fpr·n⌋.
+  # Non-members -0.5 .. 8.5, FPR 0.2: k = 2, threshold 6.5 (the third highest); 7, 8, 9 above.
+  estimate, _ = statistics.tpr_at_fpr_interval([5, 6, 7, 8, 9], np.arange(10) - 0.5, 0.2)
+  assert estimate == 3 / 5
+  # 150 non-members are too few for FPR 0.1% (and to bound 1% from below): said, lower end 0.
+  estimate, interval = statistics.tpr_at_fpr_interval(members, non_members, 0.001)
+  assert interval.low == 0 and "fewer than 1/FPR = 1000" in interval.note
+  assert np.mean(members > non_members.max()) == estimate <= interval.high < 1
+  _, interval = statistics.tpr_at_fpr_interval(members, non_members, 0.01)
+  assert interval.low == 0 and "needs >= 437" in interval.note
+  many = rng.normal(0, 1, 5000)
+  _, interval = statistics.tpr_at_fpr_interval(rng.normal(shift, 1, 5000), many, 0.01)
+  assert interval.note is None and interval.low < stats.norm.sf(stats.norm.isf(0.01) - shift)
+  assert 0 < interval.low
+
+
 def test_bad_inputs_name_the_argument():
   with pytest.raises(ValueError, match="in_scores must not be empty"):
     statistics.ScoreAudit([], [1.0])
