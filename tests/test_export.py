@@ -1,8 +1,9 @@
 """The release of a run (python -m dpjax.export): Hugging Face files only, equal to the run.
 
-Three tiny runs are trained once for the module: two classifiers (full fine-tuning with a
-mean-pooled head, and LoRA with BERT's pooler, where merging the adapters matters) and a
-causal LM (GPT-2 with LoRA on attn/c_attn), each only when a test asks for it.
+Three tiny runs are exported: two classifiers (full fine-tuning with a mean-pooled head:
+the suite's shared 16-step run, and LoRA with BERT's pooler, where merging the adapters
+matters, trained here for 2 steps) and a causal LM (GPT-2 with LoRA on attn/c_attn, the
+shared generator run), each only when a test asks for it.
 """
 
 import json
@@ -30,10 +31,14 @@ from dpjax.trained import load_trained
 from experiments import sst2
 from tests.causal_runs import generator  # noqa: F401  (a fixture)
 from tests.shared_fixtures import shared_once
+from tests.train.runs import SHARED_RUN, shared_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ["a gorgeous , witty , seductive movie .", "dull", "it is n't a bad film at all"]
+# "full" (full fine-tuning, mean pooling: the tiny preset) is the suite's shared finished run;
+# "lora" is trained here for 2 steps.
 RUNS = {"full": {}, "lora": {"model.train": "lora", "model.pooling": "pooler"}}
+STEPS = {"full": SHARED_RUN["train.steps"], "lora": 2}
 CAUSAL = "causal_lora"  # the causal-LM run's name among the parametrized ones
 
 
@@ -48,18 +53,19 @@ def _train(workdir: Path, token_cache: str, overrides: dict, experiment=sst2) ->
   return workdir
 
 
-def _train_and_export(root: Path) -> None:
-  cache = str(root / "token_cache")
-  for name, overrides in RUNS.items():
-    workdir = _train(root / f"run_{name}", cache, overrides)
-    export_lib.export(workdir, root / name / "release")
+def _train_and_export(root: Path, full: Path) -> None:
+  export_lib.export(full, root / "full" / "release")
+  workdir = _train(root / "run_lora", str(root / "token_cache"), RUNS["lora"])
+  export_lib.export(workdir, root / "lora" / "release")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """{name: (workdir, release directory)} of the two tiny runs, each exported once per test run."""
-  root = shared_once(tmp_path_factory, "export_runs", _train_and_export)
-  return {name: (root / f"run_{name}", root / name / "release") for name in RUNS}
+  full = shared_run(tmp_path_factory)  # read only: the export writes nothing into a workdir
+  root = shared_once(tmp_path_factory, "export_runs", lambda r: _train_and_export(r, full))
+  workdirs = {"full": full, "lora": root / "run_lora"}
+  return {name: (workdirs[name], root / name / "release") for name in RUNS}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +117,7 @@ def test_release_loads_back_and_computes_what_the_run_trained(runs, name):
   trained = load_trained(workdir)
   summary = json.loads((workdir / "summary.json").read_text())
   # The restored parameters are exactly those the run finished with.
-  assert trained.step == summary["steps"] == 2
+  assert trained.step == summary["steps"] == STEPS[name]
   assert loop.params_sha256(trained.params) == summary["params_sha256"]
   model, params, tokenizer = pretrained.load(release)
   assert model.config == trained.model.backbone and model.lora is None
@@ -254,7 +260,7 @@ def test_release_holds_only_public_files_and_no_secret(request, name):
   assert "workdir" not in public and "examples_seen" not in public
   assert "params_global_norm" not in public and "ledger" not in public
   assert public["epsilon"] == summary["epsilon"] and public["steps"] == summary["steps"]
-  assert public["steps"] == (6 if name == CAUSAL else 2)
+  assert public["steps"] == (6 if name == CAUSAL else STEPS[name])
   assert "seed" not in json.loads((release / "config.json").read_text())
   contents = {p.name: p.read_bytes() for p in release.iterdir()}
   assert not any(str(workdir).encode() in data for data in contents.values())
@@ -352,7 +358,10 @@ def test_stale_or_missing_summary(runs, tmp_path):
   summary_file = workdir / "summary.json"
   summary = json.loads(summary_file.read_text())
   summary_file.write_text(json.dumps({**summary, "steps": 1}))
-  with pytest.raises(export_lib.ExportError, match="step 1 but the latest checkpoint is step 2"):
+  latest = STEPS["full"]
+  with pytest.raises(
+    export_lib.ExportError, match=f"step 1 but the latest checkpoint is step {latest}"
+  ):
     export_lib.export(workdir, tmp_path / "stale")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
   summary_file.unlink()

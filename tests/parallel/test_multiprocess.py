@@ -11,6 +11,7 @@ order, so the trained parameters must agree bit for bit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -102,16 +103,32 @@ def _garble(checkpoint: Path) -> None:
       f.write_bytes(b"garbage")
 
 
-def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
-  cache = tmp_path / "token_cache"
-  one = tmp_path / "one_process"
-  # The reference: one process with 2 devices, through the same damaged-checkpoint resume.
+def _reference(one: Path, cache: Path) -> dict:
+  """One process with 2 devices, through the same damaged-checkpoint resume."""
   _one_process(one, cache, "--config.train.steps=4")
   _garble(one / "checkpoints" / "4")
   _one_process(one, cache, "--config.train.steps=6", "--config.resume=allow_changes")
-  reference = _summary(one)
-  assert reference["devices"] == 2 and reference["processes"] == 1
+  return _summary(one)
 
+
+def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
+  # The reference runs beside the two processes (independent: each has its own workdir and
+  # token cache), not before them.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    pending = pool.submit(_reference, tmp_path / "one_process", tmp_path / "token_cache_one")
+    resumed = _two_processes_chain(tmp_path)
+    reference = pending.result()
+  assert reference["devices"] == 2 and reference["processes"] == 1
+  assert resumed["steps"] == reference["steps"] == 6
+  assert resumed["ledger_steps"] == reference["ledger_steps"] == 8
+  assert resumed["params_sha256"] == reference["params_sha256"]
+  assert resumed["epsilon"] == reference["epsilon"]
+  assert resumed["eval"] == reference["eval"]
+
+
+def _two_processes_chain(tmp_path: Path) -> dict:
+  """Two processes: train to 4, damage checkpoint 4, resume to 6; the resumed summary."""
+  cache = tmp_path / "token_cache"
   two = tmp_path / "two_processes"
   _two_processes(two, cache, "--config.train.steps=4")
   first = _summary(two)
@@ -130,14 +147,8 @@ def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
   assert "resumed from step 2 (ledger: 4 steps)" in log, log
   assert "steps 2 executed past the restored checkpoint" in log, log
   assert (two / "checkpoints_unreadable" / "4").is_dir()
-  resumed = _summary(two)
-
-  assert resumed["steps"] == reference["steps"] == 6
-  assert resumed["ledger_steps"] == reference["ledger_steps"] == 8
-  assert resumed["params_sha256"] == reference["params_sha256"]
-  assert resumed["epsilon"] == reference["epsilon"]
-  assert resumed["eval"] == reference["eval"]
   # Process 1 wrote no metrics; the records of the dropped step 4 were rewound.
   records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
   steps = [r["step"] for r in records if r["split"] == "privacy"]
   assert steps == [2, 4, 6], steps
+  return _summary(two)

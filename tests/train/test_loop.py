@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from dpjax.train import metrics as metrics_lib
 from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
 from experiments import sst2
-from tests.train.runs import ROOT, SHARED_RUN, run_main, tiny
+from tests.train.runs import ROOT, SHARED_RUN, copy_run, run_main, tiny
 
 
 def tensorboard_scalars(logdir):
@@ -143,7 +144,8 @@ def test_sigkill_then_resume_gives_identical_params_and_epsilon(tmp_path, token_
   assert not (killed_dir / "summary.json").exists(), "the run finished before it was killed"
   resumed = run_main(killed_dir, *steps, cache, evals)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "resumed from step" in resumed.stdout
+  resumed_from = re.search(r"resumed from step (\d+)", resumed.stdout)
+  assert resumed_from and 8 <= int(resumed_from.group(1)) < 40, resumed.stdout[-2000:]
   got = json.loads((killed_dir / "summary.json").read_text())
   assert got["params_sha256"] == want["params_sha256"]
   assert got["epsilon"] == want["epsilon"] and got["steps"] == want["steps"] == 40
@@ -184,40 +186,47 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, token_cache):
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous_never_to_a_fresh_ledger(
-  tmp_path, token_cache
+  tmp_path, trained
 ):
-  fixed = {"dp.noise_multiplier": 0.7}  # σ given: ε is reported, no budget
-  loop.train_and_evaluate(tiny(token_cache, **fixed, **{"train.steps": 16}), tmp_path)
-  for f in (tmp_path / "checkpoints" / "16").rglob("*"):
+  # A copy of the shared finished 16-step run (σ calibrated to ε = 8, checkpoints 4 to 16).
+  shared, first = trained
+  workdir = copy_run(shared, tmp_path / "run")
+  token_cache = str(shared.parent / "token_cache")
+  fixed = {"dp.noise_multiplier": 0.7}  # σ given from now on: ε is reported, no budget
+  for f in (workdir / "checkpoints" / "16").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
   c = tiny(token_cache, **fixed, **{"train.steps": 20, "resume": "allow_changes"})
-  summary = loop.train_and_evaluate(c, tmp_path)
+  summary = loop.train_and_evaluate(c, workdir)
   # Restored from step 12 (not 16, not 0) and trained to 20. Steps 13-16 had been executed
   # (and their outputs written) before: they are charged again, and re-keyed.
   q = 64 / summary["dataset_size"]
   assert summary["steps"] == 20 and summary["ledger_steps"] == 24
+  sigma = first["noise_multiplier"]  # steps 1-16 (13-16 charged again) ran under it
+  segments = [(s["noise_multiplier"], s["steps"]) for s in summary["ledger"]["segments"]]
+  assert segments == [(sigma, 16), (0.7, 8)]
   assert summary["epsilon"] == pytest.approx(
-    privacy.compute_epsilon(0.7, q, 24, summary["delta"]), rel=1e-9
+    privacy.compute_epsilon(0.7, q, 8, summary["delta"], prior=(privacy.Segment(q, sigma, 16),)),
+    rel=1e-9,
   )
-  assert (tmp_path / "checkpoints_unreadable" / "16").is_dir()  # Kept aside, not deleted.
-  journal_text = (tmp_path / "privacy_journal.jsonl").read_text()
+  assert (workdir / "checkpoints_unreadable" / "16").is_dir()  # Kept aside, not deleted.
+  journal_text = (workdir / "privacy_journal.jsonl").read_text()
   journal = [json.loads(line) for line in journal_text.splitlines()]
   assert {(r["attempt"], r["start"]) for r in journal} == {(0, 0), (1, 12)}
   assert max(r["step"] for r in journal if r["attempt"] == 0) == 16
-  meta = json.loads((tmp_path / "checkpoints" / "20" / "meta" / "metadata").read_text())
+  meta = json.loads((workdir / "checkpoints" / "20" / "meta" / "metadata").read_text())
   secret = RunSecret.from_checkpoint(meta["secret"])
   assert meta["attempt"] == 1 and secret.noise_key(1).tolist() != secret.noise_key(0).tolist()
   # Every checkpoint unreadable: refuse rather than start over with an empty ledger.
-  for f in (tmp_path / "checkpoints").rglob("*"):
+  for f in (workdir / "checkpoints").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
   again = tiny(token_cache, **fixed, **{"train.steps": 24, "resume": "allow_changes"})
   with pytest.raises(ConfigError, match="refusing to restart with a fresh privacy ledger"):
-    loop.train_and_evaluate(again, tmp_path)
+    loop.train_and_evaluate(again, workdir)
   # Also on the next attempt, when the unreadable checkpoints have been moved aside.
   with pytest.raises(ConfigError, match="refusing to restart with a fresh privacy ledger"):
-    loop.train_and_evaluate(again, tmp_path)
+    loop.train_and_evaluate(again, workdir)
 
 
 def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_cache):
