@@ -83,3 +83,16 @@ def test_the_statement_is_what_the_ledger_says():
   assert list(tpr) == ["0.001", "0.01", "0.1"]
   assert tpr["0.01"] == float(ledger.tpr_bound(0.01))
   assert statement["attacker"]["gdp_mu"] == ledger.gdp_mu(delta)
+
+
+def test_the_vectorized_profile_is_dp_accountings_hockey_stick_bit_for_bit():
+  """δ(ε) on the attacker view's grid equals the library's own loop exactly."""
+  for segment in (
+    accounting.Segment(64 / 512, 0.567, 16, dataset_size=512),
+    accounting.Segment(0.05, 2.0, 40, dataset_size=2000),
+  ):
+    ledger = accounting.PrivacyLedger().record(segment)
+    grid = np.concatenate([accounting._PROFILE_EPSILONS, [np.inf]])
+    composed = accounting._composed_accountant(ledger.segments, "pld", ledger.pld_discretization)
+    want = np.asarray(composed.pld.get_delta_for_epsilon(grid), np.float64)
+    np.testing.assert_array_equal(ledger.deltas(grid), want)
