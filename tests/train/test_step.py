@@ -45,10 +45,10 @@ def test_groups_of_different_lengths_sum_to_one_logical_batch_and_noise_once():
   new_state, metrics = step(state, (short, long), masks)
   assert int(metrics["examples"]) == 5 and int(new_state.step) == 1
   # Reference: the two clipped sums added by hand, then ONE privatizer call (same key, step 0).
-  g1, _ = grad_fn(state.params, short, masks[0])
-  g2, _ = grad_fn(state.params, long, masks[1])
+  g1, _ = jax.jit(grad_fn)(state.params, short, masks[0])
+  g2, _ = jax.jit(grad_fn)(state.params, long, masks[1])
   total = jax.tree_util.tree_map(jnp.add, g1, g2)
-  updates, _ = tx.update(total, state.opt_state, state.params)
+  updates, _ = jax.jit(tx.update)(total, state.opt_state, state.params)
   want = optax.apply_updates(state.params, updates)
   for a, b in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, atol=1e-5)
