@@ -77,7 +77,7 @@ def test_vmap_clipped_sum_runs_and_matches_per_example_grads(kind):
   clipped, aux = jax.jit(grad_fn)(params, batch, mask)
   # Reference: jax.grad of example 0 alone, clipped by hand.
   example = jax.tree_util.tree_map(lambda x: x[0], batch)
-  g0 = jax.grad(lambda p: loss_fn(p, example)[0])(params)
+  g0 = jax.jit(jax.grad(lambda p: loss_fn(p, example)[0]))(params)
   norm0 = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g0))))
   np.testing.assert_allclose(float(aux.norms[0]), norm0, rtol=1e-4)
   only0, _ = jax.jit(grad_fn)(params, batch, np.array([1, 0, 0, 0], bool))

@@ -20,11 +20,12 @@ def loop_reference(loss_fn, params, batch, rule, mask):
   """Clip-then-sum, one example at a time with jax.grad: the definition of DP-SGD."""
   total = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   size = len(mask)
+  grad = jax.jit(jax.grad(loss_fn))  # one example's gradient, compiled once for the loop
   for i in range(size):
     if not mask[i]:
       continue
     example = jax.tree_util.tree_map(lambda x: x[i], batch)
-    grads = jax.grad(loss_fn)(params, example)
+    grads = grad(params, example)
     sq = jax.tree_util.tree_map(lambda g: jnp.sum(g.astype(jnp.float32) ** 2)[None], grads)
     factors = rule.factors(sq).per_leaf
     total = jax.tree_util.tree_map(lambda t, g, f: t + f[0] * g, total, grads, factors)
