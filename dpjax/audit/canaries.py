@@ -26,6 +26,7 @@ import numpy as np
 import tokenizers
 
 from dpjax.data.base import Example
+from dpjax.data.sources import ExampleList
 
 #: Words per canary sentence.
 CANARY_WORDS = 12
@@ -76,16 +77,14 @@ def make_canaries(count: int, seed: int, num_labels: int, words: list[str]) -> C
   return Canaries(examples, coins)
 
 
-class CanarySource:
-  """Examples held in memory, as a :class:`dpjax.data.Source` (for encoding canaries)."""
+class CanarySource(ExampleList):
+  """The canaries as a :class:`dpjax.data.Source` (for encoding them).
+
+  Its fingerprint (the token cache key) covers only the label and the text of each canary.
+  """
 
   def __init__(self, examples: list[Example], name: str = "canaries"):
-    self._examples = list(examples)
-    self._name = name
-
-  @property
-  def name(self) -> str:
-    return self._name
+    super().__init__(examples, name)
 
   @property
   def fingerprint(self) -> str:
@@ -93,9 +92,3 @@ class CanarySource:
     for e in self._examples:
       digest.update(f"{e.label}\t{e.text}\n".encode())
     return digest.hexdigest()
-
-  def __len__(self) -> int:
-    return len(self._examples)
-
-  def __getitem__(self, index: int) -> Example:
-    return self._examples[index]
