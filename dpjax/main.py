@@ -3,7 +3,13 @@
     python -m dpjax.main --config=experiments/sst2.py:quick --workdir=/tmp/sst2 \
         [--config.dp.epsilon=3] [--config.train.epochs=2]
     [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+    python -m dpjax.main --config=experiments/sst2.py:quick --dry_run [--config.KEY=...]
     python -m dpjax.main --config_keys [--config=FILE.py[:variant]]
+
+``--dry_run`` prints the run's plan in seconds (N, B, q, steps, σ, δ, the ε the
+planned run spends, parameters and the memory of weights and optimizer state)
+without reading the model's weights, training or writing anything; no
+``--workdir`` is needed (see :mod:`dpjax.train.dry_run`).
 
 ``--config_keys`` lists every ``--config.KEY`` with its value (the config's, or the
 defaults) and what it means. Values are Python literals: strings as is
@@ -52,6 +58,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes o
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in [0, num_processes).")
 _CONFIG_KEYS = flags.DEFINE_boolean(
   "config_keys", False, "List every --config.KEY, its value and its meaning, and exit."
+)
+_DRY_RUN = flags.DEFINE_boolean(
+  "dry_run", False, "Print the run's plan (data, sampling, σ, ε, model size) and exit."
 )
 EXIT_PREEMPTED = getattr(os, "EX_TEMPFAIL", 75)
 USER_ERRORS = (
@@ -122,6 +131,16 @@ def main(argv: list[str]) -> None:
     fail(f"unexpected arguments {argv[1:]}")
   if _CONFIG_KEYS.value:
     print_config_keys(config_lib.default_config() if _CONFIG.value is None else load_config())
+    return
+  if _DRY_RUN.value:
+    if _CONFIG.value is None:
+      fail("--dry_run needs --config=FILE.py[:variant]")
+    from dpjax.train import dry_run  # pylint: disable=import-outside-toplevel
+
+    try:
+      print(dry_run.describe(dry_run.plan(load_config())), flush=True)
+    except (ConfigError, DataError, PretrainedError) as err:
+      fail(str(err))
     return
   if _CONFIG.value is None or not _WORKDIR.value:
     fail("--config=FILE.py[:variant] and --workdir=DIR are required")

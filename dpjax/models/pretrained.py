@@ -177,7 +177,7 @@ def _split_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict, dict[str, dict
   return backbone, heads
 
 
-def _tokenizer(path: Path) -> tokenizers.Tokenizer:
+def read_tokenizer(path: Path) -> tokenizers.Tokenizer:
   file = path / "tokenizer.json"
   if not file.is_file():
     raise PretrainedError(f"{file} not found (a fast-tokenizer tokenizer.json is required)")
@@ -231,7 +231,7 @@ def load(
     flat = traverse_util.flatten_dict(fresh)
     flat.update(traverse_util.flatten_dict(params))
     params = traverse_util.unflatten_dict(flat)
-  return model, params, _tokenizer(path) if with_tokenizer else None
+  return model, params, read_tokenizer(path) if with_tokenizer else None
 
 
 def load_head_params(name_or_path: str | Path = DEFAULT_MODEL) -> dict[str, PyTree]:

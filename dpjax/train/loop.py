@@ -137,7 +137,7 @@ def _token_cache(c: ml_collections.ConfigDict, workdir: Path) -> Iterator[Path]:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _plan(
+def plan_mechanism(
   c: ml_collections.ConfigDict, dataset_size: int, num_users: int | None = None
 ) -> privacy.Mechanism:
   """The run's calibrated mechanism (no secret yet); a bad value is one ConfigError.
@@ -382,7 +382,7 @@ def _run(
         f"calibrating sigma for user-level DP ({num_users} users, at most "
         f"{c.dp.max_examples_per_user} rows each): seconds to minutes"
       )
-    mechanism = _plan(c, len(train), num_users)
+    mechanism = plan_mechanism(c, len(train), num_users)
     if c.generate.eval_prompts:  # refused now, not after training
       generation_eval.check_fits(c, task.tokenizer, task.model.config.n_positions)
     _lock(workdir, cleanup)

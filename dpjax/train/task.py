@@ -30,29 +30,55 @@ PyTree = Any
 TINY_GPT2_POSITIONS = 256
 
 
-def _causal_model(c: ml_collections.ConfigDict):
-  """(GPT-2 model, pretrained params or None, tokenizer) for ``model.task = causal_lm``."""
-  lora_cfg = lora_config(c, "gpt2")
-  if c.model.name == "tiny":
-    _, _, tokenizer = pretrained.load("minilm")
-    hidden = c.model.tiny_hidden
-    config = gpt2.GPT2Config(
-      vocab_size=tokenizer.get_vocab_size(),
+def _tiny_config(c: ml_collections.ConfigDict, vocab_size: int):
+  """The random-init ``model.name = tiny`` config of the task (GPT-2 or BERT shaped)."""
+  hidden = c.model.tiny_hidden
+  if c.model.task == "causal_lm":
+    return gpt2.GPT2Config(
+      vocab_size=vocab_size,
       n_positions=max(TINY_GPT2_POSITIONS, c.data.max_length),
       n_embd=hidden,
       n_layer=c.model.tiny_layers,
       n_head=max(1, hidden // 16),
     )
+  return bert.BertConfig(
+    hidden_size=hidden,
+    num_hidden_layers=c.model.tiny_layers,
+    num_attention_heads=max(1, hidden // 16),
+    intermediate_size=4 * hidden,
+  )
+
+
+def _checked(c: ml_collections.ConfigDict, config):
+  """``config`` if its family fits the task (GPT-2 for causal_lm, else BERT)."""
+  if c.model.task == "causal_lm" and not isinstance(config, gpt2.GPT2Config):
+    raise ConfigError(
+      f"config.model.name={c.model.name!r} is a {config.model_type} model; "
+      "model.task=causal_lm needs a GPT-2 directory (model_type gpt2)"
+    )
+  if c.model.task != "causal_lm" and not isinstance(config, bert.BertConfig):
+    raise ConfigError(
+      f"config.model.name={c.model.name!r} is a {config.model_type} model; "
+      "the classification tasks need a BERT-family encoder"
+    )
+  return config
+
+
+def _causal_model(c: ml_collections.ConfigDict):
+  """(GPT-2 model, pretrained params or None, tokenizer) for ``model.task = causal_lm``."""
+  lora_cfg = lora_config(c, "gpt2")
+  if c.model.name == "tiny":
+    _, _, tokenizer = pretrained.load("minilm")
+    config = _tiny_config(c, tokenizer.get_vocab_size())
     params = None
   else:
     path = pretrained.resolve(c.model.name)
-    config = pretrained.read_config(path)
-    if not isinstance(config, gpt2.GPT2Config):
-      raise ConfigError(
-        f"config.model.name={c.model.name!r} is a {config.model_type} model; "
-        "model.task=causal_lm needs a GPT-2 directory (model_type gpt2)"
-      )
+    config = _checked(c, pretrained.read_config(path))
     _, params, tokenizer = pretrained.load(path, lora=lora_cfg)
+  return _causal(c, config), params, tokenizer
+
+
+def _causal(c: ml_collections.ConfigDict, config: gpt2.GPT2Config) -> gpt2.GPT2LMHeadModel:
   if c.data.max_length > config.n_positions:
     raise ConfigError(
       f"config.data.max_length must be <= the model's n_positions={config.n_positions} "
@@ -60,29 +86,40 @@ def _causal_model(c: ml_collections.ConfigDict):
     )
   if c.model.dropout:
     config = dataclasses.replace(config, dropout=float(c.model.dropout))
-  return gpt2.GPT2LMHeadModel(config, lora_cfg), params, tokenizer
+  return gpt2.GPT2LMHeadModel(config, lora_config(c, "gpt2"))
 
 
 def backbone_for(c: ml_collections.ConfigDict):
   """(backbone config, pretrained backbone params or None, head params, tokenizer)."""
   if c.model.name == "tiny":
     _, _, tokenizer = pretrained.load("minilm")
-    hidden = c.model.tiny_hidden
-    config = bert.BertConfig(
-      hidden_size=hidden,
-      num_hidden_layers=c.model.tiny_layers,
-      num_attention_heads=max(1, hidden // 16),
-      intermediate_size=4 * hidden,
-    )
-    return config, None, {}, tokenizer
+    return _tiny_config(c, tokenizer.get_vocab_size()), None, {}, tokenizer
   path = pretrained.resolve(c.model.name)
   model, params, tokenizer = pretrained.load(path)
-  if not isinstance(model.config, bert.BertConfig):
-    raise ConfigError(
-      f"config.model.name={c.model.name!r} is a {model.config.model_type} model; "
-      "the classification tasks need a BERT-family encoder"
-    )
-  return model.config, params, pretrained.load_head_params(path), tokenizer
+  return _checked(c, model.config), params, pretrained.load_head_params(path), tokenizer
+
+
+def abstract_params(c: ml_collections.ConfigDict) -> tuple[PyTree, tokenizers.Tokenizer]:
+  """(the task model's parameter shapes, its tokenizer), no weight read and nothing compiled.
+
+  The leaves are ``jax.ShapeDtypeStruct``: the shapes :func:`build` gives, from
+  the model's config file (or the tiny config) and ``jax.eval_shape`` of ``init``.
+  """
+  path = pretrained.resolve("minilm" if c.model.name == "tiny" else c.model.name)
+  tokenizer = pretrained.read_tokenizer(path)
+  if c.model.name == "tiny":
+    config = _tiny_config(c, tokenizer.get_vocab_size())
+  else:
+    config = _checked(c, pretrained.read_config(path))
+  if c.model.task == "causal_lm":
+    model = _causal(c, config)
+    ids = jnp.zeros((1, 2), jnp.int32)
+    init = lambda rng: model.init(rng, ids, jnp.ones_like(ids))["params"]
+  else:
+    model = task_model(c, config, label_word_ids(c, tokenizer))
+    batch = {k: jnp.asarray(v) for k, v in example_batch(c).items()}
+    init = lambda rng: model.init(rng, batch)["params"]
+  return jax.eval_shape(init, jax.random.PRNGKey(c.seed)), tokenizer
 
 
 def task_model(

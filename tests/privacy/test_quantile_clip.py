@@ -116,7 +116,7 @@ def test_the_gradient_noise_multiplier_pays_for_the_count_and_refuses_too_little
   c = config_lib.default_config()
   c.dp.clip, c.dp.noise_multiplier, c.dp.clip_count_noise = "quantile", 1.0, 0.4
   with pytest.raises(config_lib.ConfigError) as err:
-    loop._plan(c, 5000)
+    loop.plan_mechanism(c, 5000)
   assert str(err.value).startswith("config.dp.clip_count_noise must be > noise_multiplier / 2")
   assert "\n" not in str(err.value)
 
