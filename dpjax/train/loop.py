@@ -47,6 +47,7 @@ from dpjax.train import checkpoint, generation_eval, integrity, optimizer, split
 from dpjax.train import config as config_lib
 from dpjax.train import journal as privacy_journal
 from dpjax.train import metrics as metrics_lib
+from dpjax.train import progress as progress_lib
 from dpjax.train import step as step_lib
 from dpjax.train import task as task_lib
 
@@ -175,20 +176,6 @@ class _StopFlag:
   def __exit__(self, *exc):
     if self.previous is not None:
       signal.signal(signal.SIGTERM, self.previous)
-
-
-def _progress(step: int, total: int, epsilon: float, private: dict[str, float] | None) -> None:
-  """A progress line: public facts; the private batch statistics only when asked, labelled."""
-  text = (
-    f"step {step}/{total} eps {epsilon:.3f}" if np.isfinite(epsilon) else f"step {step}/{total}"
-  )
-  if private is not None:
-    accuracy = f"acc {private['accuracy']:.3f} " if "accuracy" in private else ""
-    text += (
-      f" | private, not covered by (eps, delta): loss {private['loss']:.4f} "
-      f"{accuracy}{private['examples_per_second']:.1f} ex/s"
-    )
-  print(text, flush=True)
 
 
 def _new_secret(c: ml_collections.ConfigDict) -> RunSecret:
@@ -584,6 +571,8 @@ def _run(
       f"compiling the train step ({len(static_batches.shapes)} batch shape(s)); the first "
       "step waits for it (seconds to minutes on a CPU)"
     )
+  progress = progress_lib.Progress(start_step, end_step, log_every, enabled=main)
+  cleanup.callback(progress.close)
   with _StopFlag() as stop:
     for step in range(start_step, end_step):
       sample = sampler.sample(step)
@@ -614,14 +603,15 @@ def _run(
           )
           write(done, "train", private_row, private=True)
         window_examples, window_start = 0, time.time()
-        if main:
-          _progress(done, end_step, epsilon, private_row)
+        progress.step(done, epsilon, private_row)
+      else:
+        progress.step(done, None, None)
       if c.train.eval_every_steps and done % c.train.eval_every_steps == 0 and done < end_step:
         ahead(done)
         result = task.evaluate(full_params(state), evals, c.train.eval_batch_size)
         result["epsilon"] = mechanism.epsilon(ledger)
         write(done, "eval", result)
-        say(f"eval step {done}: {json.dumps(result)}")
+        progress.evaluated(done, result)
       # Every process must stop at the same step (the save is collective).
       stopping = parallel.any_process(stop.event.is_set())
       if stopping or (
@@ -630,8 +620,9 @@ def _run(
         save(done)
       if stopping:
         preempted = True
-        say(f"SIGTERM: saved checkpoint at step {done}; exiting")
+        progress.say(f"SIGTERM: saved checkpoint at step {done}; exiting")
         break
+  progress.close()
 
   final_step = int(state.step)
   ahead(final_step)
