@@ -32,7 +32,12 @@ POOLINGS = ("cls", "mean", "pooler")
 
 
 class SequenceClassifier(nn.Module):
-  """Backbone -> pooled state -> ``head`` Dense -> logits [B, num_labels]."""
+  """Backbone -> pooled state -> ``head`` Dense -> logits [B, num_labels].
+
+  ``features_only=True`` stops before the first trained-in-``head``-mode module and
+  returns the frozen backbone's features (:func:`sequence_features`), which
+  :class:`PooledHead` maps to the same logits.
+  """
 
   backbone: bert.BertConfig
   num_labels: int
@@ -40,21 +45,56 @@ class SequenceClassifier(nn.Module):
   lora: layers.LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self, batch: Mapping[str, jax.Array], deterministic: bool = True, features_only: bool = False
+  ) -> jax.Array:
     if self.pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS} (got {self.pooling!r})")
     mask = batch["attention_mask"]
     hidden = bert.BertModel(self.backbone, self.lora, name="backbone")(
       batch["input_ids"], mask, batch.get("token_type_ids"), deterministic
     )
-    if self.pooling == "cls":
-      pooled = hidden[:, 0]
-    elif self.pooling == "mean":
-      weights = mask[..., None].astype(hidden.dtype)
-      pooled = jnp.sum(hidden * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
-    else:
-      pooled = bert.BertPooler(self.backbone, name="pooler")(hidden)
-    return layers.Dense(self.num_labels, name="head")(pooled)
+    features = sequence_features(self.pooling, hidden, mask)
+    if features_only:
+      return features
+    return _pooled_logits(self.backbone, self.num_labels, self.pooling, features)
+
+
+def sequence_features(pooling: str, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B, H]: what the backbone hands to the head: the [CLS] state (``cls``, and
+  ``pooler``, whose dense layer belongs to the head) or the masked mean (``mean``)."""
+  if pooling == "mean":
+    weights = mask[..., None].astype(hidden.dtype)
+    return jnp.sum(hidden * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+  return hidden[:, 0]
+
+
+def _pooled_logits(
+  backbone: bert.BertConfig, num_labels: int, pooling: str, features: jax.Array
+) -> jax.Array:
+  """The head of :class:`SequenceClassifier` on its features (called inside a compact
+  ``__call__``: its ``pooler`` and ``head`` modules belong to the caller)."""
+  if pooling == "pooler":
+    features = bert.BertPooler(backbone, name="pooler")(features[:, None])
+  return layers.Dense(num_labels, name="head")(features)
+
+
+class PooledHead(nn.Module):
+  """The head of :class:`SequenceClassifier` alone, on ``batch["features"]`` [B, H].
+
+  Its parameters (``head``, and ``pooler`` with ``pooling="pooler"``) are the ones
+  ``model.train=head`` trains, under the same names: with features cached from the
+  frozen backbone, ``PooledHead(features)`` equals ``SequenceClassifier(batch)``.
+  """
+
+  backbone: bert.BertConfig
+  num_labels: int
+  pooling: str = "cls"
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
+    del deterministic  # the head has no dropout
+    return _pooled_logits(self.backbone, self.num_labels, self.pooling, batch["features"])
 
 
 class LabelWordClassifier(nn.Module):

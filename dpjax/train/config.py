@@ -80,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (BERT: attention/self/(query|value)); e.g. ("layer_[345]/.*(query|value|dense)",).
   c.model.lora_targets = ()
   c.model.dropout = 0.0  # >0: hidden and attention dropout, a key per example
+  # model.train=head (classify, no dropout): compute the frozen backbone's features of the
+  # training rows once, in memory, and train the head on them (same result, much faster).
+  c.model.cache_features = True
   # Architecture of name="tiny" (random init, MiniLM's tokenizer): a BERT encoder, or for
   # causal_lm a GPT-2 decoder with 256 positions.
   c.model.tiny_hidden = 32
@@ -406,8 +409,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not c.data.label_field:
       raise _fail("data.label_field", "", "a field name when dp.label_histogram_noise is set")
   _validate_unit(c)
-  if not isinstance(c.train.private_metrics, bool):
-    raise _fail("train.private_metrics", c.train.private_metrics, "True or False")
+  for key in ("train.private_metrics", "model.cache_features"):
+    section, name = key.split(".")
+    if not isinstance(c[section][name], bool):
+      raise _fail(key, c[section][name], "True or False")
   _positive(c, "train.batch_size")
   _positive(c, "train.epochs", allow_zero=True)
   _optional(c, "train.steps", lambda key: _positive(c, key, integer=True))

@@ -45,6 +45,7 @@ from dpjax.privacy import histogram, quantile
 from dpjax.privacy.secret import RunSecret
 from dpjax.train import checkpoint, generation_eval, integrity, optimizer, splits
 from dpjax.train import config as config_lib
+from dpjax.train import features as features_lib
 from dpjax.train import journal as privacy_journal
 from dpjax.train import metrics as metrics_lib
 from dpjax.train import progress as progress_lib
@@ -198,6 +199,7 @@ _BOOKKEEPING_KEYS = (
   "train.checkpoint_every_steps",
   "train.keep_checkpoints",
   "train.private_metrics",
+  "model.cache_features",  # the same head loss, on features computed once
   "generate",  # decoding: the generation eval after training, dpjax.generate/synthesize
 )
 
@@ -378,7 +380,10 @@ def _run(
   trainable = jax.tree_util.tree_map(np.asarray, task.trainable)
   frozen = parallel.put(frozen_host, shardings_of(frozen_host))  # FSDP rules apply to it too
   # Clipping where the examples live, one psum; the privatizer in tx then noises the global sum.
-  grad_fn = parallel.sharded_grad_fn(mechanism.grad_fn(task.loss(frozen)), mesh)
+  # Head-only classifiers train on features the frozen backbone computes once (features.py).
+  cache_features = features_lib.applies(c)
+  loss = features_lib.head_loss(task.model) if cache_features else task.loss(frozen)
+  grad_fn = parallel.sharded_grad_fn(mechanism.grad_fn(loss), mesh)
 
   # Restore (state + ledger + secret together) or start with a fresh secret.
   abstract = optimizer.abstract_state(mechanism.spec, c, trainable)
@@ -511,6 +516,18 @@ def _run(
   # Users are grouped by their row count too (padded to 1, 2, 4, ..., k rows), so that a
   # user with one row is not computed as k.
   row_groups = train.length_groups()
+  rows_of = lambda bucket: functools.partial(train.batch, length=train.encoded.buckets[bucket])
+  if cache_features and end_step > start_step:
+    started = time.time()
+    cached = features_lib.compute(
+      task.model, lora.combine(trainable, frozen_host), train, c.train.eval_batch_size
+    )
+    say(
+      f"model.train=head: the frozen backbone's features of the {len(train):,} training rows "
+      f"were computed once ({time.time() - started:.1f} s); every step runs the head alone"
+    )
+    row_groups = np.zeros_like(row_groups)  # features have no length: one shape
+    rows_of = lambda bucket: cached.batch
   users, unit_sizes = None, (1,)
   if mechanism.spec.samples_users:
     users = batching.user_table(
@@ -538,7 +555,7 @@ def _run(
       rows += int(mask.sum())
       placed.append(
         parallel.global_rows(
-          functools.partial(train.batch, length=train.encoded.buckets[bucket]),
+          rows_of(bucket),
           positions,
           mask,
           rows_sharding,
