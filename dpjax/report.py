@@ -137,6 +137,12 @@ class Run:
     return bool(_first(self._summary("dp"), self.cfg("dp.enabled"), True))
 
   @property
+  def no_guarantee(self) -> bool:
+    """A fixed (public) noise seed: the run's ε is void (noise and sampling are public)."""
+    guarantee = str(self._summary("guarantee") or "")
+    return "fixed noise seed" in guarantee or self.cfg("dp.insecure_fixed_noise_seed") is not None
+
+  @property
   def user_level(self) -> bool:
     return self._summary("unit") == "user" or self.cfg("dp.unit") == "user"
 
@@ -326,6 +332,8 @@ def title_line(run: Run) -> str:
     if run.epsilon is not None:
       delta = f" (δ={_scientific(run.delta)})" if run.delta is not None else ""
       parts.append(f"ε={format_epsilon(run.epsilon)}{delta}")
+  if run.dp and run.no_guarantee:
+    parts.append("NO GUARANTEE (fixed noise seed)")
   if not run.finished:
     parts.append(f"in progress (step {run.steps})")
   return " · ".join(parts)
@@ -354,7 +362,7 @@ def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
     key = f"#{index}"
     if run.config is not None:
       epsilon = None if run.epsilon is None else format_epsilon(run.epsilon)
-      recipe_key = [_without(run.config, NOT_RECIPE), run.finished, epsilon]
+      recipe_key = [_without(run.config, NOT_RECIPE), run.finished, epsilon, run.no_guarantee]
       key = json.dumps(recipe_key, sort_keys=True)
     groups.setdefault(key, []).append(run)
   return list(groups.values())
@@ -655,6 +663,7 @@ def run_table(runs: Sequence[Run]) -> list[str]:
   for run in runs:
     steps = f"{run.steps}" + ("" if run.finished else " (in progress)")
     epsilon, replace_one = run.epsilon, run.epsilon_replace_one
+    void = " (void: fixed noise seed)" if run.dp and run.no_guarantee else ""
     cells = [
       _cell(run.name),
       _cell(recipe(run) or None),
@@ -663,8 +672,8 @@ def run_table(runs: Sequence[Run]) -> list[str]:
       _cell(run.sampling_prob, ".3g"),
       steps,
       _cell(run.sigma, ".3g") if run.dp else "0 (non-private)",
-      _cell(None if epsilon is None else format_epsilon(epsilon)),
-      _cell(None if replace_one is None else format_epsilon(replace_one)),
+      _cell(None if epsilon is None else format_epsilon(epsilon) + void),
+      _cell(None if replace_one is None else format_epsilon(replace_one) + void),
       _cell(None if run.delta is None else _scientific(run.delta)),
     ]
     for key in metrics:

@@ -39,6 +39,7 @@ def make_run(
   sigma=None,
   lm=False,
   private_metrics=False,
+  fixed_noise_seed=None,
 ):
   """A workdir as dpjax.main leaves it; ε grows as sqrt(step) to ``epsilon`` at ``steps``.
 
@@ -76,7 +77,13 @@ def make_run(
     "seed": seed,
     "data": {"train": "sst2:train", "cache_dir": f"/cache/{seed}"},
     "model": {"name": "gpt2" if lm else "minilm", "train": "lora"},
-    "dp": {"enabled": dp, "epsilon": target, "noise_multiplier": sigma, "epsilon_budget": None},
+    "dp": {
+      "enabled": dp,
+      "epsilon": target,
+      "noise_multiplier": sigma,
+      "epsilon_budget": None,
+      "insecure_fixed_noise_seed": fixed_noise_seed,
+    },
     "train": {"batch_size": batch},
   }
   (workdir / "config.json").write_text(json.dumps(config))
@@ -99,6 +106,11 @@ def make_run(
       "steps": steps,
       "eval": {metric: accuracy, "count": 872},
       "model": config["model"]["name"],
+      "guarantee": (
+        "none (fixed noise seed)"
+        if fixed_noise_seed is not None
+        else "(epsilon, delta)-DP for add/remove of one training example"
+      ),
     }
     (workdir / "summary.json").write_text(json.dumps(summary))
   return workdir
@@ -273,3 +285,16 @@ def test_the_command_line_takes_a_comma_list_and_repeated_flags(tmp_path):
   )
   assert result.returncode == 2 and result.stderr.startswith("error: --out: several workdirs")
   assert "Traceback" not in result.stderr
+
+
+def test_a_fixed_noise_seed_run_is_marked_void_and_never_averaged_with_a_real_one(tmp_path):
+  runs = [
+    report.load_run(make_run(tmp_path / "real", epsilon=7.99)),
+    report.load_run(make_run(tmp_path / "fixed", epsilon=7.99, seed=1, fixed_noise_seed=3)),
+  ]
+  assert [r.no_guarantee for r in runs] == [False, True]
+  assert report.title_line(runs[1]).endswith("NO GUARANTEE (fixed noise seed)")
+  assert "GUARANTEE" not in report.title_line(runs[0])
+  assert len(report.seed_groups(runs)) == 2  # the same recipe otherwise
+  rows = table_rows("\n".join(report.run_table(runs)))
+  assert rows["fixed"]["ε"] == "7.99 (void: fixed noise seed)" and rows["real"]["ε"] == "7.99"
