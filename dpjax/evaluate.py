@@ -31,7 +31,11 @@ from dpjax.trained import load_trained, spent_ledger
 def _define_flags() -> None:
   """The command line's flags (defined only when run as a program: importable as a library)."""
   flags.DEFINE_string("workdir", None, "A dpjax.main workdir.")
-  flags.DEFINE_string("data", None, "A labelled .tsv/.csv/.jsonl file (or sst2:validation).")
+  flags.DEFINE_string(
+    "data",
+    None,
+    "A labelled .tsv/.csv/.jsonl file (or sst2:validation, or tfds:NAME:SPLIT).",
+  )
   flags.DEFINE_integer("batch_size", 64, "Evaluation batch size.")
 
 

@@ -3,9 +3,10 @@
     python -m dpjax.predict --workdir=DIR --data=FILE [--out=preds.jsonl] [--batch_size=64]
         [--text_field=COLUMN]
 
-``--data`` is a .tsv/.csv/.jsonl file (or ``sst2:validation``) with the run's text column
-(``data.text_field``, or ``--text_field``); a label column is optional. Each row becomes one
-JSON line, in file order: ``text``, ``line`` (of the file), ``prediction`` (the label id),
+``--data`` is a .tsv/.csv/.jsonl file (or ``sst2:validation``, or a TFDS split
+``tfds:NAME[/CONFIG][:VERSION]:SPLIT`` prepared in the run's ``data.tfds_dir``) with the run's
+text column (``data.text_field``, or ``--text_field``); a label column is optional. Each row
+becomes one JSON line, in file order: ``text``, ``line`` (of a file), ``prediction`` (the label id),
 ``prediction_name`` (from the run's ``data.label_names``; the id when unset),
 ``probabilities`` (P(label k) at index k), and ``label`` where the file has one. The lines go
 to ``--out`` (written whole, only once every row is scored) or to stdout; a summary line
@@ -51,7 +52,11 @@ from dpjax.trained import Trained, load_trained, read_config
 def _define_flags() -> None:
   """The command line's flags (defined only when run as a program: importable as a library)."""
   flags.DEFINE_string("workdir", None, "A dpjax.main workdir of a classifier.")
-  flags.DEFINE_string("data", None, "A .tsv/.csv/.jsonl file (labels optional) or sst2:validation.")
+  flags.DEFINE_string(
+    "data",
+    None,
+    "A .tsv/.csv/.jsonl file (labels optional), sst2:validation or tfds:NAME:SPLIT.",
+  )
   flags.DEFINE_string("out", None, "Write the predictions (JSON lines) here; default: stdout.")
   flags.DEFINE_integer("batch_size", 64, "Prediction batch size.")
   flags.DEFINE_string("text_field", None, "The text column; default: the run's data.text_field.")
@@ -155,9 +160,11 @@ def predict_data(
     DataError: ``data`` has a bad row (the message names its line).
   """
   batch_size = _check_batch_size(batch_size)
-  if not data.startswith("sst2:") and not Path(data).is_file():
+  named = data.startswith("sst2:") or data_lib.TfdsSpec.matches(data)
+  if not named and not Path(data).is_file():
     raise ConfigError(
-      f"--data file {data!r} not found (a .tsv/.csv/.jsonl file or sst2:validation)"
+      f"--data file {data!r} not found (a .tsv/.csv/.jsonl file, sst2:validation or "
+      f"{data_lib.TfdsSpec.FORM} in the run's data.tfds_dir)"
     )
   trained = _trained(workdir_or_trained)
   c = trained.config

@@ -345,12 +345,19 @@ def groups(
 
 
 def _column_values(c, column: str, indices: np.ndarray) -> list[str]:
-  """The eval file's ``column`` at each of ``indices`` (rows in file order, as encoded)."""
+  """The eval file's ``column`` (a tfds: split's feature) at each of ``indices`` (rows in
+  file order, as encoded)."""
   if c.data.eval.startswith("sst2:"):
     raise ConfigError(
       f"--group_by=column:{column} needs an eval file with that column (data.eval is "
       f"{c.data.eval}, which has only sentence and label)"
     )
+  if data_lib.TfdsSpec.matches(c.data.eval):
+    try:
+      source = splits.source_for(c.data.eval, c, column, key="config.data.eval")
+    except ConfigError as err:
+      raise ConfigError(f"--group_by=column:{column}: {err}") from None
+    return [source[int(i)].user_id for i in indices]
   try:
     source = data_lib.TextFileSource(
       c.data.eval,

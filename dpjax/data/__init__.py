@@ -1,6 +1,7 @@
 """The data layer: example sources, tokenization to fixed-shape arrays, and caching.
 
-Sources (``TextFileSource``, ``TfdsSource``, ``sst2``) give random access to ``Example`` records.
+Sources (``TextFileSource``, ``TfdsSource``, ``sst2``) give random access to ``Example`` records;
+``TfdsSpec`` parses the ``tfds:NAME[/CONFIG][:VERSION]:SPLIT`` form a run names a TFDS split by.
 ``encode`` tokenizes a source once (optionally through a ``PromptTemplate``) into an
 ``EncodedDataset`` whose ``batch(indices)`` returns padded int32 arrays of a few bucketed shapes.
 """
@@ -18,6 +19,7 @@ from dpjax.data.sources import (
   sst2_dir,
 )
 from dpjax.data.templates import PromptTemplate
+from dpjax.data.tfds_source import TfdsSpec
 from dpjax.data.tokenizer_utils import mask_token, pad_id
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
   "Source",
   "TextFileSource",
   "TfdsSource",
+  "TfdsSpec",
   "encode",
   "has_field",
   "mask_token",

@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from dpjax import data as data_lib
 from dpjax import parallel, privacy
 from dpjax.models import heads
 from dpjax.models import lora as lora_lib
@@ -31,6 +32,8 @@ RESUME = ("same_config", "allow_changes")
 UNITS = ("example", "user")
 USER_SAMPLINGS = ("els", "uls")
 USER_CONTRIBUTIONS = ("sum", "mean")
+#: What data.train and data.eval take, for messages.
+DATA_FORMS = f"{data_lib.TfdsSpec.FORM}, sst2:train, sst2:validation or a .tsv/.csv/.jsonl path"
 
 # Library argument names -> the config keys they come from (for one-line errors).
 _KEY_OF_ARGUMENT = {
@@ -89,11 +92,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.tiny_layers = 2  # (name="tiny") its number of layers; tiny_hidden: its width
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = "sst2:train"  # sst2:train, or a .tsv/.csv/.jsonl file
-  # The held-out split: sst2:validation, or a .tsv/.csv/.jsonl file whose labels lie in
-  # [0, data.num_labels) (refused otherwise). A data.train file with the default SST-2 eval is
-  # refused unless data.num_labels=2 (SST-2's binary labels: e.g. a file of SST-2 rows).
+  # sst2:train, a .tsv/.csv/.jsonl file, or tfds:NAME[/CONFIG][:VERSION]:SPLIT: a split of a
+  # TFDS dataset prepared as array_record in data.tfds_dir, its features named by
+  # data.text_field, data.label_field (data.user_field, data.prompt_field). A slice
+  # (train[:10%]) keeps rows by position: ε is for the slice as the dataset, not for the
+  # whole split (subsample private data with data.train_fraction instead).
+  c.data.train = "sst2:train"
+  # The held-out split: sst2:validation, a .tsv/.csv/.jsonl file or a tfds: split (as
+  # data.train) whose labels lie in [0, data.num_labels) (refused otherwise). A custom
+  # data.train with the default SST-2 eval is refused unless data.num_labels=2 (SST-2's binary
+  # labels: e.g. a file of SST-2 rows).
   c.data.eval = "sst2:validation"
+  # Where tfds: datasets were prepared (download_and_prepare(file_format="array_record"));
+  # "": TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets). Nothing is downloaded.
+  c.data.tfds_dir = ""
   c.data.text_field = "sentence"  # the text to classify; for causal_lm the completion
   c.data.label_field = "label"  # "": unlabeled (causal_lm without {label} only)
   # causal_lm: the field holding each row's prompt ("" = none); the loss is on the
@@ -128,7 +140,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.bos_token = "auto"
   c.data.eos_token = "auto"  # see bos_token
   c.data.pad_token = "auto"  # see bos_token
-  c.data.skip_bad_rows = False  # True: skip unreadable rows with a warning (else refuse)
+  # True: skip unreadable rows of a .tsv/.csv/.jsonl file with a warning (else refuse); a bad
+  # tfds: record is always refused
+  c.data.skip_bad_rows = False
   c.data.cache_dir = config_dict.placeholder(str)  # token cache; None: <workdir>/token_cache
 
   c.dp = ml_collections.ConfigDict()
@@ -257,6 +271,27 @@ def documented_keys() -> list[tuple[str, str]]:
   return out
 
 
+def check_data_spec(key: str, spec: Any) -> None:
+  """Refuses a ``data.train`` / ``data.eval`` value that is not a string or a malformed
+  ``tfds:`` spec (files and SST-2 splits are checked when they are read).
+
+  Args:
+    key: what named ``spec`` in the message (``"config.data.train"``, ``"--data"``).
+    spec: the value.
+
+  Raises:
+    ConfigError: naming ``key``, the valid forms and what is wrong.
+  """
+  if not isinstance(spec, str) or not spec:
+    raise ConfigError(f"{key} must be {DATA_FORMS} (got {spec!r})")
+  if not data_lib.TfdsSpec.matches(spec):
+    return
+  try:
+    data_lib.TfdsSpec.parse(spec)
+  except ValueError as err:
+    raise ConfigError(f"{key} must be {DATA_FORMS} (got {spec!r}: {err})") from None
+
+
 def _fail(key: str, value: Any, valid: str) -> ConfigError:
   return ConfigError(f"config.{key} must be {valid} (got {value!r})")
 
@@ -336,12 +371,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.num_labels < 2:
     raise _fail("data.num_labels", c.data.num_labels, "an integer >= 2")
   _validate_label_names(c)
+  check_data_spec("config.data.train", c.data.train)
+  check_data_spec("config.data.eval", c.data.eval)
+  if not isinstance(c.data.tfds_dir, str):
+    raise _fail("data.tfds_dir", c.data.tfds_dir, 'a directory path, or "" for TFDS\'s default')
   train, evals = str(c.data.train), str(c.data.eval)
   if not train.startswith("sst2:") and evals.startswith("sst2:") and c.data.num_labels != 2:
     raise ConfigError(
       f"config.data.eval={evals!r} (binary SST-2) cannot score a model of "
       f"config.data.num_labels={c.data.num_labels} classes trained on "
-      f"config.data.train={train!r}: set --config.data.eval to a held-out file of that task"
+      f"config.data.train={train!r}: set --config.data.eval to a held-out file or tfds: "
+      "split of that task"
     )
   _positive(c, "data.max_length", integer=True)
   if c.data.max_length < 4:
@@ -483,8 +523,8 @@ def _validate_unit(c: ml_collections.ConfigDict) -> None:
     raise _fail(
       "data.train",
       c.data.train,
-      "a .tsv/.csv/.jsonl file with a data.user_field column when dp.unit=user (SST-2 has "
-      "no user ids)",
+      "a .tsv/.csv/.jsonl file or a tfds: split with a data.user_field column or feature when "
+      "dp.unit=user (SST-2 has no user ids)",
     )
   if c.dp.user_sampling == "uls" and c.dp.clip == "quantile":
     raise _fail(

@@ -193,6 +193,7 @@ _BOOKKEEPING_KEYS = (
   "data.eval_limit",
   "data.label_names",
   "data.cache_dir",
+  "data.tfds_dir",  # where: the training rows themselves are in the data digest
   "train.eval_every_steps",
   "train.eval_batch_size",
   "train.log_every_steps",

@@ -13,6 +13,7 @@ from dpjax import data as data_lib
 from dpjax.audit import canaries
 from dpjax.data import causal
 from dpjax.data import encoded as encoded_lib
+from dpjax.data.tfds_source import NotPreparedError
 from dpjax.train import config as config_lib
 from dpjax.train.config import ConfigError
 
@@ -59,23 +60,34 @@ def source_for(
   key: str | None = None,
   optional_labels: bool = False,
 ) -> data_lib.Source:
-  """``sst2:<split>`` or a path to a .tsv/.csv/.jsonl file -> a random-access source.
+  """A random-access source for ``spec``: ``sst2:<split>``, a path to a .tsv/.csv/.jsonl
+  file, or ``tfds:NAME[/CONFIG][:VERSION]:SPLIT`` (a TFDS dataset prepared as array_record in
+  ``data.tfds_dir``, see :class:`dpjax.data.TfdsSource`).
 
-  ``user_field``: the file's user id column (every row must have one), or None.
-  ``key``: what named ``spec`` (``"config.data.eval"``, ``"--data"``), for the message
-  when a label lies outside ``[0, data.num_labels)``. ``optional_labels``: read a file
-  without ``data.label_field`` as unlabeled data (labels then come only where the file
-  has the column).
+  Files and TFDS records are read with the run's ``data.text_field``,
+  ``data.label_field`` and ``data.prompt_field`` as their columns or features.
+
+  Args:
+    spec: the data, as ``data.train`` / ``data.eval`` name it.
+    c: the run's config.
+    user_field: the user id column or feature (every row must have one), or None.
+    key: what named ``spec`` (``"config.data.eval"``, ``"--data"``), for messages.
+    optional_labels: read data without ``data.label_field`` as unlabeled (labels then come
+      only where the file has the column or the dataset the feature).
 
   Raises:
-    ConfigError: the file is missing, or a label is outside ``[0, data.num_labels)``.
-    DataError: the file has another bad row.
+    ConfigError: the file is missing; a malformed tfds spec, or a TFDS dataset that is not
+      prepared or lacks the split or a feature; a label outside ``[0, data.num_labels)``
+      (files: read now; TFDS records: as they are read).
+    DataError: the file has another bad row (TFDS records: as they are read).
   """
+  if data_lib.TfdsSpec.matches(spec):
+    return _tfds_source(spec, c, user_field, key=key, optional_labels=optional_labels)
   if spec.startswith("sst2:"):
     if user_field is not None:
       raise ConfigError(
         f"data source {spec!r} has no user ids (config.data.user_field={user_field!r}); "
-        "user-level DP needs a .tsv/.csv/.jsonl file with a user column"
+        "user-level DP needs a .tsv/.csv/.jsonl file or a tfds: split with a user column"
       )
     try:
       return data_lib.sst2(spec.split(":", 1)[1])
@@ -84,7 +96,7 @@ def source_for(
   if not Path(spec).is_file():
     raise ConfigError(
       f"data file {spec!r} not found (config.data.train / config.data.eval take "
-      "sst2:train, sst2:validation or a .tsv/.csv/.jsonl path)"
+      f"{config_lib.DATA_FORMS})"
     )
   label_field = c.data.label_field or None
   if optional_labels and label_field and not data_lib.has_field(spec, label_field):
@@ -100,11 +112,64 @@ def source_for(
       user_field=user_field,
     )
   except data_lib.LabelRangeError as err:
-    named = f"{key}={spec!r}" if key else repr(spec)
+    raise _label_range_error(spec, c, key, err) from None
+
+
+def _named(spec: str, key: str | None) -> str:
+  return f"{key}={spec!r}" if key else f"data source {spec!r}"
+
+
+def _label_range_error(
+  spec: str, c: ml_collections.ConfigDict, key: str | None, err: data_lib.LabelRangeError
+) -> ConfigError:
+  return ConfigError(
+    f"{_named(spec, key)} has a label outside [0, config.data.num_labels="
+    f"{c.data.num_labels}) ({err}); set config.data.num_labels to the number of classes, "
+    "or give data of this task"
+  )
+
+
+def _tfds_source(
+  spec: str,
+  c: ml_collections.ConfigDict,
+  user_field: str | None,
+  *,
+  key: str | None,
+  optional_labels: bool,
+) -> data_lib.TfdsSource:
+  """The split ``tfds:NAME[/CONFIG][:VERSION]:SPLIT`` of a dataset prepared in data.tfds_dir.
+
+  Raises:
+    ConfigError: ``spec`` is malformed, or the dataset is not prepared or lacks the split or
+      a feature.
+  """
+  config_lib.check_data_spec(key or "data source", spec)
+  parsed = data_lib.TfdsSpec.parse(spec)
+  label_field = c.data.label_field or None
+
+  def open_split(label_key: str | None) -> data_lib.TfdsSource:
+    return data_lib.TfdsSource(
+      parsed.name,
+      parsed.split,
+      data_dir=c.data.tfds_dir or None,
+      text_key=c.data.text_field,
+      label_key=label_key,
+      user_key=user_field,
+      prompt_key=c.data.prompt_field or None,
+      num_labels=c.data.num_labels,
+    )
+
+  try:
+    if not optional_labels:
+      return open_split(label_field)
+    unlabeled = open_split(None)
+    return open_split(label_field) if label_field in unlabeled.features else unlabeled
+  except NotPreparedError as err:
     raise ConfigError(
-      f"{named} has a label outside [0, config.data.num_labels={c.data.num_labels}) ({err}); "
-      "set config.data.num_labels to the number of classes, or give data of this task"
+      f"{_named(spec, key)}: {err} (config.data.tfds_dir names the directory it was prepared in)"
     ) from None
+  except data_lib.DataError as err:
+    raise ConfigError(f"{_named(spec, key)}: {err}") from None
 
 
 def encode_source(
@@ -177,7 +242,11 @@ def load_split(
   (into ``encoded.user_ids``). ``key``: what named ``spec``, for messages (see
   :func:`source_for`).
   """
-  encoded = encode_source(source_for(spec, c, user_field, key=key), tokenizer, c, cache_dir)
+  source = source_for(spec, c, user_field, key=key)
+  try:
+    encoded = encode_source(source, tokenizer, c, cache_dir)
+  except data_lib.LabelRangeError as err:  # a TFDS record's label, found as it is read
+    raise _label_range_error(spec, c, key, err) from None
   if encoded.labels is None and c.model.task != "causal_lm":
     raise ConfigError(f"{spec} has no labels (config.data.label_field={c.data.label_field!r})")
   indices = np.arange(len(encoded))

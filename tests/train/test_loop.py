@@ -270,6 +270,12 @@ def test_training_stops_at_the_budget_and_refuses_to_exceed_it(tmp_path, token_c
     (["--config.train.batch_size=abc"], "batch_size"),
     (["--config.dp.epsilon=1000"], "config.dp.epsilon must be in (0, 100]"),
     (["--config.train.batch_size=100000"], "config.train.batch_size must be in (0, dataset_size="),
+    # and data that cannot be opened: a TFDS dataset not prepared in data.tfds_dir
+    (
+      ["--config.data.train=tfds:dpjax_no_such:train", "--config.data.tfds_dir=/nonexistent"],
+      "config.data.train='tfds:dpjax_no_such:train': tfds dataset 'dpjax_no_such': not "
+      "registered and not prepared in /nonexistent (config.data.tfds_dir names",
+    ),
     (["--config=/nonexistent/config.py"], "--config cannot be loaded: [Errno 2]"),
     (["--config=tests/fixtures/broken_config.py"], "--config: invalid syntax"),
   ],

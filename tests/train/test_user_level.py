@@ -168,7 +168,8 @@ def test_a_row_without_a_user_is_refused(tmp_path):
     (
       "sst2_users.py:tiny",
       ["--config.data.train=sst2:train"],
-      "config.data.train must be a .tsv/.csv/.jsonl file with a data.user_field column",
+      "config.data.train must be a .tsv/.csv/.jsonl file or a tfds: split with a "
+      "data.user_field column or feature",
     ),
     (
       "sst2_users.py:tiny",
