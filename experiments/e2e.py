@@ -89,6 +89,7 @@ def get_config(variant: str = "li2022") -> ml_collections.ConfigDict:
     c.dp.microbatch_size = 16
     c.train.checkpoint_every_steps = 4
     c.train.log_every_steps = 2
+    c.train.eval_every_steps = 0  # at the end only (tests read this run)
     c.generate.strategy = "greedy"
     c.generate.num_beams = 1
     c.generate.max_new_tokens = 12

@@ -59,6 +59,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.dp.microbatch_size = 16
     c.train.checkpoint_every_steps = 3
     c.train.log_every_steps = 3
+    c.train.eval_every_steps = 0  # at the end only (tests read this run)
   elif variant in ("quick", "nonprivate"):
     # Sized for a 2-core CPU: the 30,522-token output layer dominates the cost.
     c.model.tiny_hidden = 128

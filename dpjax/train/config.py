@@ -205,7 +205,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.momentum = 0.9  # sgd only: heavy-ball momentum (0: none)
   c.train.warmup_steps = 0  # linear warmup from 0 over this many steps
   c.train.schedule = "linear"  # linear decay to 0 | constant
-  c.train.eval_every_steps = 0  # 0: evaluate at the end only
+  # Evaluate on the held-out split every k steps and at the end; 0: at the end only;
+  # None: about 5 evaluations per run (every round(steps / 5)).
+  c.train.eval_every_steps = config_dict.placeholder(int)
   c.train.eval_batch_size = 64  # rows per evaluation batch (no effect on the result)
   # A progress line (and ε in metrics.jsonl) every k steps; 0: about 20 per run.
   c.train.log_every_steps = 0
@@ -464,7 +466,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive(c, "train.momentum", allow_zero=True)
   _positive(c, "train.warmup_steps", allow_zero=True, integer=True)
   _one_of(c, "train.schedule", SCHEDULES)
-  for key in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
+  _optional(
+    c, "train.eval_every_steps", lambda key: _positive(c, key, allow_zero=True, integer=True)
+  )
+  for key in ("checkpoint_every_steps", "log_every_steps"):
     _positive(c, f"train.{key}", allow_zero=True, integer=True)
   for key in ("eval_batch_size", "keep_checkpoints"):
     _positive(c, f"train.{key}", integer=True)

@@ -584,6 +584,9 @@ def _run(
   preempted = False
   examples_seen, window_examples, window_start = 0, 0, time.time()
   log_every = c.train.log_every_steps or max(1, round(mechanism.steps / 20))
+  eval_every = c.train.eval_every_steps
+  if eval_every is None:  # about 5 evaluations per run (the last one at the end)
+    eval_every = max(1, round(mechanism.steps / 5))
   if end_step > start_step:
     say(
       f"compiling the train step ({len(static_batches.shapes)} batch shape(s)); the first "
@@ -624,7 +627,7 @@ def _run(
         progress.step(done, epsilon, private_row)
       else:
         progress.step(done, None, None)
-      if c.train.eval_every_steps and done % c.train.eval_every_steps == 0 and done < end_step:
+      if eval_every and done % eval_every == 0 and done < end_step:
         ahead(done)
         result = task.evaluate(full_params(state), evals, c.train.eval_batch_size)
         result["epsilon"] = mechanism.epsilon(ledger)
