@@ -41,6 +41,10 @@ class BertConfig:
   hidden_dropout_prob: float = 0.0
   attention_probs_dropout_prob: float = 0.0
   model_type: str = "bert"
+  # Compute dtype of the encoder's activations and matmuls ("float32" or "bfloat16"):
+  # parameters stay float32 (cast where used), LayerNorm statistics and softmax run in
+  # float32. Not read from config.json: a training choice (config.model.dtype).
+  dtype: str = "float32"
 
   @classmethod
   def from_hf(cls, cfg: dict[str, Any]) -> BertConfig:
@@ -200,7 +204,7 @@ class BertModel(nn.Module):
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    x = self.embeddings(input_ids, token_type_ids, deterministic).astype(self.config.dtype)
     bias = layers.additive_attention_bias(attention_mask, x.dtype)
     return self.encoder(x, bias, deterministic)
 

@@ -37,6 +37,8 @@ class GPT2Config:
   activation_function: str = "gelu_new"
   dropout: float = 0.0
   model_type: str = "gpt2"
+  # Compute dtype ("float32" or "bfloat16"); parameters stay float32 (see BertConfig.dtype).
+  dtype: str = "float32"
 
   @classmethod
   def from_hf(cls, cfg: dict[str, Any]) -> GPT2Config:
@@ -191,6 +193,7 @@ class GPT2LMHeadModel(nn.Module):
       position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
     wte = layers.Embed(c.vocab_size, c.n_embd, name="wte")
     x = wte(input_ids) + layers.Embed(c.n_positions, c.n_embd, name="wpe")(position_ids)
+    x = x.astype(c.dtype)
     x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
     if cache is None:
       causal = jnp.tril(jnp.ones((length, length), bool))
@@ -222,5 +225,6 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
   """
   targets = input_ids[..., 1:]
   weights = loss_mask[..., 1:].astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[..., :-1, :], targets)
+  logits = logits[..., :-1, :].astype(jnp.float32)  # float32 under bfloat16 compute
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)

@@ -94,7 +94,8 @@ class PooledHead(nn.Module):
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
     del deterministic  # the head has no dropout
-    return _pooled_logits(self.backbone, self.num_labels, self.pooling, batch["features"])
+    features = batch["features"].astype(self.backbone.dtype)  # as the backbone computed them
+    return _pooled_logits(self.backbone, self.num_labels, self.pooling, features)
 
 
 class LabelWordClassifier(nn.Module):
@@ -200,6 +201,7 @@ def _batch_dict(batch: Mapping[str, jax.Array]) -> tuple[tuple, dict]:
 
 def _classification_row(logits: jax.Array, example: Mapping[str, jax.Array]):
   label = example["label"]
+  logits = logits.astype(jnp.float32)  # the loss in float32 under bfloat16 compute
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
   return loss, {"correct": (jnp.argmax(logits) == label).astype(jnp.float32)}
 

@@ -28,6 +28,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("linear", "constant")
 TASKS = ("classify", "label_words", "causal_lm")
 TRAINS = ("all", "lora", "head")
+DTYPES = ("float32", "bfloat16")  # model.dtype: the compute dtype
 RESUME = ("same_config", "allow_changes")
 UNITS = ("example", "user")
 USER_SAMPLINGS = ("els", "uls")
@@ -83,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (BERT: attention/self/(query|value)); e.g. ("layer_[345]/.*(query|value|dense)",).
   c.model.lora_targets = ()
   c.model.dropout = 0.0  # >0: hidden and attention dropout, a key per example
+  # Compute dtype: float32 | bfloat16 (mixed precision: weights, optimizer state, losses,
+  # per-example norms, clip factors, noise and sums stay float32).
+  c.model.dtype = "float32"
   # model.train=head (classify, no dropout): compute the frozen backbone's features of the
   # training rows once, in memory, and train the head on them (same result, much faster).
   c.model.cache_features = True
@@ -347,6 +351,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of(c, "resume", RESUME)
   _one_of(c, "model.task", TASKS)
   _one_of(c, "model.pooling", heads.POOLINGS)
+  _one_of(c, "model.dtype", DTYPES)
   if c.model.train not in TRAINS:
     try:
       re.compile(c.model.train)

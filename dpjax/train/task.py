@@ -84,6 +84,7 @@ def _causal(c: ml_collections.ConfigDict, config: gpt2.GPT2Config) -> gpt2.GPT2L
       f"config.data.max_length must be <= the model's n_positions={config.n_positions} "
       f"(got {c.data.max_length})"
     )
+  config = dataclasses.replace(config, dtype=c.model.dtype)
   if c.model.dropout:
     config = dataclasses.replace(config, dropout=float(c.model.dropout))
   return gpt2.GPT2LMHeadModel(config, lora_config(c, "gpt2"))
@@ -125,6 +126,7 @@ def abstract_params(c: ml_collections.ConfigDict) -> tuple[PyTree, tokenizers.To
 def task_model(
   c: ml_collections.ConfigDict, backbone: bert.BertConfig, label_word_ids: tuple[int, ...] | None
 ):
+  backbone = dataclasses.replace(backbone, dtype=c.model.dtype)
   if c.model.dropout:
     backbone = dataclasses.replace(
       backbone,
@@ -276,7 +278,7 @@ def eval_step(
 ) -> dict[str, jax.Array]:
   """Sums of loss and correct predictions over the real rows of an eval batch, and their
   confusion matrix (``[true label, predicted label]`` counts)."""
-  logits = model.apply({"params": params}, batch)
+  logits = model.apply({"params": params}, batch).astype(jnp.float32)
   predicted = jnp.argmax(logits, -1)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (predicted == batch["label"]).astype(jnp.float32)
@@ -338,6 +340,7 @@ def lm_eval_step(
 ) -> dict[str, jax.Array]:
   """Sums of next-token loss, correct next tokens and target tokens over the real rows."""
   logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+  logits = logits.astype(jnp.float32)
   targets = batch["input_ids"][:, 1:]
   weights = (batch["loss_mask"][:, 1:] * mask[:, None]).astype(jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
