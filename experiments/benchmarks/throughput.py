@@ -2,6 +2,8 @@
 
     python -m experiments.benchmarks.throughput [--model=minilm] [--batch=32] [--seq=64]
         [--train=all] [--modes=nonprivate,vmap:8,vmap:32,bookkeeping] [--peers] [--json=FILE]
+    python -m experiments.benchmarks.throughput \
+        --modes=nonprivate,bookkeeping,nonprivate@bf16,bookkeeping@bf16
 
 Each row is one configuration run in a fresh subprocess (so its peak memory is
 its own): ``--steps`` timed train steps after ``--warmup`` untimed ones (which
@@ -42,8 +44,11 @@ _TRAIN = flags.DEFINE_string("train", "all", "What trains: all, lora, head (or a
 _MODES = flags.DEFINE_list(
   "modes",
   ["nonprivate", "vmap:8", "vmap:32", "bookkeeping"],
-  "dpjax modes: nonprivate[:mb], vmap:MB, bookkeeping[:MB].",
+  "dpjax modes: nonprivate[:mb], vmap:MB, bookkeeping[:MB]; @bf16 after any of them: "
+  "bfloat16 compute (model.dtype), float32 weights, norms and noise.",
 )
+#: Mode suffix -> compute dtype (``bookkeeping@bf16``).
+DTYPES = {"": "float32", "bf16": "bfloat16"}
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row.")
 _WARMUP = flags.DEFINE_integer(
   "warmup", 2, "Untimed steps first (compilation included).", lower_bound=1
@@ -127,7 +132,11 @@ def _dpjax_row(mode: str) -> dict:
   from dpjax.privacy.secret import RunSecret
   from dpjax.train import step as step_lib
 
-  name, _, micro = mode.partition(":")
+  base_mode, _, precision = mode.partition("@")
+  if precision not in DTYPES:
+    raise ValueError(f"mode {mode!r}: the suffix after @ must be one of {sorted(DTYPES)}")
+  dtype = DTYPES[precision]
+  name, _, micro = base_mode.partition(":")
   micro = int(micro) if micro else None
   batch_size, seq = _BATCH.value, _SEQ.value
   lora_cfg = None
@@ -136,7 +145,7 @@ def _dpjax_row(mode: str) -> dict:
       8, 16.0, lora.LORA_TARGETS["gpt2" if _MODEL.value == "gpt2-small" else "bert"]
     )
   if _MODEL.value == "gpt2-small":
-    cfg = gpt2.GPT2Config()
+    cfg = gpt2.GPT2Config(dtype=dtype)
     model = gpt2.GPT2LMHeadModel(cfg, lora_cfg)
     data = make_batch(batch_size, seq, cfg.vocab_size)
     data = {k: data[k] for k in ("input_ids", "attention_mask")}
@@ -146,7 +155,7 @@ def _dpjax_row(mode: str) -> dict:
     make_loss = heads.lm_loss
   else:
     shape = MINILM if _MODEL.value == "minilm" else BERT_BASE
-    cfg = bert.BertConfig(**shape)
+    cfg = bert.BertConfig(**shape, dtype=dtype)
     model = heads.SequenceClassifier(cfg, 2, "cls", lora_cfg)
     data = make_batch(batch_size, seq, cfg.vocab_size)
     params = jax.jit(lambda r: model.init(r, data)["params"])(jax.random.PRNGKey(0))
