@@ -33,7 +33,7 @@ import numpy as np
 from dpjax.models import lora
 from dpjax.privacy import mechanism as mechanism_lib
 from dpjax.train import config as config_lib
-from dpjax.train import optimizer, splits
+from dpjax.train import loop, optimizer, splits
 from dpjax.train import task as task_lib
 
 
@@ -63,15 +63,12 @@ def plan(c: ml_collections.ConfigDict) -> DryRun:
   Raises:
     ConfigError, DataError, PretrainedError: as the run itself would, before training.
   """
-  # pylint: disable=import-outside-toplevel
-  from dpjax.train import loop  # the run's own calibration (loop imports this module lazily)
-
   config_lib.validate(c)
   params, tokenizer = task_lib.abstract_params(c)
   cache = Path(c.data.cache_dir) if c.data.cache_dir else None
   train, canaries = splits.training_split(c, tokenizer, cache)
   num_users = splits.count_users(train) if c.dp.unit == "user" else None
-  mechanism = loop.plan_mechanism(c, len(train), num_users)
+  mechanism = loop.plan_mechanism(c, len(train), num_users)  # the run's own calibration
   try:
     trainable, _ = lora.partition(params, lora.trainable_mask(params, c.model.train))
   except ValueError as err:
