@@ -17,7 +17,7 @@ from dpjax.train import loop
 from dpjax.train import metrics as metrics_lib
 from dpjax.train import task as task_lib
 from dpjax.train.config import ConfigError
-from experiments import sst2
+from experiments import sst2, sst2_small
 from tests.train.runs import ROOT, SHARED_RUN, copy_run, run_main, tiny
 
 
@@ -413,8 +413,13 @@ def test_lora_targets_choose_the_adapted_modules():
     config_lib.validate(c)
 
 
-@pytest.mark.parametrize("variant", ["tiny", "quick", "nonprivate", "lora", "li2022"])
-def test_every_sst2_variant_is_valid_and_its_adapters_exist_in_minilm(variant):
+@pytest.mark.parametrize(
+  "experiment,variant",
+  [(sst2, v) for v in ("tiny", "quick", "nonprivate", "lora", "li2022")]
+  + [(sst2_small, v) for v in sst2_small.VARIANTS],
+  ids=lambda x: x if isinstance(x, str) else x.__name__.split(".")[-1],
+)
+def test_every_sst2_variant_is_valid_and_its_adapters_exist_in_minilm(experiment, variant):
   import jax
   import numpy as np
   from flax import traverse_util
@@ -423,7 +428,7 @@ def test_every_sst2_variant_is_valid_and_its_adapters_exist_in_minilm(variant):
   from dpjax.train import config as config_lib
   from dpjax.train import task as task_lib
 
-  c = sst2.get_config(variant)
+  c = experiment.get_config(variant)
   config_lib.validate(c)
   if c.model.train != "lora":
     return
@@ -436,7 +441,7 @@ def test_every_sst2_variant_is_valid_and_its_adapters_exist_in_minilm(variant):
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))["params"]
   adapted = sorted(p[:-1] for p in traverse_util.flatten_dict(shapes) if p[-1] == "lora_a")
   layers = {p[2] for p in adapted}
-  if variant in ("quick", "nonprivate"):  # every Dense layer of the top 3 of 6 layers
+  if c.model.lora_targets:  # quick's: every Dense layer of the top 3 of 6 layers
     assert layers == {"layer_3", "layer_4", "layer_5"} and len(adapted) == 18
   else:  # the preset: queries and values of every layer
     assert len(layers) == 6 and {p[-1] for p in adapted} == {"query", "value"}
