@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
 from dpjax.models import heads
-from dpjax.train import splits
+from dpjax.train import splits, task
 
 PyTree = Any
 
@@ -68,15 +67,9 @@ def compute(
   batch is padded only to its own bucket; padding tokens do not change a row's
   features (attention and mean pooling are masked).
   """
-  fn = jax.jit(lambda p, batch: model.apply({"params": p}, batch, features_only=True))
-  features = None
-  for positions, padded, _ in split.padded_batches(batch_size):
-    out = np.asarray(fn(params, split.batch(padded)), np.float32)
-    if features is None:
-      features = np.zeros((len(split), out.shape[-1]), np.float32)
-    features[positions] = out[: len(positions)]
-  if features is None:
+  if len(split) == 0:
     raise ValueError("no training rows to compute features of")
+  features = task.predict_logits(params, model, split, batch_size, features_only=True)
   labels = np.asarray(split.encoded.labels, np.int32)[split.indices]
   return CachedRows(features, labels)
 

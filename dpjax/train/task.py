@@ -322,10 +322,15 @@ def evaluate(
   return result
 
 
-def predict_logits(params: PyTree, model, split: splits.Split, batch_size: int) -> np.ndarray:
+def predict_logits(
+  params: PyTree, model, split: splits.Split, batch_size: int, **apply_kwargs: Any
+) -> np.ndarray:
   """float32 [len(split), num_labels]: the classifier's logits of each example, in split
-  order (batched as :func:`evaluate` batches them; labels are not needed)."""
-  fn = jax.jit(lambda p, batch: model.apply({"params": p}, batch))
+  order (batched as :func:`evaluate` batches them; labels are not needed).
+
+  ``apply_kwargs`` go to the model (e.g. ``features_only=True``: its features instead).
+  """
+  fn = jax.jit(lambda p, batch: model.apply({"params": p}, batch, **apply_kwargs))
   out = None
   for positions, padded, _ in split.padded_batches(batch_size):
     logits = np.asarray(fn(params, split.batch(padded)), np.float32)
