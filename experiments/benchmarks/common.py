@@ -30,6 +30,64 @@ BERT_BASE = dict(MINILM, hidden_size=768, num_hidden_layers=12, intermediate_siz
 TINY = dict(
   MINILM, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
 )
+# RoBERTa: BertConfig with RoBERTa's vocabulary, 514 positions counted after the padding
+# index (pad_token_id 1, position_offset 2, as BertConfig.from_hf reads a RoBERTa config),
+# one token type and LayerNorm eps 1e-5.
+ROBERTA_BASE = dict(
+  BERT_BASE,
+  vocab_size=50265,
+  max_position_embeddings=514,
+  type_vocab_size=1,
+  layer_norm_eps=1e-5,
+  pad_token_id=1,
+  position_offset=2,
+  model_type="roberta",
+)
+ROBERTA_LARGE = dict(
+  ROBERTA_BASE,
+  hidden_size=1024,
+  num_hidden_layers=24,
+  num_attention_heads=16,
+  intermediate_size=4096,
+)
+GPT2_SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+GPT2_MEDIUM = dict(GPT2_SMALL, n_embd=1024, n_layer=24, n_head=16)
+#: Benchmark model name -> (family, architecture): "bert" shapes are ``bert.BertConfig``
+#: fields (a sequence classifier), "gpt2" shapes ``gpt2.GPT2Config`` fields (the LM loss).
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+  "minilm": ("bert", MINILM),
+  "bert-base": ("bert", BERT_BASE),
+  "roberta-base": ("bert", ROBERTA_BASE),
+  "roberta-large": ("bert", ROBERTA_LARGE),
+  "gpt2-small": ("gpt2", GPT2_SMALL),
+  "gpt2-medium": ("gpt2", GPT2_MEDIUM),
+}
+
+
+def num_layers(model: str) -> int:
+  """Transformer layers of a benchmark model shape."""
+  family, shape = MODELS[model]
+  return shape["n_layer"] if family == "gpt2" else shape["num_hidden_layers"]
+
+
+def tiny_shape(model: str) -> dict[str, Any]:
+  """The shape of ``model`` shrunk to 2 layers, hidden 64, 2 heads and 2,048 tokens.
+
+  Position tables, token types and the RoBERTa position offset stay, so every
+  code path and sequence length of the full shape runs, in seconds on a CPU
+  (machinery checks, e.g. ``gpu_suite --dry_run``).
+  """
+  family, shape = MODELS[model]
+  if family == "gpt2":
+    return dict(shape, n_embd=64, n_layer=2, n_head=2, vocab_size=2048)
+  return dict(
+    shape,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=256,
+    vocab_size=2048,
+  )
 
 
 def make_batch(batch: int, seq: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -67,26 +125,45 @@ def time_steps(
   return state, metrics, times
 
 
+#: Words in a failed worker's error that mark the device running out of memory (JAX's
+#: RESOURCE_EXHAUSTED, torch's OutOfMemoryError; not the allocator's "ran out of memory"
+#: warnings, which successful runs print too).
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "OutOfMemoryError", "CUDA out of memory")
+
+
 def run_worker(
-  module: str, worker_flag: str, argv: list[str], env: dict[str, str] | None = None
+  module: str,
+  worker_flag: str,
+  argv: list[str],
+  env: dict[str, str] | None = None,
+  timeout: float | None = None,
 ) -> dict[str, Any] | str:
   """Runs ``python -m module worker_flag *argv`` and returns its ``ROW {json}`` line as a dict.
 
   A fresh process per row, so compile caches and peak memory are its own. On
-  failure returns the last line of its output (a string) instead.
+  failure returns one line of its output (a string) instead: the last line
+  that reports running out of memory (:data:`OOM_MARKERS`), else the last
+  line. After ``timeout`` seconds the process is killed and the string says so.
   """
   command = [sys.executable, "-m", module, worker_flag, *argv]
-  done = subprocess.run(
-    command,
-    capture_output=True,
-    text=True,
-    check=False,
-    env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
-  )
+  try:
+    done = subprocess.run(
+      command,
+      capture_output=True,
+      text=True,
+      check=False,
+      env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+      timeout=timeout,
+    )
+  except subprocess.TimeoutExpired:
+    return f"timeout: killed after {timeout:.0f} s"
   for line in done.stdout.splitlines():
     if line.startswith("ROW "):
       return json.loads(line[4:])
-  return ((done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"])[0][:200]
+  lines = (done.stderr or done.stdout).strip().splitlines()
+  oom = [line for line in lines if any(m in line for m in OOM_MARKERS)]
+  last = (oom or lines)[-1:] or [f"no output (exit status {done.returncode})"]
+  return last[0].strip()[:300]
 
 
 #: A table column: (title, alignment and width such as ">8", number format such as ".3f",

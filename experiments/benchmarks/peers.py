@@ -18,6 +18,14 @@ batch, and a step is a full DP-SGD update:
   examples vmapped at once; Gaussian noise of std ``noise_multiplier * clip_norm``
   is added to the clipped sum, which is divided by B and fed to ``optax.adam``.
   The whole step is one jitted function, compiled before any step is timed.
+  ``"microbatch=N"`` takes N examples at a time (dpjax's ``vmap:N``).
+
+On a machine with a CUDA device the PyTorch models run on it (each step ends
+with ``torch.cuda.synchronize()``, and ``peak_memory_mb`` is
+``torch.cuda.max_memory_allocated()``); the JAX peer runs on JAX's default
+device. ``dtype="bfloat16"`` runs the PyTorch forward under ``torch.autocast``
+(the loss and the optimizer in float32) and gives dpjax's model
+``BertConfig(dtype="bfloat16")`` under jax_privacy.
 
 The PyTorch model uses BERT's pooler in its head (dpjax's uses the [CLS] state):
 one extra H x H dense layer, which does not matter for throughput. Poisson sampling
@@ -30,8 +38,13 @@ is off everywhere: every step sees the same batch, so only compute is timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib
+import importlib.util
+import re
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -66,6 +79,25 @@ _REQUIRES = {
 }
 
 
+def known(system: str, mode: str) -> bool:
+  """Whether (system, mode) is a peer: one of :data:`PEERS`, or jax_privacy's ``microbatch=N``."""
+  return (system, mode) in PEERS or (
+    system == "jax_privacy" and re.fullmatch(r"microbatch=[1-9][0-9]*", mode) is not None
+  )
+
+
+def missing(system: str) -> str | None:
+  """The first module ``system`` needs that is not installed, found without importing it.
+
+  Cheap, and safe in a process that must not start a device backend (importing
+  jax_privacy imports jax); :func:`available` also catches broken installs.
+  """
+  for name in _REQUIRES.get(system, ()):
+    if importlib.util.find_spec(name) is None:
+      return f"{name} is not installed"
+  return None
+
+
 def available(system: str) -> str | None:
   """Whether the peer ``system`` can run here.
 
@@ -81,7 +113,9 @@ def available(system: str) -> str | None:
   for name in _REQUIRES[system]:
     try:
       importlib.import_module(name)
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as e:
+      if e.name != name:  # Installed, but one of its own dependencies is missing.
+        return f"{name} fails to import (ModuleNotFoundError: {e})"
       return f"{name} is not installed: pip install .[bench]"
     except Exception as e:  # pylint: disable=broad-except  # A broken install, e.g. a jax clash.
       first_line = (str(e).splitlines() or [""])[0]
@@ -133,30 +167,36 @@ def _torch_step(
   clip_norm: float,
   noise_multiplier: float,
   seed: int,
+  dtype: str = "float32",
 ) -> tuple[Callable[[], None], str]:
-  """A PyTorch (optionally Opacus) train step on the fixed batch, and the library version."""
+  """A PyTorch (optionally Opacus) train step on the fixed batch, and the library version.
+
+  A BERT module with the architecture's sizes (for a RoBERTa shape too: the same
+  compute; its positions simply start at 0).
+  """
   # pylint: disable=import-outside-toplevel
   import torch
   import transformers
 
   torch.manual_seed(seed)
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   hf_config = transformers.BertConfig(
     **_arch(config), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
   )
-  model = transformers.BertForSequenceClassification(hf_config)
+  model = transformers.BertForSequenceClassification(hf_config).to(device)
   model.train()
-  input_ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
+  input_ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=device)
   size, length = input_ids.shape
   # Explicit [B, T] position (and token-type) ids: HF's default position ids have
   # batch dimension 1, so Opacus's hooks would give the position embedding a
   # [1, ...] grad_sample and fail to stack the per-example norms.
   inputs = {
     "input_ids": input_ids,
-    "attention_mask": torch.as_tensor(batch["attention_mask"], dtype=torch.long),
+    "attention_mask": torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=device),
     "token_type_ids": torch.zeros_like(input_ids),
-    "position_ids": torch.arange(length).expand(size, length).contiguous(),
+    "position_ids": torch.arange(length, device=device).expand(size, length).contiguous(),
   }
-  labels = torch.as_tensor(batch["label"], dtype=torch.long)
+  labels = torch.as_tensor(batch["label"], dtype=torch.long, device=device)
   optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
   criterion = torch.nn.CrossEntropyLoss()
   version = f"torch {torch.__version__}, transformers {transformers.__version__}"
@@ -185,15 +225,36 @@ def _torch_step(
     version = f"opacus {opacus.__version__}, {version}"
   elif mode != "nonprivate":
     raise ValueError(f"unknown mode {mode!r}")
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"dtype must be float32 or bfloat16 (got {dtype!r})")
 
   def step():
-    logits = model(**inputs).logits
-    loss = criterion(logits, labels)
+    with (
+      torch.autocast(device.type, dtype=torch.bfloat16)
+      if dtype == "bfloat16"
+      else contextlib.nullcontext()
+    ):
+      logits = model(**inputs).logits
+    loss = criterion(logits.float(), labels)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":  # Time the work, not its launch.
+      torch.cuda.synchronize()
 
   return step, version
+
+
+def _torch_memory() -> dict:
+  """The CUDA peak of this process's PyTorch allocator; nothing on a CPU."""
+  torch = sys.modules.get("torch")
+  if torch is None or not torch.cuda.is_available():
+    return {}
+  return {
+    "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+    "memory_source": "torch.cuda.max_memory_allocated",
+    "device": torch.cuda.get_device_name(),
+  }
 
 
 def _jax_privacy_step(
@@ -203,6 +264,7 @@ def _jax_privacy_step(
   clip_norm: float,
   noise_multiplier: float,
   seed: int,
+  dtype: str = "float32",
 ) -> tuple[Callable[[], None], str]:
   """A jitted jax_privacy DP-SGD step on dpjax's Flax model, and the library version."""
   # pylint: disable=import-outside-toplevel
@@ -213,9 +275,12 @@ def _jax_privacy_step(
 
   from dpjax.models import bert, heads
 
-  if mode not in ("microbatch=1", "no microbatching"):
+  if not known("jax_privacy", mode):
     raise ValueError(f"unknown mode {mode!r}")
-  model = heads.SequenceClassifier(bert.BertConfig(**_arch(config)), 2, "cls")
+  # Every BertConfig field the architecture gives (a RoBERTa shape keeps its position offset).
+  fields = {f.name for f in dataclasses.fields(bert.BertConfig)}
+  bert_config = bert.BertConfig(**{k: v for k, v in config.items() if k in fields}, dtype=dtype)
+  model = heads.SequenceClassifier(bert_config, 2, "cls")
   data = {k: jnp.asarray(v) for k, v in batch.items()}
   size = int(data["label"].shape[0])
   params = jax.jit(lambda key: model.init(key, data)["params"])(jax.random.PRNGKey(seed))
@@ -226,7 +291,7 @@ def _jax_privacy_step(
     l2_clip_norm=clip_norm,
     batch_argnums=1,
     keep_batch_dim=False,
-    microbatch_size=1 if mode == "microbatch=1" else None,
+    microbatch_size=None if mode == "no microbatching" else int(mode.partition("=")[2]),
   )
   optimizer = optax.adam(LEARNING_RATE)
   std = noise_multiplier * clip_norm
@@ -269,12 +334,14 @@ def run_peer(
   noise_multiplier: float,
   seed: int,
   on_timed_start: Callable[[], None] | None = None,
+  dtype: str = "float32",
 ) -> dict:
   """Times `steps` train steps (after `warmup` untimed ones) of one peer.
 
   Args:
     system: "pytorch", "opacus" or "jax_privacy" (see :data:`PEERS`).
-    mode: the variant of ``system`` (see :data:`PEERS`).
+    mode: the variant of ``system`` (see :data:`PEERS`; jax_privacy also takes
+      ``"microbatch=N"``).
     batch: ``input_ids`` [B, T], ``attention_mask`` [B, T] and ``label`` [B] (int32).
     config: the BERT architecture, Hugging Face BertConfig names (see :data:`ARCH_KEYS`).
     steps: timed steps.
@@ -283,24 +350,28 @@ def run_peer(
     noise_multiplier: noise std / clip_norm (ignored by the non-private baseline).
     seed: model initialization (and noise) seed.
     on_timed_start: called after the warm-up steps (e.g. to start a memory watch).
+    dtype: "float32", or "bfloat16" compute (see the module docstring).
 
   Returns:
     ``{"median_step_seconds", "examples_per_second" (B / median), "step_seconds",
-    "version"}``, or ``{"error": reason}`` when the peer is not installed or fails
-    (e.g. a library refuses the model).
+    "version"}`` (and on a CUDA device PyTorch's ``peak_memory_mb``,
+    ``memory_source`` and ``device``), or ``{"error": reason}`` when the peer is
+    not installed or fails (e.g. a library refuses the model).
 
   Raises:
-    ValueError: for a (system, mode) pair not in :data:`PEERS`.
+    ValueError: for a (system, mode) pair that is not a peer (see :func:`known`).
   """
-  if (system, mode) not in PEERS:
+  if not known(system, mode):
     raise ValueError(f"unknown peer {(system, mode)!r}; known: {PEERS}")
   reason = available(system)
   if reason is not None:
     return {"error": reason}
   build = _jax_privacy_step if system == "jax_privacy" else _torch_step
   try:
-    step, version = build(mode, batch, config, clip_norm, noise_multiplier, seed)
+    step, version = build(mode, batch, config, clip_norm, noise_multiplier, seed, dtype)
     result = _time_steps(step, steps, warmup, int(batch["label"].shape[0]), on_timed_start)
+    if system != "jax_privacy":
+      result.update(_torch_memory())
   except Exception as e:  # pylint: disable=broad-except  # Report, so other peers still run.
     first_line = (str(e).splitlines() or [""])[0]
     return {"error": f"{system} {mode} failed: {type(e).__name__}: {first_line}"}

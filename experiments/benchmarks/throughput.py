@@ -17,7 +17,15 @@ GPU), and the ratios of step time and memory to dpjax's non-private row.
 ``--peers`` adds Opacus (hooks, ghost clipping) and jax_privacy's clipped
 gradient on the same model shape and data (``pip install .[bench]``), BERT-type
 models only. Weights are random with the real shapes (speed does not depend on
-their values); ``gpt2-small`` is the GPT-2 124M shape with the LM loss.
+their values); ``gpt2-small`` / ``gpt2-medium`` are the GPT-2 124M / 355M shapes
+with the LM loss, ``roberta-base`` / ``roberta-large`` RoBERTa's shapes with a
+classification head (``common.MODELS``). ``--tiny`` shrinks the shape to 2 layers
+of width 64 (a check of the machinery, not a measurement).
+
+Each dpjax row also reports its compile seconds and XLA's own account of the
+compiled step's memory (``xla_step_memory_mb``: arguments, outputs and
+temporaries of the step's buffer assignment), which needs no fresh process.
+``experiments.benchmarks.gpu_suite`` runs a grid of these rows on a GPU.
 """
 
 from __future__ import annotations
@@ -36,8 +44,11 @@ from absl import app, flags
 
 from experiments.benchmarks import common
 
-MODELS = ("minilm", "bert-base", "gpt2-small")
+MODELS = tuple(common.MODELS)
 _MODEL = flags.DEFINE_enum("model", "minilm", MODELS, "Model shape (random weights).")
+_TINY = flags.DEFINE_bool(
+  "tiny", False, "Shrink the model to 2 layers, hidden 64 (machinery checks, e.g. on a CPU)."
+)
 _BATCH = flags.DEFINE_integer("batch", 32, "Examples per step.")
 _SEQ = flags.DEFINE_integer("seq", 64, "Tokens per example.")
 _TRAIN = flags.DEFINE_string("train", "all", "What trains: all, lora, head (or a regex).")
@@ -59,7 +70,7 @@ _WORKER = flags.DEFINE_string("worker", None, "Internal: run one row and print i
 
 CLIP_NORM, NOISE_MULTIPLIER = common.CLIP_NORM, common.NOISE_MULTIPLIER
 SST2_TRAIN_SIZE = 67349  # N of the plan (it sets only δ here; the batch is fixed)
-MINILM, BERT_BASE, make_batch = common.MINILM, common.BERT_BASE, common.make_batch
+make_batch = common.make_batch
 
 
 def _release_free_heap() -> None:
@@ -104,20 +115,85 @@ class MemoryWatch:
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
-    import jax  # pylint: disable=import-outside-toplevel
+    # A torch-only row (a peer) never imported jax: do not start its backend now.
+    if "jax" in sys.modules:
+      import jax  # pylint: disable=import-outside-toplevel
 
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-      stats = device.memory_stats() or {}
-      return {"peak_memory_mb": stats.get("peak_bytes_in_use", 0) / 2**20}
+      device = jax.devices()[0]
+      stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
+      if "peak_bytes_in_use" in stats:  # The process's peak on the device (PJRT allocator).
+        return {
+          "peak_memory_mb": stats["peak_bytes_in_use"] / 2**20,
+          "memory_source": f"{device.platform} peak_bytes_in_use",
+        }
     return {
       "peak_memory_mb": self._peak / 2**20,
+      "memory_source": "process RSS",
       "rss_before_steps_mb": self._start / 2**20,
       "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
 WATCH = MemoryWatch()
+
+
+def model_shape() -> tuple[str, dict]:
+  """The family and architecture of ``--model`` (shrunk with ``--tiny``)."""
+  family, shape = common.MODELS[_MODEL.value]
+  return family, common.tiny_shape(_MODEL.value) if _TINY.value else shape
+
+
+def split_precision(mode: str) -> tuple[str, str]:
+  """``"bookkeeping@bf16"`` -> ``("bookkeeping", "bfloat16")``; no suffix is float32."""
+  base_mode, _, precision = mode.partition("@")
+  if precision not in DTYPES:
+    raise ValueError(f"mode {mode!r}: the suffix after @ must be one of {sorted(DTYPES)}")
+  return base_mode, DTYPES[precision]
+
+
+def hardware() -> dict:
+  """The JAX device this process runs on, and the library versions."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import jaxlib
+
+  device = jax.devices()[0]
+  info = {
+    "platform": device.platform,
+    "device_kind": device.device_kind,
+    "device_count": jax.device_count(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+  }
+  try:  # e.g. "cuda 12080" on a GPU (the CUDA the plugin was built against)
+    info["platform_version"] = str(device.client.platform_version)
+  except Exception:  # pylint: disable=broad-except  # Not every backend reports one.
+    pass
+  stats = device.memory_stats() or {}
+  if "bytes_limit" in stats:
+    info["memory_limit_gb"] = round(stats["bytes_limit"] / 2**30, 1)
+  return info
+
+
+def _memory_analysis(compiled) -> dict:
+  """XLA's buffer assignment of the compiled step: arguments + outputs - donated + temporaries.
+
+  (Not ``peak_memory_in_bytes``: on jaxlib 0.10's CPU backend it is below the
+  temporaries alone.)
+  """
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # Not every backend implements it.
+    return {}
+  if stats is None:
+    return {}
+  total = (
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+    + stats.temp_size_in_bytes
+  )
+  return {"xla_step_memory_mb": total / 2**20, "xla_temp_mb": stats.temp_size_in_bytes / 2**20}
 
 
 def _dpjax_row(mode: str) -> dict:
@@ -132,20 +208,16 @@ def _dpjax_row(mode: str) -> dict:
   from dpjax.privacy.secret import RunSecret
   from dpjax.train import step as step_lib
 
-  base_mode, _, precision = mode.partition("@")
-  if precision not in DTYPES:
-    raise ValueError(f"mode {mode!r}: the suffix after @ must be one of {sorted(DTYPES)}")
-  dtype = DTYPES[precision]
+  base_mode, dtype = split_precision(mode)
   name, _, micro = base_mode.partition(":")
   micro = int(micro) if micro else None
   batch_size, seq = _BATCH.value, _SEQ.value
+  family, shape = model_shape()
   lora_cfg = None
   if _TRAIN.value == "lora":
-    lora_cfg = layers.LoraConfig(
-      8, 16.0, lora.LORA_TARGETS["gpt2" if _MODEL.value == "gpt2-small" else "bert"]
-    )
-  if _MODEL.value == "gpt2-small":
-    cfg = gpt2.GPT2Config(dtype=dtype)
+    lora_cfg = layers.LoraConfig(8, 16.0, lora.LORA_TARGETS[family])
+  if family == "gpt2":
+    cfg = gpt2.GPT2Config(**shape, dtype=dtype)
     model = gpt2.GPT2LMHeadModel(cfg, lora_cfg)
     data = make_batch(batch_size, seq, cfg.vocab_size)
     data = {k: data[k] for k in ("input_ids", "attention_mask")}
@@ -154,12 +226,10 @@ def _dpjax_row(mode: str) -> dict:
     )
     make_loss = heads.lm_loss
   else:
-    shape = MINILM if _MODEL.value == "minilm" else BERT_BASE
     cfg = bert.BertConfig(**shape, dtype=dtype)
     model = heads.SequenceClassifier(cfg, 2, "cls", lora_cfg)
     data = make_batch(batch_size, seq, cfg.vocab_size)
     params = jax.jit(lambda r: model.init(r, data)["params"])(jax.random.PRNGKey(0))
-  if _MODEL.value != "gpt2-small":
     make_loss = heads.classification_loss
   trainable, frozen = lora.partition(params, lora.trainable_mask(params, _TRAIN.value))
   loss_fn = make_loss(model, frozen)
@@ -180,10 +250,17 @@ def _dpjax_row(mode: str) -> dict:
   state = step_lib.TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable))
   batches = ({k: jnp.asarray(v) for k, v in data.items()},)
   masks = (jnp.ones([batch_size], bool),)
-  step = jax.jit(
-    lambda s, b, m: step_lib.train_step(s, b, m, grad_fn=grad_fn, tx=tx),
-    donate_argnums=0,
+  # Compiled ahead of the steps, so its seconds and XLA's memory account are reported.
+  start = time.perf_counter()
+  step = (
+    jax.jit(
+      lambda s, b, m: step_lib.train_step(s, b, m, grad_fn=grad_fn, tx=tx),
+      donate_argnums=0,
+    )
+    .lower(state, batches, masks)
+    .compile()
   )
+  compile_seconds = time.perf_counter() - start
   state, metrics, _ = common.time_steps(step, state, (batches, masks), _WARMUP.value, 0)
   WATCH.start()
   state, metrics, times = common.time_steps(step, state, (batches, masks), 0, _STEPS.value)
@@ -194,7 +271,10 @@ def _dpjax_row(mode: str) -> dict:
     "median_step_seconds": median,
     "examples_per_second": batch_size / median,
     "step_seconds": times,
+    "compile_seconds": compile_seconds,
+    **_memory_analysis(step),
     "device": jax.devices()[0].device_kind,
+    "hardware": hardware(),
     "loss": float(metrics["loss"]),
   }
 
@@ -203,13 +283,17 @@ def _peer_row(mode: str) -> dict:
   from experiments.benchmarks import peers  # pylint: disable=import-outside-toplevel
 
   system, _, peer_mode = mode.partition("/")
-  shape = MINILM if _MODEL.value == "minilm" else BERT_BASE
+  peer_mode, dtype = split_precision(peer_mode)
+  family, shape = model_shape()
+  if family != "bert":
+    raise ValueError(f"the peers run BERT-type models only, not {_MODEL.value}")
   data = make_batch(_BATCH.value, _SEQ.value, shape["vocab_size"])
   row = peers.run_peer(
     system,
     peer_mode,
     batch=data,
     config=shape,
+    dtype=dtype,
     steps=_STEPS.value,
     warmup=_WARMUP.value,
     clip_norm=CLIP_NORM,
@@ -217,12 +301,13 @@ def _peer_row(mode: str) -> dict:
     seed=0,
     on_timed_start=WATCH.start,
   )
-  return {"system": system, "mode": peer_mode, **row}
+  return {"system": system, "mode": mode.partition("/")[2], **row}
 
 
 def _worker(mode: str) -> None:
   row = _peer_row(mode) if "/" in mode else _dpjax_row(mode)
-  row.update(WATCH.stop())
+  for key, value in WATCH.stop().items():  # A peer may have measured its own device memory.
+    row.setdefault(key, value)
   print("ROW " + json.dumps(row), flush=True)
 
 
@@ -254,8 +339,8 @@ def main(argv):
     return
   modes = list(_MODES.value)
   if _PEERS.value:
-    if _MODEL.value == "gpt2-small":
-      print("--peers compares BERT-type models only; skipping peers for gpt2-small")
+    if common.MODELS[_MODEL.value][0] != "bert":
+      print(f"--peers compares BERT-type models only; skipping peers for {_MODEL.value}")
     else:
       from experiments.benchmarks import peers  # pylint: disable=import-outside-toplevel
 
@@ -266,7 +351,8 @@ def main(argv):
         else:
           modes.append(f"{system}/{peer_mode}")
   print(
-    f"model={_MODEL.value} batch={_BATCH.value} seq={_SEQ.value} train={_TRAIN.value} "
+    f"model={_MODEL.value}{' (tiny)' if _TINY.value else ''} batch={_BATCH.value} "
+    f"seq={_SEQ.value} train={_TRAIN.value} "
     f"steps={_STEPS.value} (median) warmup={_WARMUP.value} "
     f"cpus={os.cpu_count()}",
     flush=True,
