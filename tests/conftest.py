@@ -24,4 +24,11 @@ def pytest_configure(config):  # pylint: disable=unused-argument
     path = Path(tempfile.gettempdir()) / f"dpjax-tests-xla-cache-{run_id}"
     path.mkdir(parents=True, exist_ok=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)  # inherited by subprocesses
+  # Cache every compile, not only those over 1 s (JAX's default): the suite repeats many
+  # sub-second ones (init, eval and noise programs of the tiny runs) across processes.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+  )

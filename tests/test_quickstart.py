@@ -13,8 +13,9 @@ def test_dp_sgd_learns_within_its_budget():
 
 
 def test_heavier_noise_hurts():
-  """σ matters: at ε = 0.05 the same run is much worse (so the noise is really added)."""
-  noisy = quickstart.run(target_epsilon=0.05, epochs=4)
-  assert noisy["noise_multiplier"] > 10
-  # Fresh secret noise each run: ε = 0.05 lands at 0.78-0.82 (ε = 2 at >= 0.85, Bayes 0.894).
+  """σ matters: at ε = 0.02 the same run is much worse (so the noise is really added)."""
+  noisy = quickstart.run(target_epsilon=0.02, epochs=4)
+  assert noisy["noise_multiplier"] > 20
+  # Fresh secret noise each run. Measured over 12 runs each: ε = 0.02 gives 0.725 ± 0.028
+  # (max 0.779), ε = 2 gives 0.885 ± 0.003 (Bayes 0.894): 0.84 is 4 sd above the former.
   assert noisy["test_accuracy"] < 0.84
