@@ -30,7 +30,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpjax.models import lora
 from dpjax.privacy import mechanism as mechanism_lib
 from dpjax.train import config as config_lib
 from dpjax.train import loop, optimizer, splits
@@ -69,12 +68,7 @@ def plan(c: ml_collections.ConfigDict) -> DryRun:
   train, canaries = splits.training_split(c, tokenizer, cache)
   num_users = splits.count_users(train) if c.dp.unit == "user" else None
   mechanism = loop.plan_mechanism(c, len(train), num_users)  # the run's own calibration
-  try:
-    trainable, _ = lora.partition(params, lora.trainable_mask(params, c.model.train))
-  except ValueError as err:
-    raise config_lib.ConfigError(
-      f"config.model.{err}; see the parameter paths of the model"
-    ) from None
+  trainable, _ = task_lib.split_trainable(c, params)
   tx = optimizer.transform(mechanism_lib.privatizer_template(mechanism.spec), c, 1)
   source = str(c.data.train)
   if c.data.train_fraction < 1:

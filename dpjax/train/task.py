@@ -160,6 +160,15 @@ def init_params(
       f"config.model.lora_targets must match at least one Dense module path, "
       f"e.g. 'attention/self/query' or 'attn/c_attn' (got {tuple(c.model.lora_targets)!r})"
     )
+  return split_trainable(c, params)
+
+
+def split_trainable(c: ml_collections.ConfigDict, params: PyTree) -> tuple[PyTree, PyTree]:
+  """(trainable, frozen) by ``model.train`` (arrays or shapes alike).
+
+  Raises:
+    ConfigError: a ``model.train`` pattern that selects no parameter.
+  """
   try:
     mask = lora.trainable_mask(params, c.model.train)
   except ValueError as err:  # a pattern that selects nothing
