@@ -201,12 +201,29 @@ class BertModel(nn.Module):
     self.embeddings = BertEmbeddings(self.config)
     self.encoder = BertEncoder(self.config, self.lora)
 
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+  def __call__(
+    self,
+    input_ids,
+    attention_mask,
+    token_type_ids=None,
+    deterministic: bool = True,
+    stop_layer: int | None = None,
+  ):
+    """[B, T, H]: the last layer's states (``stop_layer=k``: the input of layer k)."""
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = self.embeddings(input_ids, token_type_ids, deterministic).astype(self.config.dtype)
     bias = layers.additive_attention_bias(attention_mask, x.dtype)
-    return self.encoder(x, bias, deterministic)
+    return self.encoder(x, bias, deterministic, stop=stop_layer)
+
+  def from_layer(self, hidden, attention_mask, start_layer: int, deterministic: bool = True):
+    """[B, T, H]: layers ``start_layer``.. on ``hidden``, the input of ``start_layer``.
+
+    ``from_layer(__call__(..., stop_layer=k), mask, k)`` equals ``__call__(...)``.
+    """
+    x = hidden.astype(self.config.dtype)
+    bias = layers.additive_attention_bias(attention_mask, x.dtype)
+    return self.encoder(x, bias, deterministic, start=start_layer)
 
   def word_logits(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
     """x · Wᵀ with the word-embedding table W (all rows, or ``rows`` only): a tied decoder."""
@@ -218,8 +235,10 @@ class BertEncoder(nn.Module):
   lora: layers.LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x, bias, deterministic):
-    for i in range(self.config.num_hidden_layers):
+  def __call__(self, x, bias, deterministic, start: int = 0, stop: int | None = None):
+    """Layers ``start`` .. ``stop - 1`` (default: all) on ``x``."""
+    stop = self.config.num_hidden_layers if stop is None else stop
+    for i in range(start, stop):
       x = BertLayer(self.config, self.lora, name=f"layer_{i}")(x, bias, deterministic)
     return x
 

@@ -37,23 +37,39 @@ class SequenceClassifier(nn.Module):
   ``features_only=True`` stops before the first trained-in-``head``-mode module and
   returns the frozen backbone's features (:func:`sequence_features`), which
   :class:`PooledHead` maps to the same logits.
+
+  Frozen bottom layers can be computed once: ``stop_layer=k`` returns the input
+  of layer k [B, T, H], and the model with ``cached_layers=k`` takes it as
+  ``batch["hidden"]`` (with ``attention_mask``) and runs layers k.. and the head:
+  the same logits as the whole model on the tokens.
   """
 
   backbone: bert.BertConfig
   num_labels: int
   pooling: str = "cls"
   lora: layers.LoraConfig | None = None
+  cached_layers: int = 0
 
   @nn.compact
   def __call__(
-    self, batch: Mapping[str, jax.Array], deterministic: bool = True, features_only: bool = False
+    self,
+    batch: Mapping[str, jax.Array],
+    deterministic: bool = True,
+    features_only: bool = False,
+    stop_layer: int | None = None,
   ) -> jax.Array:
     if self.pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS} (got {self.pooling!r})")
     mask = batch["attention_mask"]
-    hidden = bert.BertModel(self.backbone, self.lora, name="backbone")(
-      batch["input_ids"], mask, batch.get("token_type_ids"), deterministic
-    )
+    backbone = bert.BertModel(self.backbone, self.lora, name="backbone")
+    if self.cached_layers:
+      hidden = backbone.from_layer(batch["hidden"], mask, self.cached_layers, deterministic)
+    else:
+      hidden = backbone(
+        batch["input_ids"], mask, batch.get("token_type_ids"), deterministic, stop_layer
+      )
+      if stop_layer is not None:
+        return hidden
     features = sequence_features(self.pooling, hidden, mask)
     if features_only:
       return features

@@ -87,8 +87,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Compute dtype: float32 | bfloat16 (mixed precision: weights, optimizer state, losses,
   # per-example norms, clip factors, noise and sums stay float32).
   c.model.dtype = "float32"
-  # model.train=head (classify, no dropout): compute the frozen backbone's features of the
-  # training rows once, in memory, and train the head on them (same result, much faster).
+  # Classify without dropout: compute what the frozen part of the model gives each training
+  # row once, in memory: the backbone's features under model.train=head, or the input of
+  # the first trained encoder layer when the embeddings and bottom layers are frozen (LoRA
+  # or a pattern on top layers). Same result; each step skips the frozen part.
   c.model.cache_features = True
   # Architecture of name="tiny" (random init, MiniLM's tokenizer): a BERT encoder, or for
   # causal_lm a GPT-2 decoder with 256 positions.

@@ -383,7 +383,14 @@ def _run(
   # Clipping where the examples live, one psum; the privatizer in tx then noises the global sum.
   # Head-only classifiers train on features the frozen backbone computes once (features.py).
   cache_features = features_lib.applies(c)
-  loss = features_lib.head_loss(task.model) if cache_features else task.loss(frozen)
+  # Other frozen bottoms of the encoder: the input of the first trained layer, once per row.
+  prefix = 0 if cache_features else features_lib.prefix_layers(c, task.model, trainable)
+  if cache_features:
+    loss = features_lib.head_loss(task.model)
+  elif prefix:
+    loss = features_lib.prefix_loss(task.model, prefix, frozen)
+  else:
+    loss = task.loss(frozen)
   grad_fn = parallel.sharded_grad_fn(mechanism.grad_fn(loss), mesh)
 
   # Restore (state + ledger + secret together) or start with a fresh secret.
@@ -529,6 +536,17 @@ def _run(
     )
     row_groups = np.zeros_like(row_groups)  # features have no length: one shape
     rows_of = lambda bucket: cached.batch
+  if prefix and end_step > start_step:
+    started = time.time()
+    hidden = features_lib.compute_hidden(
+      task.model, lora.combine(trainable, frozen_host), train, prefix, c.train.eval_batch_size
+    )
+    say(
+      f"the embeddings and the encoder layers below layer {prefix} are frozen: their output "
+      f"for the {len(train):,} training rows was computed once "
+      f"({time.time() - started:.1f} s); every step runs layers {prefix}.. and the head"
+    )
+    rows_of = lambda bucket: functools.partial(hidden.batch, length=train.encoded.buckets[bucket])
   users, unit_sizes = None, (1,)
   if mechanism.spec.samples_users:
     users = batching.user_table(
