@@ -29,6 +29,7 @@ with MiniLM).
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -120,6 +121,20 @@ def prefix_layers(c: ml_collections.ConfigDict, model: Any, trainable: PyTree) -
       return 0
     first = min(first, int(found.group(1)))
   return first if 0 < first < layers else 0
+
+
+def hidden_bytes(split: splits.Split, hidden_size: int) -> int:
+  """Bytes :func:`compute_hidden` keeps: every row at its bucket length, float32."""
+  buckets = np.asarray(split.encoded.buckets)[split.length_groups()]
+  return int(buckets.sum()) * hidden_size * 4
+
+
+def memory_bytes() -> int | None:
+  """This machine's physical memory (None where the OS does not say)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
 
 
 def prefix_loss(model: heads.SequenceClassifier, layers: int, frozen: PyTree) -> heads.TaskLoss:

@@ -385,6 +385,16 @@ def _run(
   cache_features = features_lib.applies(c)
   # Other frozen bottoms of the encoder: the input of the first trained layer, once per row.
   prefix = 0 if cache_features else features_lib.prefix_layers(c, task.model, trainable)
+  if prefix:
+    need = features_lib.hidden_bytes(train, task.model.backbone.hidden_size)
+    have = features_lib.memory_bytes()
+    if have is not None and need > have // 4:
+      say(
+        f"not caching the frozen layers' output: it would take {need / 2**30:.1f} GiB "
+        f"(over a quarter of this machine's {have / 2**30:.0f} GiB); every step runs the "
+        "whole model"
+      )
+      prefix = 0
   if cache_features:
     loss = features_lib.head_loss(task.model)
   elif prefix:

@@ -122,3 +122,16 @@ def test_a_run_on_cached_bottom_layers_equals_the_uncached_one(
   # The run actually moved the adapters (a check that could not pass on untouched params).
   query = cached_params["backbone"]["encoder"]["layer_1"]["attention"]["self"]["query"]
   assert not np.allclose(np.asarray(query["lora_b"]), 0)
+
+
+def test_the_cache_is_skipped_when_it_would_not_fit_in_memory(
+  tmp_path, token_cache, capsys, monkeypatch
+):
+  c = tiny(token_cache, **{"train.steps": 1, "model.train": "lora", "model.tiny_layers": 3})
+  c.model.lora_targets = ("layer_2/.*dense",)
+  c.dp.noise_multiplier = 1.0
+  monkeypatch.setattr(features, "memory_bytes", lambda: 1024)
+  summary = loop.train_and_evaluate(c, tmp_path / "w")
+  out = capsys.readouterr().out
+  assert "not caching the frozen layers' output" in out and "are frozen: their output" not in out
+  assert summary["steps"] == 1
