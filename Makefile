@@ -30,10 +30,10 @@ format: setup
 test: setup lint
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal --durations=10 tests
 
-RUN_WORKDIR ?= workdirs/sst2_quick
+RUN_WORKDIR ?= workdirs/sst2_demo
 
 run: setup
-	$(PY) -m dpjax.main --config=experiments/sst2.py:quick --workdir=$(RUN_WORKDIR)
+	$(PY) -m dpjax.main --config=experiments/sst2.py:demo --workdir=$(RUN_WORKDIR)
 
 bench: setup
 	$(PY) -m experiments.benchmarks.calibration
