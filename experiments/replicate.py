@@ -332,10 +332,10 @@ def table(
       if private:
         name, top = max(private, key=lambda item: item[1].mean)
         gap = 100 * (best.mean - top.mean)
-        verdict = "within" if gap <= allowed else "outside"
+        verdict = "within" if gap <= allowed else "more than"
         lines.append(
           f"- ε = {target:g}: best `{name}` {100 * top.mean:.1f}%, {gap:.1f} points below "
-          f"the best non-private ({verdict} the {allowed:g}-point target)."
+          f"the table's best non-private recipe ({verdict} {allowed:g} points)."
         )
   lines.append("")
   lines.append(
