@@ -388,11 +388,11 @@ def _run(
   if prefix:
     need = features_lib.hidden_bytes(train, task.model.backbone.hidden_size)
     have = features_lib.memory_bytes()
-    if have is not None and need > have // 4:
+    # Every process must build the same step: one host short of memory turns it off for all.
+    if parallel.any_process(have is not None and need > have // 4):
       say(
         f"not caching the frozen layers' output: it would take {need / 2**30:.1f} GiB "
-        f"(over a quarter of this machine's {have / 2**30:.0f} GiB); every step runs the "
-        "whole model"
+        "(over a quarter of a host's memory); every step runs the whole model"
       )
       prefix = 0
   if cache_features:
