@@ -33,17 +33,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dpjax.privacy import clipping, per_example
+from dpjax.privacy import bookkeeping, clipping, per_example
 
 PyTree = Any
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the example axis is split over the whole mesh
 DEFAULT_FSDP_MIN_SIZE = 2**14
 Rule = tuple[str, P]
+
+#: XLA flags that per-layer FSDP needs on the CPU backend (``XLA_FLAGS``, set before
+#: JAX starts): keep remat's optimization barriers through CSE (else the backward
+#: pass's gathers are merged with the forward pass's, and every gathered weight
+#: lives through both), and schedule for memory rather than concurrency (else
+#: every gather is issued before the first layer runs). GPU/TPU need neither.
+CPU_PER_LAYER_XLA_FLAGS = (
+  "--xla_disable_hlo_passes=cse_barrier_expander "
+  "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+)
 
 
 class ParallelError(ValueError):
@@ -315,25 +326,128 @@ def _aux_specs(sensitivity: float) -> per_example.ClippedGradAux:
   return per_example.ClippedGradAux.by_kind(P(BATCH_AXES), P(), sensitivity)
 
 
-def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:
+class FsdpLayout:
+  """Trainable parameters split along ``"fsdp"`` inside ``shard_map`` (per-layer FSDP).
+
+  ``dims`` holds, per leaf, the dimension split ``size`` ways (-1: replicated).
+  Implements :class:`dpjax.privacy.per_example.ParamLayout`: ``gather`` is one
+  tiled ``all_gather`` per split leaf, named so the book-keeping backend
+  recomputes it in the backward pass instead of keeping it; ``scatter_sum`` is
+  one ``psum_scatter`` per split leaf (a device ends with the sum over the fsdp
+  group of its own slice); replicated leaves pass through both unchanged.
+  """
+
+  def __init__(self, dims: PyTree, size: int):
+    self.dims = dims
+    self.size = size
+
+  @classmethod
+  def of(cls, shardings_tree: PyTree, mesh: Mesh) -> FsdpLayout | None:
+    """The layout of parameters placed with ``shardings_tree``, or None if none is split.
+
+    Only splits along ``"fsdp"`` alone, on one dimension, take part; a tree with
+    any other split (a rule naming ``"data"``) gets None: gathered whole instead.
+    """
+    if mesh.shape["fsdp"] == 1:
+      return None
+
+    def dim_of(sharding) -> int | None:
+      spec = tuple(getattr(sharding, "spec", sharding))
+      used = [(d, a) for d, a in enumerate(spec) if a is not None]
+      if not used:
+        return -1
+      if len(used) == 1 and used[0][1] in ("fsdp", ("fsdp",)):
+        return used[0][0]
+      return None
+
+    is_spec = lambda x: isinstance(x, (NamedSharding, P))
+    dims = jax.tree_util.tree_map(dim_of, shardings_tree, is_leaf=is_spec)
+    flat = jax.tree_util.tree_leaves(dims, is_leaf=lambda x: x is None)
+    if any(d is None for d in flat) or all(d == -1 for d in flat):
+      return None
+    return cls(dims, mesh.shape["fsdp"])
+
+  def specs(self) -> PyTree:
+    """The PartitionSpec of every leaf (``shard_map`` in/out specs)."""
+    return jax.tree_util.tree_map(
+      lambda d: P() if d < 0 else P(*([None] * d + ["fsdp"])), self.dims
+    )
+
+  def gather(self, params: PyTree) -> PyTree:
+    def one(x, dim):
+      if dim < 0:
+        return x
+      whole = jax.lax.all_gather(x, "fsdp", axis=dim, tiled=True)
+      return checkpoint_name(whole, bookkeeping.GATHERED)
+
+    return jax.tree_util.tree_map(one, params, self.dims)
+
+  def scatter_sum(self, grads: PyTree) -> PyTree:
+    def one(g, dim):
+      if dim < 0:
+        return g
+      return jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True)
+
+    return jax.tree_util.tree_map(one, grads, self.dims)
+
+  def whole_shapes(self, params: PyTree) -> PyTree:
+    def one(x, dim):
+      shape = list(np.shape(x))
+      if dim >= 0:
+        shape[dim] *= self.size
+      return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
+
+    return jax.tree_util.tree_map(one, params, self.dims)
+
+  def any_device(self, flag: jax.Array) -> jax.Array:
+    return jax.lax.psum(flag.astype(jnp.int32), BATCH_AXES) > 0
+
+  def total(self, grads: PyTree) -> PyTree:
+    """Sums over the devices that still hold partial sums: split leaves are already
+    summed over ``"fsdp"`` (by ``scatter_sum``), replicated ones over nothing."""
+    return jax.tree_util.tree_map(
+      lambda g, d: jax.lax.psum(g, "data" if d >= 0 else BATCH_AXES), grads, self.dims
+    )
+
+
+def sharded_grad_fn(
+  grad_fn: Callable, mesh: Mesh, param_shardings: PyTree | None = None
+) -> Callable:
   """Runs a clipped- (or plain) gradient-sum function where the examples live.
 
   ``grad_fn(params, batch, mask) -> (sum over the rows, ClippedGradAux)`` runs in
-  ``shard_map`` on each device's block of rows (parameters gathered whole), and
-  the per-device sums are added with one ``psum`` over the mesh. (``check_vma`` is
-  off: the microbatch scan's padding skip is a ``lax.cond`` whose skip branch
-  returns device-invariant zeros.) The result is
-  the sum over the whole batch, replicated, exactly what ``grad_fn`` returns on
+  ``shard_map`` on each device's block of rows, and the per-device sums are
+  added over the mesh. (``check_vma`` is off: the microbatch scan's padding skip
+  is a ``lax.cond`` whose skip branch returns device-invariant zeros.) The
+  result is the sum over the whole batch, exactly what ``grad_fn`` returns on
   one device (up to float reassociation), with the same sensitivity: noise is
   added once to it afterwards, by the privatizer.
+
+  Parameters enter ``shard_map`` whole (one gather per step) unless
+  ``param_shardings`` (the parameters' shardings) splits some of them along
+  ``"fsdp"`` and ``grad_fn`` takes a layout (a
+  :class:`~dpjax.privacy.per_example.ClippedGradFn`): then they enter as the
+  slices each device holds, the book-keeping backend gathers one layer's
+  weights at a time (:func:`dpjax.privacy.bookkeeping.clipped_sum`), and the
+  sum comes back split like the parameters, each slice summed by one
+  reduce-scatter over ``"fsdp"`` and one ``psum`` over ``"data"``.
   """
   sensitivity = float(getattr(grad_fn, "sensitivity", 0.0))
   aux_specs = _aux_specs(sensitivity)
+  layout = None
+  if param_shardings is not None and hasattr(grad_fn, "with_layout"):
+    layout = FsdpLayout.of(param_shardings, mesh)
+  param_specs = P() if layout is None else layout.specs()
 
   def local(params, batch, mask, clip_norm=None):
     fn = grad_fn if clip_norm is None else grad_fn.with_clip_norm(clip_norm)
+    if layout is not None:
+      fn = fn.with_layout(layout)
     grads, aux = fn(params, batch, mask)
-    grads = jax.lax.psum(grads, BATCH_AXES)
+    if layout is None:
+      grads = jax.lax.psum(grads, BATCH_AXES)
+    else:
+      grads = layout.total(grads)
     num = jax.lax.psum(aux.num_examples, BATCH_AXES)
     clipped = jax.lax.psum(aux.clipped_fraction * aux.num_examples, BATCH_AXES)
     aux = aux.replace(
@@ -347,8 +461,8 @@ def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:
     mapped = jax.shard_map(
       local,
       mesh=mesh,
-      in_specs=(P(), P(BATCH_AXES), P(BATCH_AXES)),
-      out_specs=(P(), aux_specs),
+      in_specs=(param_specs, P(BATCH_AXES), P(BATCH_AXES)),
+      out_specs=(param_specs, aux_specs),
       check_vma=False,
     )
     return mapped(params, batch, mask)
@@ -360,8 +474,8 @@ def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:
       mapped = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(BATCH_AXES), P(BATCH_AXES), P()),
-        out_specs=(P(), aux_specs),
+        in_specs=(param_specs, P(BATCH_AXES), P(BATCH_AXES), P()),
+        out_specs=(param_specs, aux_specs),
         check_vma=False,
       )
       return mapped(params, batch, mask, jnp.asarray(clip_norm, jnp.float32))
@@ -371,4 +485,5 @@ def sharded_grad_fn(grad_fn: Callable, mesh: Mesh) -> Callable:
 
   fn.sensitivity = sensitivity
   fn.with_clip_norm = with_clip_norm
+  fn.layout = layout
   return fn

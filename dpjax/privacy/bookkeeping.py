@@ -45,6 +45,15 @@ from dpjax.privacy import clipping, taps
 
 PyTree = Any
 
+#: The name (``jax.ad_checkpoint.checkpoint_name``) a parameter layout gives the
+#: whole weights it gathers: the book-keeping pass recomputes them, never keeps them.
+GATHERED = "dpjax_gathered_weight"
+
+
+def _keep_all_but_gathered(prim: Any, *_: Any, **params: Any) -> bool:
+  """Remat policy: every intermediate is kept except gathered weights (recomputed)."""
+  return prim.name != "all_gather" and not (prim.name == "name" and params["name"] == GATHERED)
+
 
 @runtime_checkable
 class TappedLoss(Protocol):
@@ -389,6 +398,7 @@ def clipped_sum(
   has_aux: bool,
   unit_size: int = 1,
   contribution: str = "sum",
+  layout: Any = None,
 ) -> tuple[PyTree, tuple[Any, ...]]:
   """The clipped sum over one (micro)batch, as ``ClippedGradFn`` expects it.
 
@@ -399,6 +409,16 @@ def clipped_sum(
   layer is ever formed either; the clipped sum is still one contraction per
   layer with the unit's factor on each of its rows.
 
+  With a ``layout`` (a :class:`dpjax.privacy.per_example.ParamLayout`: ``params``
+  are this device's slices, inside ``shard_map``), the forward pass gathers
+  each weight where it is used and is rematerialized in the backward pass with
+  every gathered weight recomputed (gathered again) rather than kept: at any
+  time a device holds its slices plus the whole weights of the layers that are
+  running (per-layer FSDP, DP-ZeRO). The whole-shaped clipped sum of each
+  parameter is then reduce-scattered to the devices that own its slices
+  (``layout.scatter_sum``). Per-example norms need only activations and output
+  gradients, so they are exact whatever the split.
+
   Returns:
     (clipped sum shaped like ``params`` in float32, (losses, norms, clipped,
     kept, nonfinite, loss_aux)) with [B] statistics.
@@ -407,13 +427,24 @@ def clipped_sum(
     BookkeepingError: when a trained parameter has no tapped use, or a layer is
       applied more than once.
   """
-  perturbations = trained_perturbations(loss_fn.perturbation_shapes(params, batch), params)
+  whole = params if layout is None else layout.whole_shapes(params)
+  perturbations = trained_perturbations(loss_fn.perturbation_shapes(whole, batch), params)
 
-  def summed_loss(perturbations):
-    losses, aux, sown, full = loss_fn.batched(params, batch, perturbations)
+  def summed_loss(perturbations, params):
+    used = params if layout is None else layout.gather(params)
+    losses, aux, sown, full = loss_fn.batched(used, batch, perturbations)
     return jnp.sum(jnp.where(mask, losses, 0.0)), (losses, aux, sown, full)
 
-  douts, (losses, loss_aux, sown, full) = jax.grad(summed_loss, has_aux=True)(perturbations)
+  if layout is None:
+    grad = jax.grad(summed_loss, has_aux=True)
+  else:
+    # Only values that depend on a differentiated input are rematerialized, so
+    # the slices are differentiated too; their gradient is never used, and XLA
+    # drops its computation.
+    remat = jax.checkpoint(summed_loss, policy=_keep_all_but_gathered)
+    both = jax.grad(remat, argnums=(0, 1), has_aux=True)
+    grad = lambda *args: (lambda g, aux: (g[0], aux))(*both(*args))
+  douts, (losses, loss_aux, sown, full) = grad(perturbations, params)
   if not has_aux:
     loss_aux = None
   trained = _leaves_by_layer(params)
@@ -449,7 +480,9 @@ def clipped_sum(
   factors = traverse_util.flatten_dict(safe.per_leaf, sep="/")
   sums = {k: g.weighted_sum(factors[k], safe.kept) for k, g in grads.items()}
   summed = traverse_util.unflatten_dict(sums, sep="/")
-  summed = jax.tree_util.tree_map(lambda p, g: g.reshape(p.shape), params, summed)
+  summed = jax.tree_util.tree_map(lambda p, g: g.reshape(p.shape), whole, summed)
+  if layout is not None:
+    summed = layout.scatter_sum(summed)
   losses = jnp.where(safe.kept, losses, 0.0)
   return summed, (losses, safe.norms, safe.clipped, safe.kept, safe.nonfinite, loss_aux)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import flax.struct
 import jax
@@ -36,6 +36,29 @@ from dpjax.privacy import bookkeeping, clipping
 
 PyTree = Any
 BACKENDS = ("auto", "vmap", "bookkeeping")
+
+
+@runtime_checkable
+class ParamLayout(Protocol):
+  """How the parameters a clipped-gradient function receives are split across devices.
+
+  Inside ``shard_map`` a device may hold only a slice of some parameters (FSDP).
+  ``gather`` returns the whole arrays (the book-keeping backend calls it inside
+  a rematerialized forward pass, so a layer's whole weights exist only while
+  that layer runs); ``scatter_sum`` turns a whole-shaped sum into this device's
+  slice of its sum over the devices that share the slices;
+  ``whole_shapes`` gives the whole shapes without communicating; ``any_device``
+  is a flag's OR over the devices that communicate (all of them must take the
+  same branch around a gather).
+  """
+
+  def gather(self, params: PyTree) -> PyTree: ...
+
+  def scatter_sum(self, grads: PyTree) -> PyTree: ...
+
+  def whole_shapes(self, params: PyTree) -> PyTree: ...
+
+  def any_device(self, flag: jax.Array) -> jax.Array: ...
 
 
 @flax.struct.dataclass
@@ -119,6 +142,7 @@ class ClippedGradFn:
     has_aux: bool,
     unit_size: int = 1,
     contribution: str = "sum",
+    layout: ParamLayout | None = None,
   ):
     self.loss_fn = loss_fn
     self.clip_rule = rule
@@ -127,6 +151,7 @@ class ClippedGradFn:
     self.has_aux = has_aux
     self.unit_size = unit_size
     self.contribution = contribution
+    self.layout = layout
 
   @property
   def sensitivity(self) -> float:
@@ -140,15 +165,32 @@ class ClippedGradFn:
     """
     if not hasattr(self.clip_rule, "with_clip_norm"):
       raise ValueError(f"{type(self.clip_rule).__name__} has no adjustable clip bound")
-    return ClippedGradFn(
-      self.loss_fn,
-      self.clip_rule.with_clip_norm(clip_norm),
-      self.backend,
-      self.microbatch_size,
-      self.has_aux,
-      self.unit_size,
-      self.contribution,
+    return self._replace(rule=self.clip_rule.with_clip_norm(clip_norm))
+
+  def with_layout(self, layout: ParamLayout) -> ClippedGradFn:
+    """This function for parameters split as ``layout`` says (inside ``shard_map``).
+
+    The result is this device's slice of the clipped sum over its own rows, summed
+    over the devices that share the slices (``layout.scatter_sum``). The
+    book-keeping backend gathers each layer's weights where the layer runs, in
+    the forward pass and again in the backward pass (never all at once); the
+    vmap backend, which differentiates every example through the weights,
+    gathers them all once.
+    """
+    return self._replace(layout=layout)
+
+  def _replace(self, **changes: Any) -> ClippedGradFn:
+    fields = dict(
+      loss_fn=self.loss_fn,
+      rule=self.clip_rule,
+      backend=self.backend,
+      microbatch_size=self.microbatch_size,
+      has_aux=self.has_aux,
+      unit_size=self.unit_size,
+      contribution=self.contribution,
+      layout=self.layout,
     )
+    return ClippedGradFn(**(fields | changes))
 
   def resolved_backend(self, params: PyTree, batch: PyTree, rows: int | None = None) -> str:
     """The backend that runs for these shapes ("auto" resolved).
@@ -167,7 +209,15 @@ class ClippedGradFn:
       raise ValueError(f"backend='bookkeeping' cannot run this loss: {reason}")
     return "vmap"
 
-  def _microbatch(self, params: PyTree, batch: PyTree, mask: jax.Array, backend: str, unit: int):
+  def _microbatch(
+    self,
+    params: PyTree,
+    batch: PyTree,
+    mask: jax.Array,
+    backend: str,
+    unit: int,
+    layout: ParamLayout | None = None,
+  ):
     """Clipped sum and statistics of one microbatch (units of ``unit`` rows)."""
     if backend == "bookkeeping":
       return bookkeeping.clipped_sum(
@@ -179,6 +229,7 @@ class ClippedGradFn:
         self.has_aux,
         unit,
         self.contribution,
+        layout,
       )
     grad_fn = jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)
 
@@ -212,14 +263,27 @@ class ClippedGradFn:
           f"every batch array needs the same leading batch size {size} (got shape {leaf.shape})"
         )
     mask, unit, micro = units_of(mask, size, self.unit_size, self.microbatch_size)
-    backend = self.resolved_backend(params, batch, micro)
+    layout = self.layout
+    whole = params if layout is None else layout.whole_shapes(params)
+    backend = self.resolved_backend(whole, batch, micro)
+    per_layer = layout if backend == "bookkeeping" else None
+    if layout is not None and per_layer is None:
+      params = layout.gather(params)  # vmap differentiates through whole weights
     if micro == size:
-      grads, stats = self._microbatch(params, batch, mask, backend, unit)
+      grads, stats = self._microbatch(params, batch, mask, backend, unit, per_layer)
     else:
+      # The running sum has the shape of the parameters this device holds.
       init = jax.tree_util.tree_map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
       grads, stats = scan_microbatches(
-        lambda b, m: self._microbatch(params, b, m, backend, unit), batch, mask, micro, init
+        lambda b, m: self._microbatch(params, b, m, backend, unit, per_layer),
+        batch,
+        mask,
+        micro,
+        init,
+        None if per_layer is None else per_layer.any_device,
       )
+    if layout is not None and per_layer is None:
+      grads = layout.scatter_sum(grads)
     losses, norms, clipped, kept, nonfinite, loss_aux = stats
     num = jnp.sum(kept)
     aux = ClippedGradAux(
@@ -321,6 +385,7 @@ def scan_microbatches(
   mask: jax.Array,
   microbatch_size: int,
   init: PyTree,
+  any_device: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[PyTree, PyTree]:
   """Sums ``fn(batch_i, mask_i)[0]`` over microbatches with ``lax.scan``.
 
@@ -335,6 +400,9 @@ def scan_microbatches(
     mask: [B] bool, False on padding rows.
     microbatch_size: rows per scan iteration.
     init: zeros shaped like the summand.
+    any_device: when ``fn`` communicates across devices (a parameter layout's
+      gathers), every device must run the same microbatches: a microbatch is
+      skipped only where ``any_device(has real rows)`` is False.
   """
   size = mask.shape[0]
   split = lambda x: x.reshape((size // microbatch_size, microbatch_size) + x.shape[1:])
@@ -350,7 +418,10 @@ def scan_microbatches(
         jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape),
       )
 
-    summand, stats = jax.lax.cond(jnp.any(xs[1]), lambda _: fn(*xs), skip, None)
+    real = jnp.any(xs[1])
+    if any_device is not None:
+      real = any_device(real)
+    summand, stats = jax.lax.cond(real, lambda _: fn(*xs), skip, None)
     return jax.tree_util.tree_map(jnp.add, total, summand), stats
 
   total, stats = jax.lax.scan(body, init, (batch_mb, mask_mb))

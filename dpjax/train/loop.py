@@ -401,11 +401,12 @@ def _run(
     loss = features_lib.prefix_loss(task.model, prefix, frozen)
   else:
     loss = task.loss(frozen)
-  grad_fn = parallel.sharded_grad_fn(mechanism.grad_fn(loss), mesh)
 
   # Restore (state + ledger + secret together) or start with a fresh secret.
   abstract = optimizer.abstract_state(mechanism.spec, c, trainable)
   state_shardings = shardings_of(abstract)
+  # With fsdp > 1 the book-keeping backend gathers one layer's weights at a time.
+  grad_fn = parallel.sharded_grad_fn(mechanism.grad_fn(loss), mesh, state_shardings.params)
   ckpt = checkpoint.Checkpoints(workdir, c.train.keep_checkpoints)
   cleanup.callback(ckpt.close)  # also when the run ends in an error
   _check_state_structure(ckpt, abstract)

@@ -14,6 +14,7 @@ from dpjax.models import bert, heads
 from dpjax.privacy import clipping, noise
 from dpjax.privacy.secret import RunSecret
 from dpjax.train import step as step_lib
+from experiments.benchmarks import fsdp_memory
 from tests import tiny_models
 
 CONFIG = bert.BertConfig(**tiny_models.TINY_BERT_SHAPE)
@@ -24,8 +25,11 @@ MESHES = {"one": (1, 1, 1), "data8": (8, 1, 8), "data2_fsdp4": (2, 4, 8)}
 rows = tiny_models.bert_rows
 
 
-def one_step(backend, data, fsdp, devices):
-  """Two groups (11 and 5 real rows, padded) -> one DP step (σ = 1) on the mesh."""
+def one_step(backend, data, fsdp, devices, per_layer=False):
+  """Two groups (11 and 5 real rows, padded) -> one DP step (σ = 1) on the mesh.
+
+  ``per_layer``: the parameters enter ``shard_map`` split (per-layer FSDP gathers).
+  """
   mesh = parallel.make_mesh(data, fsdp, jax.devices()[:devices])
   model = heads.SequenceClassifier(CONFIG, 2, "mean")
   params = model.init(jax.random.PRNGKey(0), rows(1, 4, 0))["params"]
@@ -56,8 +60,10 @@ def one_step(backend, data, fsdp, devices):
     )
     batches.append(b)
     masks.append(m)
+  sharded = parallel.sharded_grad_fn(grad_fn, mesh, shardings.params if per_layer else None)
+  assert (sharded.layout is not None) == per_layer
   step = jax.jit(
-    functools.partial(step_lib.train_step, grad_fn=parallel.sharded_grad_fn(grad_fn, mesh), tx=tx),
+    functools.partial(step_lib.train_step, grad_fn=sharded, tx=tx),
     out_shardings=(shardings, parallel.replicated(mesh)),
   )
   new_state, metrics = step(state, tuple(batches), tuple(masks))
@@ -85,6 +91,19 @@ def sharded_noise(fsdp):
   }
 
 
+def gradient_memory(per_layer):
+  """XLA's per-device account of the compiled book-keeping clipped sum of a 6-block
+  GPT-2-shaped model (width 256) on an fsdp=8 mesh, one 16-token example per device."""
+  result = fsdp_memory.clipped_sum_memory(6, 256, 4, 8, 16, per_layer, vocab=512)
+  key = "per_layer" if per_layer else "whole"
+  return {
+    f"memory/{key}/temp": np.asarray(result["working"]),
+    f"memory/{key}/arguments": np.asarray(result["arguments"]),
+    "memory/block_bytes": np.asarray(result["block"]),
+    "memory/param_bytes": np.asarray(result["params"]),
+  }
+
+
 def main(path):
   assert len(jax.devices()) == 8, jax.devices()
   out = {}
@@ -93,6 +112,12 @@ def main(path):
       out.update(
         {f"{backend}/{name}/{k}": v for k, v in one_step(backend, data, fsdp, devices).items()}
       )
+  # Per-layer FSDP: the slices enter shard_map, each layer's weights are gathered where it runs.
+  out.update(
+    {f"per_layer/data2_fsdp4/{k}": v for k, v in one_step("bookkeeping", 2, 4, 8, True).items()}
+  )
+  for per_layer in (False, True):
+    out.update(gradient_memory(per_layer))
   for fsdp in (1, 8):
     out.update(sharded_noise(fsdp))
   np.savez(path, **out)

@@ -53,7 +53,7 @@ def test_fsdp_splits_large_arrays_on_their_largest_divisible_dim_and_rules_win()
 def _run_eight_devices(directory: Path) -> None:
   env = {
     **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8 " + parallel.CPU_PER_LAYER_XLA_FLAGS,
     "JAX_PLATFORMS": "cpu",
   }
   subprocess.run(
@@ -72,10 +72,21 @@ def eight_devices(tmp_path_factory):
   return dict(np.load(directory / "results.npz"))
 
 
-@pytest.mark.parametrize("backend", ["vmap", "bookkeeping"])
-@pytest.mark.parametrize("mesh", ["data8", "data2_fsdp4"])
+@pytest.mark.parametrize(
+  "backend,mesh",
+  [
+    ("vmap", "data8"),
+    ("vmap", "data2_fsdp4"),
+    ("bookkeeping", "data8"),
+    ("bookkeeping", "data2_fsdp4"),
+    ("per_layer", "data2_fsdp4"),  # book-keeping, weights gathered one layer at a time
+  ],
+)
 def test_dp_step_on_eight_devices_equals_the_one_device_step(eight_devices, backend, mesh):
-  one = {k.split("/", 2)[2]: v for k, v in eight_devices.items() if k.startswith(f"{backend}/one/")}
+  reference = "bookkeeping" if backend == "per_layer" else backend
+  one = {
+    k.split("/", 2)[2]: v for k, v in eight_devices.items() if k.startswith(f"{reference}/one/")
+  }
   many = {
     k.split("/", 2)[2]: v for k, v in eight_devices.items() if k.startswith(f"{backend}/{mesh}/")
   }
@@ -91,6 +102,25 @@ def test_vmap_and_bookkeeping_steps_agree_on_eight_devices(eight_devices):
     if key.startswith("vmap/data2_fsdp4/param/"):
       other = eight_devices[key.replace("vmap/", "bookkeeping/", 1)]
       np.testing.assert_allclose(other, value, atol=2e-5, rtol=1e-5, err_msg=key)
+
+
+def test_per_layer_fsdp_holds_one_layer_of_gathered_weights_not_the_model(eight_devices):
+  """Per device, XLA's account of the compiled clipped sum (6 blocks, fsdp = 8): with
+  per-layer gathers the working memory stays within 2.5 blocks' weights (one block
+  gathered; a leaf's whole clipped sum before its reduce-scatter; activations);
+  gathering the model whole once holds all its weights and their whole gradient."""
+  block = int(eight_devices["memory/block_bytes"])
+  model = int(eight_devices["memory/param_bytes"])
+  per_layer = int(eight_devices["memory/per_layer/temp"])
+  whole = int(eight_devices["memory/whole/temp"])
+  print(
+    f"block {block / 2**20:.2f} MiB, model {model / 2**20:.2f} MiB, working memory per "
+    f"device: per-layer {per_layer / 2**20:.2f} MiB, whole {whole / 2**20:.2f} MiB"
+  )
+  assert whole >= 1.9 * model
+  assert per_layer <= 2.5 * block
+  # The slices a device holds: an eighth of the split parameters (plus the replicated ones).
+  assert int(eight_devices["memory/per_layer/arguments"]) < model / 4
 
 
 def test_noise_is_identical_whatever_the_sharding(eight_devices):
