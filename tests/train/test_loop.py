@@ -109,7 +109,7 @@ def _replace_one_epsilon(sigma, q, steps, delta):
 
 def test_sigkill_then_resume_gives_identical_params_and_epsilon(tmp_path, token_cache):
   """The killed run's resume equals its uninterrupted twin (same fixed noise seed)."""
-  steps = "--config.train.steps=40 --config.dp.insecure_fixed_noise_seed=5".split()
+  steps = "--config.train.steps=24 --config.dp.insecure_fixed_noise_seed=5".split()
   cache = f"--config.data.cache_dir={token_cache}"
   evals = "--config.data.eval_limit=64"
   reference = run_main(tmp_path / "a", *steps, cache, evals)
@@ -145,11 +145,11 @@ def test_sigkill_then_resume_gives_identical_params_and_epsilon(tmp_path, token_
   resumed = run_main(killed_dir, *steps, cache, evals)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   resumed_from = re.search(r"resumed from step (\d+)", resumed.stdout)
-  assert resumed_from and 8 <= int(resumed_from.group(1)) < 40, resumed.stdout[-2000:]
+  assert resumed_from and 8 <= int(resumed_from.group(1)) < 24, resumed.stdout[-2000:]
   got = json.loads((killed_dir / "summary.json").read_text())
   assert got["params_sha256"] == want["params_sha256"]
-  assert got["epsilon"] == want["epsilon"] and got["steps"] == want["steps"] == 40
-  assert got["ledger_steps"] == 40  # the replayed steps were recomputed exactly: no charge
+  assert got["epsilon"] == want["epsilon"] and got["steps"] == want["steps"] == 24
+  assert got["ledger_steps"] == 24  # the replayed steps were recomputed exactly: no charge
   assert got["guarantee"] == "none (fixed noise seed)"
 
 
