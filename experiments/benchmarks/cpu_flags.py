@@ -35,11 +35,15 @@ VARIANTS = {
   "no_xnnpack": "--xla_cpu_use_xnnpack=false",
   "fast_math": "--xla_cpu_enable_fast_math=true",
   "no_concurrency_scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
-  "custom_matmul_tiling": "--xla_cpu_enable_custom_matmul_tiling=true",
   "no_eigen_threads": "--xla_cpu_multi_thread_eigen=false",
 }
 
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Among {list(VARIANTS)}.")
+_VARIANTS = flags.DEFINE_list(
+  "variants", list(VARIANTS), f"Among {list(VARIANTS)}; join with + to combine (a+b)."
+)
+_PYTORCH = flags.DEFINE_bool(
+  "pytorch", False, "Also time PyTorch's non-private step once per round (needs torch)."
+)
 _MODES = flags.DEFINE_list("modes", ["nonprivate", "bookkeeping"], "throughput.py modes.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rows per (variant, mode), interleaved.")
 _MODEL = flags.DEFINE_string("model", "minilm", "throughput.py --model.")
@@ -49,9 +53,15 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row.")
 _JSON = flags.DEFINE_string("json", None, "Write every row to this JSON file.")
 
 
+def xla_flags(variant: str) -> str:
+  """The XLA_FLAGS of a variant name (``a+b`` combines a and b)."""
+  return " ".join(VARIANTS[part] for part in variant.split("+")).strip()
+
+
 def _row(variant: str, mode: str) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), VARIANTS[variant]]).strip()
+  if variant != "pytorch":
+    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), xla_flags(variant)]).strip()
   argv = [
     f"--model={_MODEL.value}",
     f"--batch={_BATCH.value}",
@@ -62,12 +72,12 @@ def _row(variant: str, mode: str) -> dict:
   row = common.run_worker("experiments.benchmarks.throughput", f"--worker={mode}", argv, env)
   if not isinstance(row, dict):
     row = {"error": row}
-  return {"variant": variant, "mode": mode, **row}
+  return {**row, "variant": variant, "mode": mode}
 
 
 def main(argv):
   del argv
-  unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+  unknown = [p for v in _VARIANTS.value for p in v.split("+") if p not in VARIANTS]
   if unknown:
     print(f"--variants: unknown {unknown}; choose among {list(VARIANTS)}", file=sys.stderr)
     sys.exit(2)
@@ -75,14 +85,17 @@ def main(argv):
     print(f"--rounds: must be >= 1 (got {_ROUNDS.value})", file=sys.stderr)
     sys.exit(2)
   variants = ["default"] + [v for v in _VARIANTS.value if v != "default"]
+  modes = list(_MODES.value)
   rows = []
   for round_ in range(_ROUNDS.value):
     order = variants if round_ % 2 == 0 else variants[::-1]
-    for variant in order:
-      for mode in _MODES.value:
-        rows.append(_row(variant, mode))
-        status = rows[-1].get("error") or f"{rows[-1]['median_step_seconds']:.3f} s"
-        print(f"  round {round_ + 1}: {variant} {mode}: {status}", flush=True)
+    runs = [(v, m) for v in order for m in modes]
+    if _PYTORCH.value:
+      runs.insert(len(runs) // 2, ("pytorch", "pytorch/nonprivate"))
+    for variant, mode in runs:
+      rows.append(_row(variant, mode))
+      status = rows[-1].get("error") or f"{rows[-1]['median_step_seconds']:.3f} s"
+      print(f"  round {round_ + 1}: {variant} {mode}: {status}", flush=True)
 
   def median(variant: str, mode: str) -> float | None:
     times = [
@@ -94,6 +107,9 @@ def main(argv):
 
   print(f"| variant | XLA_FLAGS | {' | '.join(f'{m} step s (x default)' for m in _MODES.value)} |")
   print(f"|---|---|{'---|' * len(_MODES.value)}")
+  if _PYTORCH.value:
+    torch = median("pytorch", "pytorch/nonprivate")
+    print(f"PyTorch non-private: {torch} s" if torch else "PyTorch non-private: failed")
   for variant in variants:
     cells = []
     for mode in _MODES.value:
@@ -103,7 +119,7 @@ def main(argv):
         cells.append(f"failed: {str(error)[:60]}")
       else:
         cells.append(f"{value:.3f} ({value / base:.2f})" if base else f"{value:.3f}")
-    print(f"| {variant} | `{VARIANTS[variant] or '(none)'}` | {' | '.join(cells)} |")
+    print(f"| {variant} | `{xla_flags(variant) or '(none)'}` | {' | '.join(cells)} |")
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=1)
