@@ -104,9 +104,11 @@ def main(path):
   out = {}
   for backend in ("vmap", "bookkeeping"):
     for name, (data, fsdp, devices) in MESHES.items():
-      out.update(
-        {f"{backend}/{name}/{k}": v for k, v in one_step(backend, data, fsdp, devices).items()}
-      )
+      # vmap on the FSDP mesh as dpjax.main runs it: slices in, gathered whole inside
+      # shard_map, sums reduce-scattered; book-keeping there gathers whole at the start.
+      split = backend == "vmap" and fsdp > 1
+      step = one_step(backend, data, fsdp, devices, split)
+      out.update({f"{backend}/{name}/{k}": v for k, v in step.items()})
   # Per-layer FSDP: the slices enter shard_map, each layer's weights are gathered where it runs.
   out.update(
     {f"per_layer/data2_fsdp4/{k}": v for k, v in one_step("bookkeeping", 2, 4, 8, True).items()}
