@@ -377,18 +377,58 @@ class FsdpLayout:
     def one(x, dim):
       if dim < 0:
         return x
-      whole = jax.lax.all_gather(x, "fsdp", axis=dim, tiled=True)
+      if dim == 0:
+        whole = jax.lax.all_gather(x, "fsdp", axis=0, tiled=True)
+      else:
+        # Gathered along its leading axis, each device's slice lands as one contiguous
+        # block; moved back, the result is a logical transpose that the dots using it
+        # absorb. Gathered along `dim` itself, XLA would gather the same way and then
+        # copy the whole leaf into row-major order: two whole copies live at once
+        # (e.g. a tied [50257, H] embedding, whose rows do not split 8 ways).
+        moved = jax.lax.all_gather(jnp.moveaxis(x, dim, 0), "fsdp", axis=0, tiled=True)
+        whole = jnp.moveaxis(moved, 0, dim)
       return checkpoint_name(whole, bookkeeping.GATHERED)
 
     return jax.tree_util.tree_map(one, params, self.dims)
 
   def scatter_sum(self, grads: PyTree) -> PyTree:
+    """This device's slice of each leaf's sum over ``"fsdp"``: one ``psum_scatter`` per
+    split leaf, or, for a :class:`~dpjax.privacy.bookkeeping.BlockedSum`, a ring
+    reduce-scatter that forms one block at a time (:meth:`_ring_scatter_sum`)."""
+    blocked = lambda x: isinstance(x, bookkeeping.BlockedSum)
+
     def one(g, dim):
+      if blocked(g):
+        if dim < 0:
+          return g.block(0, 0, 1)
+        return self._ring_scatter_sum(g, dim)
       if dim < 0:
         return g
-      return jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True)
+      if dim == 0:
+        return jax.lax.psum_scatter(g, "fsdp", scatter_dimension=0, tiled=True)
+      # As in `gather`: scattered along the leading axis, which XLA would do anyway.
+      moved = jax.lax.psum_scatter(jnp.moveaxis(g, dim, 0), "fsdp", scatter_dimension=0, tiled=True)
+      return jnp.moveaxis(moved, 0, dim)
 
-    return jax.tree_util.tree_map(one, grads, self.dims)
+    return jax.tree_util.tree_map(one, grads, self.dims, is_leaf=blocked)
+
+  def _ring_scatter_sum(self, blocked: bookkeeping.BlockedSum, dim: int) -> jax.Array:
+    """Σ over the fsdp group of block k of a whole-shaped sum, on the device with fsdp
+    index k, holding at most three blocks at a time (never the whole sum).
+
+    Ring order: at step s device k adds its own block (k - s - 1) mod n to the partial
+    sum received from device k - 1 and passes it on to device k + 1; after n - 1
+    steps the partial sum it holds is block k summed over all n devices. It moves
+    the same (n - 1)/n of the leaf per device as ``psum_scatter``.
+    """
+    n = self.size
+    me = jax.lax.axis_index("fsdp")
+    right = [(i, (i + 1) % n) for i in range(n)]
+    # A loop, not n unrolled steps: unrolled, XLA computes every block up front.
+    step = lambda s, total: (
+      jax.lax.ppermute(total, "fsdp", right) + blocked.block(dim, (me - s - 1) % n, n)
+    )
+    return jax.lax.fori_loop(1, n, step, blocked.block(dim, (me - 1) % n, n))
 
   def whole_shapes(self, params: PyTree) -> PyTree:
     def one(x, dim):

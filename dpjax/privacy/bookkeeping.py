@@ -34,8 +34,9 @@ loss implements :class:`TappedLoss`. Each layer kind is one entry of
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +51,37 @@ PyTree = Any
 GATHERED = "dpjax_gathered_weight"
 
 
+class BlockedSum(NamedTuple):
+  """A whole-shaped clipped sum offered block by block, for a parameter layout to
+  reduce-scatter without forming it whole (:meth:`dpjax.parallel.FsdpLayout.scatter_sum`).
+
+  ``block(dim, index, count)`` is block ``index`` (possibly traced) of ``count``
+  equal blocks of the sum along axis ``dim``.
+  """
+
+  block: Callable[[int, jax.Array, int], jax.Array]
+
+
+#: Primitives whose outputs the per-layer remat policy recomputes instead of keeping:
+#: the gather itself; layout changes and casts, which are how a gathered weight reaches
+#: its use (``x · Eᵀ`` transposes the tied [V, H] table: kept, that transpose would hold
+#: a whole copy of the table from the forward pass to the backward pass); and elementwise
+#: arithmetic, cheap to redo from the kept dot products (kept, GELU's and the softmax's
+#: intermediates would hold about three times the activations plain AD keeps).
+_RECOMPUTED = frozenset(
+  "all_gather transpose convert_element_type reshape broadcast_in_dim squeeze expand_dims "
+  "add sub mul div neg abs sign max min select_n exp log tanh logistic erf sqrt rsqrt "
+  "integer_pow pow".split()
+)
+
+
 def _keep_all_but_gathered(prim: Any, *_: Any, **params: Any) -> bool:
-  """Remat policy: every intermediate is kept except gathered weights (recomputed)."""
-  return prim.name != "all_gather" and not (prim.name == "name" and params["name"] == GATHERED)
+  """Remat policy: intermediates are kept (dot products, reductions, lookups, taps)
+  except gathered weights and the cheap primitives of :data:`_RECOMPUTED`, which the
+  backward pass recomputes."""
+  if prim.name in _RECOMPUTED:
+    return False
+  return not (prim.name == "name" and params["name"] == GATHERED)
 
 
 @runtime_checkable
@@ -212,13 +241,44 @@ class TableGrad:
     return TableGrad(rows, grouped(self.values), dense, self.num_rows).sq_norm()
 
   def weighted_sum(self, c: jax.Array, kept: jax.Array) -> jax.Array:
+    # One [V, H] buffer: the tied dense part first (or zeros), the looked-up rows added into
+    # it in place (adding a zeros-plus-scatter table to the dense one would hold three).
     hidden = (self.values if self.values is not None else self.dense.q).shape[-1]
-    out = jnp.zeros((self.num_rows, hidden), jnp.float32)
+    if self.dense is not None:
+      out = self.dense.weighted_sum(c, kept).astype(jnp.float32)
+    else:
+      out = jnp.zeros((self.num_rows, hidden), jnp.float32)
     if self.rows is not None:
       scaled = _zero_rows(self.values, kept) * c[:, None, None]
       out = out.at[self.rows.reshape(-1)].add(scaled.reshape(-1, hidden))
+    return out
+
+  def weighted_sum_block(
+    self, c: jax.Array, kept: jax.Array, dim: int, index: jax.Array, count: int
+  ) -> jax.Array:
+    """Block ``index`` of ``count`` of :meth:`weighted_sum` along ``dim`` (0: rows, 1:
+    columns), computed from that block's share of the rows and values only."""
+    hidden = (self.values if self.values is not None else self.dense.q).shape[-1]
+    size = (self.num_rows if dim == 0 else hidden) // count
+    start = index * size
+    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 1)
+    shape = (size, hidden) if dim == 0 else (self.num_rows, size)
     if self.dense is not None:
-      out = out + self.dense.weighted_sum(c, kept)
+      p = _zero_rows(self.dense.p, kept) * c[:, None, None]
+      q = _zero_rows(self.dense.q, kept)
+      p, q = (cut(p), q) if dim == 0 else (p, cut(q))
+      out = jnp.einsum("btm,btn->mn", p, q).astype(jnp.float32)
+    else:
+      out = jnp.zeros(shape, jnp.float32)
+    if self.rows is not None:
+      scaled = (_zero_rows(self.values, kept) * c[:, None, None]).reshape(-1, hidden)
+      rows = self.rows.reshape(-1)
+      if dim == 0:  # rows outside the block go to index `size`, which is dropped
+        local = rows - start
+        rows = jnp.where((local >= 0) & (local < size), local, size)
+      else:
+        scaled = cut(scaled)
+      out = out.at[rows].add(scaled, mode="drop")
     return out
 
 
@@ -478,9 +538,19 @@ def clipped_sum(
   sq_tree = traverse_util.unflatten_dict(sq_norms, sep="/")
   safe = clipping.safe_clip_factors(sq_tree, rule, mask, losses, unit_size, contribution)
   factors = traverse_util.flatten_dict(safe.per_leaf, sep="/")
-  sums = {k: g.weighted_sum(factors[k], safe.kept) for k, g in grads.items()}
+  sums = {}
+  for k, g in grads.items():
+    if layout is not None and isinstance(g, TableGrad):
+      # A [V, H] table (a tied 50k-row embedding is the largest leaf of a language
+      # model) is reduce-scattered block by block, never formed whole.
+      sums[k] = BlockedSum(functools.partial(g.weighted_sum_block, factors[k], safe.kept))
+    else:
+      sums[k] = g.weighted_sum(factors[k], safe.kept)
   summed = traverse_util.unflatten_dict(sums, sep="/")
-  summed = jax.tree_util.tree_map(lambda p, g: g.reshape(p.shape), whole, summed)
+  is_blocked = lambda x: isinstance(x, BlockedSum)
+  summed = jax.tree_util.tree_map(
+    lambda p, g: g if is_blocked(g) else g.reshape(p.shape), whole, summed, is_leaf=is_blocked
+  )
   if layout is not None:
     summed = layout.scatter_sum(summed)
   losses = jnp.where(safe.kept, losses, 0.0)

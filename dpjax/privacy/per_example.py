@@ -46,7 +46,8 @@ class ParamLayout(Protocol):
   ``gather`` returns the whole arrays (the book-keeping backend calls it inside
   a rematerialized forward pass, so a layer's whole weights exist only while
   that layer runs); ``scatter_sum`` turns a whole-shaped sum into this device's
-  slice of its sum over the devices that share the slices;
+  slice of its sum over the devices that share the slices (a leaf may also be a
+  :class:`~dpjax.privacy.bookkeeping.BlockedSum`, offered block by block);
   ``whole_shapes`` gives the whole shapes without communicating; ``any_device``
   is a flag's OR over the devices that communicate (all of them must take the
   same branch around a gather).

@@ -15,6 +15,11 @@ gathered weights, activations, whole-shaped sums). Adam's two moments add twice
 the parameter slices in the train step; they are split like the parameters
 and are listed from arithmetic, not compiled here.
 
+The bound per device is the slices + Adam's moments + the largest layer gathered
+whole (a block, or the tied embedding table) + the activations of one example,
+taken as XLA's working memory for the plain (non-private) gradient of one example
+on one device; the per-layer total should not exceed it.
+
 On a CPU the script runs in a subprocess with F virtual devices and the XLA
 flags per-layer FSDP needs there (:data:`dpjax.parallel.CPU_PER_LAYER_XLA_FLAGS`);
 compile time grows with the model (about a minute for the 1.3B shape on 2 cores).
@@ -89,6 +94,37 @@ def clipped_sum_memory(
   }
 
 
+def activation_memory(layers: int, width: int, heads: int, seq: int, vocab: int = 50257) -> int:
+  """XLA's working memory (bytes) for the plain, non-private gradient of one example on one
+  device, parameters and gradient excluded: the activations the bound below allows."""
+  import jax
+  import jax.numpy as jnp
+
+  from dpjax.models import gpt2
+  from dpjax.models import heads as heads_lib
+
+  config = gpt2.GPT2Config(
+    vocab_size=vocab, n_positions=seq, n_embd=width, n_layer=layers, n_head=heads
+  )
+  model = gpt2.GPT2LMHeadModel(config)
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros([1, seq], jnp.int32), jnp.ones([1, seq], jnp.int32)
+    )
+  )["params"]
+  loss = heads_lib.lm_loss(model)
+  ids = jax.ShapeDtypeStruct((seq,), jnp.int32)
+  example = {"input_ids": ids, "attention_mask": ids, "labels": ids}
+  grad = jax.jit(jax.grad(lambda p, e: loss(p, e)[0]))
+  return grad.lower(shapes, example).compile().memory_analysis().temp_size_in_bytes
+
+
+def largest_layer(layers: int, width: int, vocab: int = 50257) -> int:
+  """Bytes of the largest layer gathered whole: a block (12 H² weights) or the tied table."""
+  del layers
+  return 4 * max(12 * width * width, vocab * width)
+
+
 def _measure_in_subprocess(name: str) -> dict:
   from dpjax import parallel
 
@@ -126,6 +162,8 @@ def main(argv):
       result = clipped_sum_memory(layers, width, heads, _FSDP.value, _SEQ.value, per_layer)
       row.update({k: result[k] for k in ("block", "params")})
       row[key] = {k: result[k] for k in ("working", "arguments", "compile_s")}
+    row["activations"] = activation_memory(layers, width, heads, _SEQ.value)
+    row["largest_layer"] = largest_layer(layers, width)
     print(json.dumps(row))
     return
   unknown = [m for m in _MODELS.value if m not in SHAPES]
@@ -136,20 +174,26 @@ def main(argv):
   print(
     f"| model | params | fsdp | one block | slices (args) | Adam moments / {_FSDP.value} "
     "| working, whole gather | working, per-layer | per-device total, whole | "
-    "per-device total, per-layer |"
+    "per-device total, per-layer | largest layer | activations | bound |"
   )
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   rows = []
   for name in _MODELS.value:
     row = _measure_in_subprocess(name)
     rows.append(row)
     adam = 2 * row["params"] / _FSDP.value
     totals = {k: row[k]["arguments"] + row[k]["working"] + adam for k in ("whole", "per_layer")}
+    # The bound: this device's slices and Adam moments, one layer gathered whole (the
+    # largest), and the activations plain AD needs for one example.
+    bound = row["per_layer"]["arguments"] + adam + row["largest_layer"] + row["activations"]
+    row["bound"] = bound
     print(
       f"| {name} | {row['params'] / 4 / 1e6:.0f}M | {_FSDP.value} | {gib(row['block']):.3f} GiB "
       f"| {gib(row['per_layer']['arguments']):.3f} GiB | {gib(adam):.3f} GiB "
       f"| {gib(row['whole']['working']):.3f} GiB | {gib(row['per_layer']['working']):.3f} GiB "
-      f"| {gib(totals['whole']):.2f} GiB | {gib(totals['per_layer']):.2f} GiB |",
+      f"| {gib(totals['whole']):.2f} GiB | {gib(totals['per_layer']):.3f} GiB "
+      f"| {gib(row['largest_layer']):.3f} GiB | {gib(row['activations']):.3f} GiB "
+      f"| {gib(bound):.3f} GiB |",
       flush=True,
     )
   if _JSON.value:

@@ -96,7 +96,10 @@ def gradient_memory():
   gathers, of a 6-block GPT-2-shaped model (width 256) on an fsdp=8 mesh, one 16-token
   example per device."""
   result = fsdp_memory.clipped_sum_memory(6, 256, 4, 8, 16, per_layer=True, vocab=512)
-  return {f"memory/{k}": np.asarray(result[k]) for k in ("working", "arguments", "block", "params")}
+  result["activations"] = fsdp_memory.activation_memory(6, 256, 4, 16, vocab=512)
+  result["largest_layer"] = fsdp_memory.largest_layer(6, 256, vocab=512)
+  keys = ("working", "arguments", "block", "params", "activations", "largest_layer")
+  return {f"memory/{k}": np.asarray(result[k]) for k in keys}
 
 
 def main(path):

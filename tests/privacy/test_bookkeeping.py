@@ -131,6 +131,37 @@ def test_ghost_and_direct_norms_agree():
   )
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_table_blocks_concatenate_to_the_whole_weighted_sum(tied):
+  # Per-layer FSDP reduce-scatters a table block by block (rows or columns, whichever
+  # axis the table is split on); the blocks must be exactly the whole sum's, including
+  # rows looked up twice, rows of other blocks and dropped (not kept) examples.
+  rng = np.random.default_rng(1)
+  batch, tokens, vocab, hidden = 3, 5, 12, 8
+  rows = jnp.asarray(rng.integers(0, vocab, size=(batch, tokens)), jnp.int32).at[0, 1].set(3)
+  rows = rows.at[0, 2].set(3)
+  values = jnp.asarray(rng.normal(size=(batch, tokens, hidden)), jnp.float32)
+  dense = None
+  if tied:
+    p = jnp.asarray(rng.normal(size=(batch, tokens, vocab)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(batch, tokens, hidden)), jnp.float32)
+    dense = bookkeeping.LinearGrad(p, q)
+  table = bookkeeping.TableGrad(rows, values, dense, vocab)
+  c = jnp.asarray([0.5, 3.0, 2.0])
+  kept = jnp.asarray([True, False, True])
+  whole = np.asarray(table.weighted_sum(c, kept))
+  want = np.zeros((vocab, hidden))
+  for b in (0, 2):
+    for t in range(tokens):
+      want[int(rows[b, t])] += float(c[b]) * np.asarray(values[b, t])
+    if tied:
+      want += float(c[b]) * np.asarray(p[b]).T @ np.asarray(q[b])
+  np.testing.assert_allclose(whole, want, rtol=1e-5, atol=1e-5)
+  for dim, count in ((0, 4), (1, 2), (1, 4)):
+    blocks = [table.weighted_sum_block(c, kept, dim, jnp.int32(i), count) for i in range(count)]
+    np.testing.assert_allclose(np.concatenate(blocks, axis=dim), whole, rtol=1e-5, atol=1e-5)
+
+
 def test_each_example_contributes_at_most_the_clip_norm():
   model, params, batch, make_loss = task("bert_label_words")
   fn = jax.jit(privacy.clipped_grad(make_loss(model), 0.05, backend="bookkeeping", has_aux=True))
