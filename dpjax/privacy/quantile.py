@@ -119,7 +119,7 @@ class QuantileClip(clipping.ClipRule):
     return dataclasses.replace(self, clip_norm=clip_norm)
 
   def factors(self, sq_norms: PyTree) -> clipping.ClipFactors:
-    norms = jnp.sqrt(sum(jax.tree_util.tree_leaves(sq_norms)))
+    norms = clipping.total_norm(sq_norms)
     bound = jnp.asarray(self.bound, jnp.float32)
     factor = bound / jnp.maximum(norms, bound)
     # clipped = ||g|| > C, so the unclipped count is of ||g|| <= C (the paper's indicator).
