@@ -65,6 +65,12 @@ _WARMUP = flags.DEFINE_integer(
   "warmup", 2, "Untimed steps first (compilation included).", lower_bound=1
 )
 _PEERS = flags.DEFINE_bool("peers", False, "Also run Opacus and jax_privacy if installed.")
+_NOISE = flags.DEFINE_bool(
+  "noise",
+  True,
+  "Privatize dpjax's DP rows (secret Gaussian noise on the clipped sum); --nonoise times "
+  "their clipped sum + AdamW alone, so the noise's share is the difference of two runs.",
+)
 _JSON = flags.DEFINE_string("json", None, "Write the rows to this JSON file.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one row and print it as JSON.")
 
@@ -246,7 +252,7 @@ def _dpjax_row(mode: str) -> dict:
     spec, dataset_size=SST2_TRAIN_SIZE, expected_batch_size=batch_size, steps=1
   ).keyed(RunSecret.fresh())
   grad_fn = mechanism.grad_fn(loss_fn)
-  tx = optax.chain(mechanism.privatizer(), adam)
+  tx = optax.chain(mechanism.privatizer(), adam) if _NOISE.value else adam
   state = step_lib.TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable))
   batches = ({k: jnp.asarray(v) for k, v in data.items()},)
   masks = (jnp.ones([batch_size], bool),)
@@ -352,7 +358,7 @@ def main(argv):
           modes.append(f"{system}/{peer_mode}")
   print(
     f"model={_MODEL.value}{' (tiny)' if _TINY.value else ''} batch={_BATCH.value} "
-    f"seq={_SEQ.value} train={_TRAIN.value} "
+    f"seq={_SEQ.value} train={_TRAIN.value} noise={_NOISE.value} "
     f"steps={_STEPS.value} (median) warmup={_WARMUP.value} "
     f"cpus={os.cpu_count()}",
     flush=True,
@@ -373,7 +379,9 @@ def main(argv):
     if base is not None and "error" not in r:
       r["ratio_vs_nonprivate"] = r["median_step_seconds"] / base["median_step_seconds"]
       r["memory_ratio_vs_nonprivate"] = r["peak_memory_mb"] / base["peak_memory_mb"]
-    r.update(model=_MODEL.value, batch=_BATCH.value, seq=_SEQ.value, train=_TRAIN.value)
+    r.update(
+      model=_MODEL.value, batch=_BATCH.value, seq=_SEQ.value, train=_TRAIN.value, noise=_NOISE.value
+    )
   common.print_table(rows, _COLUMNS, key_columns=2)
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
