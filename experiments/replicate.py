@@ -20,8 +20,9 @@ learning rate). ε is at δ = N^-1.1, the runs' default.
 Grids:
   cpu   MiniLM with LoRA on the top 3 layers and the CLS head (mean pooling): sst2.py:quick
         (30% of SST-2 train) with flat clipping and with automatic clipping (Bu et al. 2023),
-        2-3 min per run on a 2-core CPU; and `make run`'s sst2.py:demo (all of SST-2 train,
-        B = 1500, 1.5 epochs), about 7 min 20 s per run.
+        2-3 min per run on a 2-core CPU; `make run`'s sst2.py:demo (all of SST-2 train,
+        B = 1500, 1.5 epochs), about 7 min 20 s per run; and sst2.py:demo_large (B = 3000,
+        3 epochs: the same 67 steps), about 15 min per run.
   full  all of SST-2, 3 epochs, B = 1000, as Li et al. 2022: the CLS head (mean pooling) with
         full fine-tuning (book-keeping) or LoRA, each with flat (C = 0.1) or automatic
         clipping; and the label-word objective with full fine-tuning, which needs a
@@ -108,6 +109,13 @@ GRIDS: dict[str, tuple[Recipe, ...]] = {
       {},
       {"train.learning_rate": 5e-3},
       "`make run`: LoRA top 3 layers, all of SST-2 (67k rows), B = 1500, 1.5 epochs, flat C = 1",
+    ),
+    Recipe(
+      "demo_large",
+      "experiments/sst2.py:demo_large",
+      {},
+      {"train.learning_rate": 5e-3},
+      "`demo` with B = 3000 for 3 epochs (the same 67 steps), flat C = 1",
     ),
   ),
   "full": (

@@ -415,7 +415,19 @@ def test_lora_targets_choose_the_adapted_modules():
 
 @pytest.mark.parametrize(
   "experiment,variant",
-  [(sst2, v) for v in ("tiny", "quick", "nonprivate", "demo", "demo_nonprivate", "lora", "li2022")]
+  [
+    (sst2, v)
+    for v in (
+      "tiny",
+      "quick",
+      "nonprivate",
+      "demo",
+      "demo_nonprivate",
+      "demo_large",
+      "lora",
+      "li2022",
+    )
+  ]
   + [(sst2_small, v) for v in sst2_small.VARIANTS],
   ids=lambda x: x if isinstance(x, str) else x.__name__.split(".")[-1],
 )
