@@ -15,8 +15,8 @@ Variants:
               runs layers 3-5. Measured on a 2-core x86 CPU: see the README's `make run`
               section and replication table (dev accuracy 0.84, about 7 min 20 s).
   demo_nonprivate  `demo` without DP, lr 5e-3.
-  demo_large  `demo` with B = 3000 for 3 epochs (the same 67 steps, σ/B 0.6x demo's): about
-              15 min per run (the README's replication table).
+  demo_large  `demo` with B = 3000 for 3 epochs (the same 67 steps; σ/B is 0.6x demo's at
+              ε = 8, 0.75x at ε = 1): about 15 min per run (the README's replication table).
   audit       `quick` with 1000 audit canaries (random words, random labels; each in by a fair
               coin), for the whole audit; `audit_nonprivate` is its non-private twin:
                 python -m dpjax.main --config=experiments/sst2.py:audit --workdir=DIR_DP
